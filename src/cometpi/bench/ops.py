@@ -1,0 +1,296 @@
+"""``cometpi bench ops``: cost and accuracy of each protocol at Transformer shapes.
+
+Each op runs in-process (two threads, memory channels, in-process dealer) and over TCP with the
+dealer, the server and the client as three OS processes.  For each op and truncation mode it records
+measured online/offline payload bytes, messages, rounds, seconds (median of ``reps``), the documented
+(theoretical) bytes and rounds beside them, the max error in ulps against plaintext, and projected
+LAN/WAN times.  It also measures ring-matmul speed (limb split vs int64) and the failure rate of
+local truncation.  Benchmarks measure and write JSON; they assert nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import protocols as P
+from ..core import Config, Role, Session, TruncMode
+from ..party import connect_client, run_local
+from ..ring import FixedPoint, limbs_needed, random_ring, ring_matmul
+from ..transport import NETWORKS, Traffic
+
+T, D, FF = 128, 768, 3072  # BERT-base: tokens, hidden, FFN
+
+
+@dataclass(frozen=True)
+class Op:
+    """One benchmarked protocol: inputs owned by client ('x') and server ('y' or 'w'), and the
+    documented online cost as (bytes before truncation, rounds before truncation, truncated elements)."""
+
+    name: str
+    x: tuple
+    y: tuple | None
+    run: object
+    ref: object
+    theory: object  # (x_shape, y_shape) -> (bytes, rounds, truncated elements)
+    y_private: bool = False
+
+
+def _n(s) -> int:
+    return math.prod(s)
+
+
+OPS = [
+    Op("mul", (T, FF), (T, FF), lambda s, x, y: P.mul(x, y), lambda X, Y: X * Y,
+       lambda xs, ys: (32 * _n(xs), 1, _n(xs))),
+    Op("square", (T, FF), None, lambda s, x, y: P.square(x), lambda X, Y: X * X,
+       lambda xs, ys: (16 * _n(xs), 1, _n(xs))),
+    Op("matmul_shared", (T, D), (D, D), lambda s, x, y: P.matmul(x, y), lambda X, Y: X @ Y,
+       lambda xs, ys: (16 * (_n(xs) + _n(ys)), 1, xs[0] * ys[1])),
+    Op("matmul_private", (T, D), (D, D), None, lambda X, W: X @ W,
+       lambda xs, ys: (8 * _n(xs), 1, xs[0] * ys[1]), y_private=True),
+    Op("trunc", (T, FF), None, lambda s, x, y: P.truncate(x.mul_int(1 << s.fp.frac_bits)),
+       lambda X, Y: X, lambda xs, ys: (0, 0, _n(xs))),
+    Op("reshare", (T, D), None, lambda s, x, y: P.reshare(x), lambda X, Y: X,
+       lambda xs, ys: (8 * _n(xs), 1, 0)),
+    Op("open", (T, D), None, None, lambda X, Y: X, lambda xs, ys: (16 * _n(xs), 1, 0)),
+]
+OPS_BY_NAME = {o.name: o for o in OPS}
+
+
+def theory(op: Op, trunc: TruncMode) -> tuple[int, int]:
+    """Documented online payload bytes (both directions) and rounds of ``op`` in ``trunc`` mode."""
+    b, r, nt = op.theory(op.x, op.y)
+    if nt and trunc == TruncMode.EXACT:
+        b, r = b + 16 * nt, r + 1
+    return b, r
+
+
+def _inputs(op: Op, seed: int):
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.uniform(-4, 4, op.x))
+    y = None if op.y is None else torch.from_numpy(rng.uniform(-0.5, 0.5, op.y) if op.y_private
+                                                   else rng.uniform(-4, 4, op.y))
+    return x, y
+
+
+def run_op(sess: Session, op: Op, reps: int, seed: int) -> dict | None:
+    """SPMD body of one op: both parties call it; the client returns the measurements."""
+    X, Y = _inputs(op, seed)
+    client = sess.role == Role.CLIENT
+    x = sess.share(X if client else None, owner=Role.CLIENT, shape=op.x)
+    y = pw = None
+    if op.y_private:
+        pw = P.prepare_weight(sess, None if client else Y, shape=op.y)
+    elif op.y is not None:
+        y = sess.share(None if client else Y, owner=Role.SERVER, shape=op.y)
+    times, deltas, out = [], [], None
+    for _ in range(reps):
+        before, t0 = sess.meter.snapshot(), time.perf_counter()
+        with sess.span(op.name):
+            if op.name == "matmul_private":
+                out = P.matmul_private(x, pw)
+            elif op.name == "open":
+                opened = sess.open(x)
+                out = x._wrap(opened if client else torch.zeros_like(opened))
+            else:
+                out = op.run(sess, x, y)
+        times.append(time.perf_counter() - t0)
+        after = sess.meter.snapshot()
+        deltas.append({k: after[k] - before[k] for k in after})
+    result = sess.reveal_float(out, Role.CLIENT)
+    if not client:
+        return None
+    fp = sess.fp
+    ref = op.ref(fp.decode(fp.encode(X)), None if Y is None else fp.decode(fp.encode(Y)))
+    d = deltas[-1]
+    online = sum((t for (lk, ph), t in d.items() if ph == "online"), Traffic())
+    offline = sum((t for (lk, ph), t in d.items() if ph == "offline"), Traffic())
+    err = (result - ref).abs()
+    return {
+        "seconds": statistics.median(times), "seconds_all": times,
+        "online": online.as_dict(), "offline": offline.as_dict(),
+        "max_abs_err_ulp": float(err.max()) / fp.ulp, "bad_elements": int((err > 4 * fp.ulp).sum()),
+    }
+
+
+def _record(op: Op, trunc: TruncMode, transport: str, m: dict, cfg: Config, sha: str) -> dict:
+    tb, tr = theory(op, trunc)
+    on = m["online"]
+    shape = [list(op.x)] + ([list(op.y)] if op.y else [])
+    rec = {
+        "op": op.name, "method": "comet-engine", "transport": transport,
+        "params": {"f": cfg.frac_bits, "trunc": trunc.value, "sigma": None, "iterations": None},
+        "shape": shape,
+        "bytes_online": on["bytes_sent"] + on["bytes_recv"],
+        "bytes_online_theory": tb,
+        "header_bytes_online": on["header_bytes_sent"] + on["header_bytes_recv"],
+        "msgs_online": on["msgs_sent"] + on["msgs_recv"],
+        "rounds": on["rounds"], "rounds_theory": tr,
+        "bytes_offline": m["offline"]["bytes_sent"] + m["offline"]["bytes_recv"],
+        "seconds": m["seconds"], "max_abs_err_ulp": m["max_abs_err_ulp"], "bad_elements": m["bad_elements"],
+        "git_sha": sha, "config_hash": cfg.hash(),
+    }
+    total = rec["bytes_online"] + rec["header_bytes_online"]
+    rec["projected_seconds"] = {k: net.project(m["seconds"], total, rec["rounds"]) for k, net in NETWORKS.items()}
+    return rec
+
+
+# --------------------------------------------------------------------------------------------------
+# Ring matmul speed and local-truncation failure rate (no parties)
+# --------------------------------------------------------------------------------------------------
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_ring_matmul(reps: int, sha: str) -> list[dict]:
+    a, b = random_ring((T, D), (D, D))
+    small = FixedPoint(16).encode(torch.from_numpy(np.random.default_rng(0).uniform(-0.5, 0.5, (D, D))))
+    rows = []
+    for label, bb, limbs, method in [("uniform", b, 4, "limbs"), ("small-weight", small, limbs_needed(
+            int(small.abs().max())), "limbs"), ("uniform", b, 4, "int64")]:
+        sec = _time(lambda bb=bb, limbs=limbs, method=method: ring_matmul(a, bb, b_limbs=limbs, method=method),
+                    reps)
+        rows.append({"op": "ring_matmul", "method": method, "operand": label, "b_limbs": limbs,
+                     "shape": [[T, D], [D, D]], "seconds": sec, "gmacs_per_s": T * D * D / sec / 1e9,
+                     "torch_threads": torch.get_num_threads(), "git_sha": sha})
+    return rows
+
+
+def bench_trunc_failures(sha: str, trials: int = 1 << 22) -> list[dict]:
+    """Failure rate of local truncation for values of magnitude 2^k against the |x|/2^64 estimate."""
+    rows = []
+    for k in (40, 48, 52):
+        x = torch.full((trials,), 1 << k, dtype=torch.int64)
+        (x0,) = random_ring((trials,))
+        x1 = x - x0
+        y = (x0 >> 16) + (-((-x1) >> 16))
+        fails = int(((y - (x >> 16)).abs() > 1).sum())
+        rows.append({"op": "trunc_local_failure", "value_log2": k, "trials": trials, "failures": fails,
+                     "rate": fails / trials, "predicted_rate": 2.0**k / 2.0**64, "git_sha": sha})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Drivers
+# --------------------------------------------------------------------------------------------------
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def bench_inproc(reps: int, sha: str, ops=OPS) -> list[dict]:
+    rows = []
+    for trunc in TruncMode:
+        cfg = Config(trunc=trunc)
+        for op in tqdm(ops, desc=f"in-process, trunc={trunc.value}", leave=False):
+            m, _ = run_local(lambda s, op=op: run_op(s, op, reps, seed=1), cfg)
+            rows.append(_record(op, trunc, "inproc", m, cfg, sha))
+    return rows
+
+
+def bench_handler(reps: int):
+    def handle(sess: Session) -> None:
+        req = sess.peer.recv_json("bench-op")
+        run_op(sess, OPS_BY_NAME[req["op"]], reps, seed=req["seed"])
+
+    return handle
+
+
+def bench_tcp(reps: int, sha: str, ops=OPS) -> list[dict]:
+    from ..serve import spawn, stop
+
+    rows = []
+    dealer, daddr = spawn(["dealer", "--port", "0"])
+    try:
+        for trunc in TruncMode:
+            cfg = Config(trunc=trunc)
+            server, saddr = spawn(["bench-worker", "--dealer", daddr, "--trunc", trunc.value,
+                                   "--reps", str(reps)])
+            try:
+                for op in tqdm(ops, desc=f"tcp, trunc={trunc.value}", leave=False):
+                    sess = connect_client(saddr, daddr, cfg)
+                    try:
+                        sess.peer.send_json({"op": op.name, "seed": 1}, "bench-op")
+                        m = run_op(sess, op, reps, seed=1)
+                    finally:
+                        sess.close()
+                    rows.append(_record(op, trunc, "tcp-3proc", m, cfg, sha))
+            finally:
+                stop(server)
+    finally:
+        stop(dealer)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| op | transport | trunc | shape | online B (measured) | online B (documented) | msgs | rounds "
+           "(meas/doc) | offline B | seconds | max err (ulp) |", "|" + "---|" * 11]
+    for r in rows:
+        if "bytes_online" not in r:
+            continue
+        shape = " × ".join("×".join(map(str, s)) for s in r["shape"])
+        out.append(f"| {r['op']} | {r['transport']} | {r['params']['trunc']} | {shape} | {r['bytes_online']:,} | "
+                   f"{r['bytes_online_theory']:,} | {r['msgs_online']} | {r['rounds']}/{r['rounds_theory']} | "
+                   f"{r['bytes_offline']:,} | {r['seconds']:.3f} | {r['max_abs_err_ulp']:.2f} |")
+    mm = [r for r in rows if r["op"] == "ring_matmul"]
+    if mm:
+        out += ["", "| ring matmul 128×768 @ 768×768 | B operand | limbs of B | seconds | GMAC/s |",
+                "|---|---|---|---|---|"]
+        out += [f"| {r['method']} | {r['operand']} | {r['b_limbs']} | {r['seconds']:.4f} | {r['gmacs_per_s']:.2f} |"
+                for r in mm]
+    tf = [r for r in rows if r["op"] == "trunc_local_failure"]
+    if tf:
+        out += ["", "| local truncation, |x| = 2^k | trials | failures | rate | predicted |x|/2^64 |",
+                "|---|---|---|---|---|"]
+        out += [f"| k = {r['value_log2']} | {r['trials']:,} | {r['failures']} | {r['rate']:.3g} | "
+                f"{r['predicted_rate']:.3g} |" for r in tf]
+    return "\n".join(out)
+
+
+def main(args) -> int:
+    sha = git_sha()
+    torch.set_num_threads(args.threads) if args.threads else None
+    ops = [OPS_BY_NAME[n] for n in args.ops] if args.ops else OPS
+    rows = []
+    rows += bench_ring_matmul(args.reps, sha)
+    rows += bench_trunc_failures(sha)
+    if args.transport in ("inproc", "both"):
+        rows += bench_inproc(args.reps, sha, ops)
+    if args.transport in ("tcp", "both"):
+        rows += bench_tcp(args.reps, sha, ops)
+    host = {"machine": platform.machine(), "cpus": torch.get_num_threads(), "torch": torch.__version__}
+    for r in rows:
+        r["host"] = host
+    out = Path(args.out)
+    from ..serve import atomic_write
+
+    atomic_write(out, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    md = markdown(rows)
+    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md + "\n"))
+    print(md)
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    return 0

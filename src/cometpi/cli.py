@@ -1,0 +1,175 @@
+"""The ``cometpi`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _config(args):
+    from .core import Config
+
+    return Config(frac_bits=args.frac_bits, trunc=args.trunc)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits f (default 16)")
+    p.add_argument("--trunc", choices=["exact", "local"], default="exact",
+                   help="truncation after products: exact (wrap-corrected, 1 round) or local "
+                        "(SecureML, 0 rounds, rare large errors); default exact")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for any peer message")
+
+
+def cmd_dealer(args) -> int:
+    from .dealer import DealerServer
+
+    srv = DealerServer(args.host, args.port, pairing_timeout=args.pairing_timeout)
+    print(f"cometpi dealer listening on {srv.address[0]}:{srv.address[1]}", flush=True)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
+    return 0
+
+
+def cmd_linear_serve(args) -> int:
+    from .serve import linear_server_handler, load_tensor, serve_forever
+
+    w = load_tensor(args.weight, args.key)
+    if w.ndim != 2:
+        raise SystemExit(f"error: the weight must be 2-D, {args.weight} holds shape {tuple(w.shape)}")
+    serve_forever(linear_server_handler(w), host=args.host, port=args.port, dealer=args.dealer,
+                  config=_config(args), timeout=args.timeout, once=args.once, banner="linear server")
+    return 0
+
+
+def cmd_linear_query(args) -> int:
+    from .party import connect_client
+    from .serve import linear_client, load_tensor, save_json, save_result
+
+    x = load_tensor(args.input, args.key)
+    if x.ndim != 2:
+        raise SystemExit(f"error: the input must be 2-D, {args.input} holds shape {tuple(x.shape)}")
+    sess = connect_client(args.server, args.dealer, _config(args), timeout=args.timeout)
+    try:
+        y, report = linear_client(sess, x)
+    finally:
+        sess.close()
+    save_result(args.out, y)
+    if args.stats:
+        save_json(args.stats, report)
+    on, off = report["online"], report["offline"]
+    print(f"X{tuple(x.shape)} @ W -> {tuple(y.shape)} written to {args.out}; online "
+          f"{on['bytes_sent'] + on['bytes_recv']:,} B in {on['msgs_sent'] + on['msgs_recv']} messages, "
+          f"{on['rounds']} rounds; offline {off['bytes_sent'] + off['bytes_recv']:,} B; "
+          f"{report['seconds']:.3f} s")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .engine_demo import main as demo_main
+
+    return demo_main(args)
+
+
+def cmd_bench(args) -> int:
+    if args.what == "ops":
+        from .bench.ops import main as ops_main
+
+        return ops_main(args)
+    raise SystemExit(f"error: unknown benchmark {args.what!r}")
+
+
+def cmd_bench_worker(args) -> int:
+    from .bench.ops import bench_handler
+    from .core import Config
+    from .serve import serve_forever
+
+    serve_forever(bench_handler(args.reps), host="127.0.0.1", port=0, dealer=args.dealer,
+                  config=Config(trunc=args.trunc), timeout=args.timeout, banner="bench worker")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cometpi", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log protocol events")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("dealer", help="run the dealer (correlated randomness for both parties)")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=7300, help="0 picks a free port (printed)")
+    d.add_argument("--pairing-timeout", type=float, default=30.0,
+                   help="seconds to wait for the second party of a session")
+    d.set_defaults(fn=cmd_dealer)
+
+    lin = sub.add_parser("linear", help="private X @ W demo: client owns X, server owns W")
+    lsub = lin.add_subparsers(dest="linear_cmd", required=True)
+    ls = lsub.add_parser("serve", help="serve a server-private weight from a safetensors file")
+    ls.add_argument("--weight", required=True)
+    ls.add_argument("--key", default=None, help="tensor name inside the file (if several)")
+    ls.add_argument("--host", default="127.0.0.1")
+    ls.add_argument("--port", type=int, default=7301)
+    ls.add_argument("--dealer", required=True, help="dealer HOST:PORT")
+    ls.add_argument("--once", action="store_true", help="exit after one client")
+    _add_config(ls)
+    ls.set_defaults(fn=cmd_linear_serve)
+    lq = lsub.add_parser("query", help="multiply a client-private matrix by the server's weight")
+    lq.add_argument("--server", required=True)
+    lq.add_argument("--dealer", required=True)
+    lq.add_argument("--input", required=True, help="safetensors file holding X")
+    lq.add_argument("--key", default=None)
+    lq.add_argument("--out", required=True, help="safetensors file for X @ W")
+    lq.add_argument("--stats", default=None, help="JSON file for bytes, rounds and seconds")
+    _add_config(lq)
+    lq.set_defaults(fn=cmd_linear_query)
+
+    dm = sub.add_parser("demo", help="engine demo: dealer, server and client as three processes")
+    dm.add_argument("--rows", type=int, default=128)
+    dm.add_argument("--cols", type=int, default=768)
+    dm.add_argument("--out-cols", type=int, default=768)
+    dm.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks (write JSON lines under bench/results)")
+    b.add_argument("what", choices=["ops"])
+    b.add_argument("--transport", choices=["inproc", "tcp", "both"], default="both")
+    b.add_argument("--reps", type=int, default=3)
+    b.add_argument("--ops", nargs="*", default=None, help="subset of ops")
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    b.add_argument("--out", default="bench/results/ops.jsonl")
+    b.set_defaults(fn=cmd_bench)
+
+    bw = sub.add_parser("bench-worker", help=argparse.SUPPRESS)
+    bw.add_argument("--dealer", required=True)
+    bw.add_argument("--trunc", default="exact")
+    bw.add_argument("--reps", type=int, default=3)
+    bw.add_argument("--timeout", type=float, default=300.0)
+    bw.set_defaults(fn=cmd_bench_worker)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .core import ConfigError
+    from .dealer import DealerError
+    from .transport import TransportError
+
+    t0 = time.time()
+    try:
+        return args.fn(args)
+    except (TransportError, ConfigError, DealerError, ValueError, OSError) as e:
+        print(f"cometpi {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cometpi {args.cmd}: interrupted after {time.time() - t0:.1f} s", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,209 @@
+"""Setting up sessions: the client/server handshake, dealer registration, TCP and in-process pairs.
+
+Handshake (client -> server, JSON in one frame each way)::
+
+    hello  {version, config, config_hash, session, pair_seed, extra}
+    ack    {ok: true} | {ok: false, error}
+
+The server refuses a different wire version, configuration hash or ``extra`` (model hash,
+architecture: later layers put them there), naming every differing field.  Then both parties register
+with the dealer for the session and receive their seeds.  The channel is assumed confidential
+(semi-honest parties; run it inside TLS or a VPN between machines).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+
+from .core import Config, ConfigError, Role, Session, new_session_id
+from .dealer import DealerClient, LocalDealer, Provider
+from .ring import new_seed
+from .transport import (
+    DEFAULT_TIMEOUT,
+    PROTOCOL_VERSION,
+    Channel,
+    MemoryChannel,
+    Meter,
+    NetProfile,
+    PeerDisconnected,
+    TcpChannel,
+    VersionMismatch,
+    parse_address,
+)
+
+
+def client_handshake(ch: Channel, config: Config, extra: dict | None = None) -> tuple[str, bytes]:
+    with ch.meter.offline():
+        return _client_handshake(ch, config, extra)
+
+
+def server_handshake(ch: Channel, config: Config, extra: dict | None = None) -> tuple[str, bytes]:
+    with ch.meter.offline():
+        return _server_handshake(ch, config, extra)
+
+
+def _client_handshake(ch: Channel, config: Config, extra: dict | None) -> tuple[str, bytes]:
+    sid, pair_seed = new_session_id(), new_seed()
+    ch.send_json({"version": PROTOCOL_VERSION, "config": config.to_dict(), "config_hash": config.hash(),
+                  "session": sid, "pair_seed": pair_seed.hex(), "extra": extra or {}}, "hello")
+    ack = ch.recv_json("hello-ack")
+    if not ack.get("ok"):
+        raise ConfigError(f"server refused the session: {ack.get('error')}")
+    return sid, pair_seed
+
+
+def _server_handshake(ch: Channel, config: Config, extra: dict | None) -> tuple[str, bytes]:
+    hello = ch.recv_json("hello")
+    try:
+        if not isinstance(hello, dict):
+            raise ConfigError("hello is not a JSON object")
+        if hello.get("version") != PROTOCOL_VERSION:
+            raise VersionMismatch(f"client speaks protocol version {hello.get('version')}, "
+                                  f"server {PROTOCOL_VERSION}")
+        if hello.get("config_hash") != config.hash():
+            theirs = hello.get("config") if isinstance(hello.get("config"), dict) else {}
+            raise ConfigError("configuration mismatch: " + "; ".join(config.diff(theirs) or ["hash differs"]))
+        mine, theirs = extra or {}, hello.get("extra") or {}
+        if mine != theirs:
+            keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ConfigError("session mismatch: " + "; ".join(
+                f"{k}: server {mine.get(k)!r}, client {theirs.get(k)!r}" for k in keys))
+        sid, pair_seed = str(hello["session"]), bytes.fromhex(hello["pair_seed"])
+        if len(pair_seed) != 16 or not 0 < len(sid) <= 64:
+            raise ConfigError("malformed session id or seed in hello")
+    except (ConfigError, VersionMismatch, KeyError, ValueError, TypeError) as e:
+        msg = str(e) if isinstance(e, (ConfigError, VersionMismatch)) else f"malformed hello: {e!r}"
+        ch.send_json({"ok": False, "error": msg}, "hello-ack")
+        raise type(e)(msg) if isinstance(e, (ConfigError, VersionMismatch)) else ConfigError(msg) from None
+    ch.send_json({"ok": True}, "hello-ack")
+    return sid, pair_seed
+
+
+def _session(role: Role, peer: Channel, dealer: DealerClient, config: Config, sid: str, pair_seed: bytes,
+             device=None) -> Session:
+    seed = dealer.hello(sid, role, config.hash())
+    provider = Provider(role, seed, dealer, device=device)
+    return Session(role, peer, provider, config, pair_seed=pair_seed, session_id=sid, meter=peer.meter,
+                   device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# TCP
+# --------------------------------------------------------------------------------------------------
+
+
+def _dealer_client(dealer: str, meter: Meter, timeout: float) -> DealerClient:
+    host, port = parse_address(dealer)
+    return DealerClient(TcpChannel.connect(host, port, link="dealer", meter=meter, timeout=timeout,
+                                           peer_name=f"dealer at {dealer}", retries=10))
+
+
+def connect_client(server: str, dealer: str, config: Config, *, timeout: float = DEFAULT_TIMEOUT,
+                   net: NetProfile | None = None, extra: dict | None = None, device=None) -> Session:
+    """The client's session: connect to the server, agree on the configuration, join the dealer."""
+    meter = Meter()
+    host, port = parse_address(server)
+    ch = TcpChannel.connect(host, port, meter=meter, timeout=timeout, net=net,
+                            peer_name=f"server at {server}", retries=10)
+    try:
+        sid, pair_seed = client_handshake(ch, config, extra)
+        return _session(Role.CLIENT, ch, _dealer_client(dealer, meter, timeout), config, sid, pair_seed,
+                        device)
+    except BaseException:
+        ch.close()
+        raise
+
+
+def accept_server(conn: socket.socket, dealer: str, config: Config, *, timeout: float = DEFAULT_TIMEOUT,
+                  net: NetProfile | None = None, extra: dict | None = None, device=None) -> Session:
+    """The server's session over an accepted connection."""
+    meter = Meter()
+    ch = TcpChannel(conn, meter=meter, timeout=timeout, net=net, peer_name="client")
+    try:
+        sid, pair_seed = server_handshake(ch, config, extra)
+        return _session(Role.SERVER, ch, _dealer_client(dealer, meter, timeout), config, sid, pair_seed,
+                        device)
+    except BaseException:
+        ch.close()
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process
+# --------------------------------------------------------------------------------------------------
+
+
+def local_pair(config: Config | None = None, *, dealer: LocalDealer | None = None, timeout: float = 60.0,
+               net: NetProfile | None = None, extra=(None, None), device=None) -> tuple[Session, Session]:
+    """A client and a server session in this process over memory channels, with an in-process dealer
+    speaking the dealer protocol.  Run each party's code in its own thread (see ``run_local``)."""
+    config = config or Config()
+    dealer = dealer or LocalDealer()
+    cm, sm = Meter(), Meter()
+    cch, sch = MemoryChannel.pair((cm, sm), timeout=timeout, net=net)
+    cch.peer_name, sch.peer_name = "server", "client"
+    out: dict = {}
+
+    def server():
+        try:
+            sid, seed = server_handshake(sch, config, extra[1])
+            out["server"] = _session(Role.SERVER, sch, dealer.connect(sm, timeout), config, sid, seed, device)
+        except BaseException as e:  # noqa: BLE001
+            out["server_error"] = e
+
+    t = threading.Thread(target=server, daemon=True)
+    t.start()
+    try:
+        sid, seed = client_handshake(cch, config, extra[0])
+        client = _session(Role.CLIENT, cch, dealer.connect(cm, timeout), config, sid, seed, device)
+    finally:
+        t.join(timeout)
+    if "server_error" in out:
+        raise out["server_error"]
+    return client, out["server"]
+
+
+def run_pair(client_fn: Callable[[Session], object], server_fn: Callable[[Session], object],
+             sessions: tuple[Session, Session], timeout: float = 300.0):
+    """Run each party's function in its own thread; return (client_result, server_result).
+
+    An exception on either side is re-raised here (the client's first); a party that does not
+    finish within ``timeout`` raises TimeoutError instead of hanging the caller.
+    """
+    results: dict = {}
+
+    def go(name, fn, sess):
+        try:
+            results[name] = fn(sess)
+        except BaseException as e:  # noqa: BLE001
+            results[name + "_error"] = e
+            sess.peer.close()  # unblock the other party
+
+    threads = [threading.Thread(target=go, args=("client", client_fn, sessions[0]), daemon=True),
+               threading.Thread(target=go, args=("server", server_fn, sessions[1]), daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        if t.is_alive():
+            raise TimeoutError(f"a party did not finish within {timeout:g} s")
+    errors = [results[n + "_error"] for n in ("client", "server") if n + "_error" in results]
+    # the root cause first: a PeerDisconnected is usually the other side's reaction to it
+    errors.sort(key=lambda e: isinstance(e, PeerDisconnected))
+    if errors:
+        raise errors[0]
+    return results["client"], results["server"]
+
+
+def run_local(fn: Callable[[Session], object], config: Config | None = None, **kw):
+    """Run the same SPMD function on both parties of a fresh in-process pair."""
+    dealer = kw.pop("dealer", None) or LocalDealer()
+    sessions = local_pair(config, dealer=dealer, **kw)
+    try:
+        return run_pair(fn, fn, sessions)
+    finally:
+        for s in sessions:
+            s.close()
+        dealer.join()

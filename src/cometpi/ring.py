@@ -1,0 +1,217 @@
+"""The ring Z_2^64: int64 tensors, fixed-point encoding, exact ring matmul and CSPRNG expansion.
+
+Ring elements are ``torch.int64`` tensors on any device; addition and multiplication wrap modulo
+2^64 (two's complement), which is exactly arithmetic in Z_2^64.  Nothing here knows about parties.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+RING_BITS = 64
+DTYPE = torch.int64
+#: Plaintext fixed-point values must satisfy |v| < 2^HEADROOM_BITS after encoding, so that the
+#: wrap-corrected truncation (which shifts values by 2^62) and sums of two such values never wrap.
+HEADROOM_BITS = 62
+_LIMB_BITS = 16
+_N_LIMBS = RING_BITS // _LIMB_BITS
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Fixed-point encoding with ``frac_bits`` fractional bits: v -> round(v * 2^f) in Z_2^64."""
+
+    frac_bits: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.frac_bits <= 30:
+            raise ValueError(f"frac_bits must be in [0, 30], got {self.frac_bits}")
+
+    @property
+    def scale(self) -> int:
+        return 1 << self.frac_bits
+
+    @property
+    def ulp(self) -> float:
+        """The fixed-point step 2^-f; test tolerances are stated in multiples of it."""
+        return 2.0**-self.frac_bits
+
+    def max_abs(self) -> float:
+        """The largest magnitude that ``encode`` accepts."""
+        return 2.0 ** (HEADROOM_BITS - self.frac_bits)
+
+    def encode(self, x) -> torch.Tensor:
+        """Encode reals (tensor, array or number) as ring elements; raise if outside the headroom."""
+        t = torch.as_tensor(x, dtype=torch.float64)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("cannot encode NaN or infinite values")
+        if t.numel() and float(t.abs().max()) >= self.max_abs():
+            raise OverflowError(
+                f"value {float(t.abs().max()):.3g} exceeds the fixed-point headroom "
+                f"{self.max_abs():.3g} (f={self.frac_bits}, ring 2^64)"
+            )
+        return torch.round(t * self.scale).to(DTYPE)
+
+    def decode(self, r: torch.Tensor) -> torch.Tensor:
+        """Decode ring elements (read as signed) to float64 reals."""
+        return r.to(torch.float64) / self.scale
+
+    def check_product_headroom(self, max_a: float, max_b: float) -> None:
+        """Raise if a product of values bounded by max_a and max_b, before truncation, could wrap."""
+        need = 2 * self.frac_bits + math.log2(max(max_a, 1e-300)) + math.log2(max(max_b, 1e-300))
+        if need >= HEADROOM_BITS:
+            raise OverflowError(
+                f"product of |a|<={max_a:g} and |b|<={max_b:g} needs {need:.1f} bits before truncation "
+                f"at f={self.frac_bits}; the ring leaves {HEADROOM_BITS}"
+            )
+
+
+def to_unsigned_float(r: torch.Tensor) -> torch.Tensor:
+    """Ring elements read as unsigned integers in [0, 2^64), as float64 (for statistics)."""
+    f = r.to(torch.float64)
+    return torch.where(r < 0, f + 2.0**64, f)
+
+
+def lshift(r: torch.Tensor, bits: int) -> torch.Tensor:
+    """Left shift in Z_2^64 (multiplication by 2^bits with wrap-around)."""
+    return r * (1 << bits) if bits < 63 else (r << bits)
+
+
+def logical_rshift(r: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned (logical) right shift of ring elements."""
+    if bits == 0:
+        return r.clone()
+    return (r >> bits) & ((1 << (RING_BITS - bits)) - 1)
+
+
+def msb(r: torch.Tensor) -> torch.Tensor:
+    """The top bit of each ring element (1 where the signed value is negative), as int64."""
+    return (r < 0).to(DTYPE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact ring matmul
+# --------------------------------------------------------------------------------------------------
+
+
+def _balanced_limbs(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Split ring elements into n balanced 16-bit limbs l_i in [-2^15, 2^15) held in float64.
+
+    x = sum_i l_i 2^(16 i)  (mod 2^64).  Values with |x| < 2^(16n - 1) need only n limbs exactly.
+    """
+    limbs = []
+    half = 1 << (_LIMB_BITS - 1)
+    for _ in range(n):
+        limb = ((x + half) & 0xFFFF) - half
+        limbs.append(limb.to(torch.float64))
+        x = (x - limb) >> _LIMB_BITS  # exact: x - limb is divisible by 2^16
+    return limbs
+
+
+def limbs_needed(max_abs_int: int) -> int:
+    """How many balanced 16-bit limbs represent every integer of magnitude <= max_abs_int."""
+    bits = int(max_abs_int).bit_length() + 1  # sign
+    return max(1, min(_N_LIMBS, math.ceil(bits / _LIMB_BITS)))
+
+
+def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, method: str = "limbs"):
+    """Exact a @ b in Z_2^64 (batched like ``torch.matmul``).
+
+    ``method="limbs"`` splits both operands into balanced 16-bit limbs held in float64 and uses BLAS:
+    each limb product is bounded by k*2^30 and each of the four diagonals sums at most four of them,
+    so results are exact while k < 2^21.  ``b_limbs`` < 4 is valid when every entry of b satisfies
+    |b| < 2^(16*b_limbs - 1) (small fixed-point weights), and skips the products that would be zero.
+    ``method="int64"`` is torch's native integer matmul (no BLAS; CPU only), kept for comparison.
+    """
+    if method == "int64":
+        return torch.matmul(a, b)
+    if method != "limbs":
+        raise ValueError(f"unknown ring matmul method {method!r}")
+    k = a.shape[-1]
+    if k >= 1 << 21:
+        raise ValueError(f"inner dimension {k} too large for exact limb matmul (limit 2^21)")
+    la = _balanced_limbs(a, _N_LIMBS)
+    lb = _balanced_limbs(b, b_limbs)
+    diag: list[torch.Tensor | None] = [None] * _N_LIMBS
+    for i, ai in enumerate(la):
+        js = range(min(_N_LIMBS - i, b_limbs))
+        if not js:
+            continue
+        m = b.shape[-1]
+        prod = torch.matmul(ai, torch.cat([lb[j] for j in js], dim=-1))
+        for j in js:
+            part = prod[..., j * m : (j + 1) * m]
+            d = i + j
+            diag[d] = part if diag[d] is None else diag[d] + part
+    out = None
+    for d, s in enumerate(diag):
+        if s is None:
+            continue
+        term = lshift(s.to(DTYPE), _LIMB_BITS * d)
+        out = term if out is None else out + term
+    return out
+
+
+def ring_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Slow exact reference for 2-D ring matmul using Python integers (tests only)."""
+    mod = 1 << RING_BITS
+    al, bl = a.tolist(), b.tolist()
+    n, k, m = len(al), len(bl), len(bl[0]) if bl else 0
+    out = [[0] * m for _ in range(n)]
+    for i in range(n):
+        for j in range(m):
+            s = sum(al[i][t] * bl[t][j] for t in range(k)) % mod
+            out[i][j] = s - mod if s >= 1 << (RING_BITS - 1) else s
+    return torch.tensor(out, dtype=DTYPE)
+
+
+# --------------------------------------------------------------------------------------------------
+# CSPRNG
+# --------------------------------------------------------------------------------------------------
+
+SEED_BYTES = 16
+
+
+def new_seed() -> bytes:
+    """A fresh 128-bit seed from the operating system's CSPRNG."""
+    return secrets.token_bytes(SEED_BYTES)
+
+
+class AesCtrPrg:
+    """Expands a 128-bit seed into pseudorandom ring tensors with AES-128 in counter mode.
+
+    Each ``stream`` index selects an independent keystream (the 64-bit index forms the top half of
+    the counter block), so two parties holding the same seed derive the same tensors for the same
+    index, in any order.  This is the only source of randomness in the protocols.
+    """
+
+    def __init__(self, seed: bytes):
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
+        self._algo = algorithms.AES(seed)
+
+    def bytes(self, index: int, nbytes: int) -> bytes:
+        iv = (index % (1 << 64)).to_bytes(8, "big") + bytes(8)
+        enc = Cipher(self._algo, modes.CTR(iv)).encryptor()
+        return enc.update(bytes(nbytes)) + enc.finalize()
+
+    def ring(self, index: int, *shapes, device=None) -> list[torch.Tensor]:
+        """Uniform ring tensors of the given shapes, all drawn from keystream ``index``."""
+        sizes = [math.prod(s) for s in shapes]
+        raw = np.frombuffer(bytearray(self.bytes(index, 8 * sum(sizes))), dtype="<i8")
+        out, off = [], 0
+        for shape, n in zip(shapes, sizes, strict=True):
+            out.append(torch.from_numpy(raw[off : off + n]).reshape(shape).to(device))
+            off += n
+        return out
+
+
+def random_ring(*shapes, device=None) -> list[torch.Tensor]:
+    """Fresh uniform ring tensors from a one-time OS-seeded AES-CTR stream."""
+    return AesCtrPrg(new_seed()).ring(0, *shapes, device=device)

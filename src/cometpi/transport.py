@@ -1,0 +1,525 @@
+"""Framed binary channels (TCP and an in-memory twin) with always-on traffic counters.
+
+Wire format of one frame (network byte order, no pickle anywhere)::
+
+    magic 'CP' | version u8 | dtype u8 | tag u32 | depth u32 | nbytes u64 | deliver_at f64 | ndim u8
+    | ndim x u64 shape | payload (nbytes, little-endian elements)
+
+``tag`` names the message (CRC32 of a protocol label) so that a desynchronised peer is an error, not
+garbage; ``depth`` is a Lamport clock used to count rounds on the critical path; ``deliver_at`` carries
+the emulated arrival time when bandwidth/latency emulation is on.  This module knows nothing of shares.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import socket
+import struct
+import threading
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+PROTOCOL_VERSION = 1
+MAGIC = b"CP"
+HEADER = struct.Struct("!2sBBIIQdB")
+MAX_NDIM = 8
+DEFAULT_MAX_FRAME = 1 << 31
+DEFAULT_TIMEOUT = 120.0
+
+_DTYPES = {0: ("raw", None), 1: ("int64", "<i8"), 2: ("float64", "<f8"), 3: ("uint8", "u1")}
+_DTYPE_CODE = {"raw": 0, torch.int64: 1, torch.float64: 2, torch.uint8: 3}
+
+
+class TransportError(RuntimeError):
+    """Base class of every error raised by a channel."""
+
+
+class FrameError(TransportError):
+    """A frame that is malformed, truncated, oversize or of another protocol."""
+
+
+class VersionMismatch(FrameError):
+    """The peer speaks another version of the wire protocol."""
+
+
+class ProtocolError(TransportError):
+    """A well-formed frame that is not the one the protocol expects here (desynchronised peers)."""
+
+
+class PeerDisconnected(TransportError):
+    """The peer closed the connection or its process died."""
+
+
+class PeerTimeout(TransportError):
+    """No message from the peer within the receive timeout."""
+
+
+_TAG_NAMES: dict[int, str] = {}
+
+
+def tag_id(name: str) -> int:
+    """The 32-bit wire tag of a protocol label."""
+    t = zlib.crc32(name.encode())
+    _TAG_NAMES.setdefault(t, name)
+    return t
+
+
+def tag_name(t: int) -> str:
+    return _TAG_NAMES.get(t, f"0x{t:08x}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Counters and spans
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Traffic:
+    """Traffic of one party on one link in one phase. ``*_bytes`` are payload bytes; headers apart."""
+
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    header_bytes_sent: int = 0
+    header_bytes_recv: int = 0
+    msgs_sent: int = 0
+    msgs_recv: int = 0
+    rounds: int = 0
+
+    def __add__(self, o: Traffic) -> Traffic:
+        return Traffic(*(getattr(self, f.name) + getattr(o, f.name) for f in fields(self)))
+
+    def __sub__(self, o: Traffic) -> Traffic:
+        return Traffic(*(getattr(self, f.name) - getattr(o, f.name) for f in fields(self)))
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.bytes_sent + self.bytes_recv
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.payload_bytes + self.header_bytes_sent + self.header_bytes_recv
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PHASES = ("online", "offline")
+LINKS = ("peer", "dealer")
+
+
+class Meter:
+    """Always-on counters of one party: traffic per (link, phase), nested named spans, wall time.
+
+    Traffic on the dealer link is always offline.  Peer traffic is online unless sent inside
+    ``with meter.offline():`` (e.g. the server's masked weights, which depend only on the model).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.traffic: dict[tuple[str, str], Traffic] = {(l, p): Traffic() for l in LINKS for p in PHASES}
+        self.spans: dict[str, dict] = {}
+        self._stack: list[str] = []
+
+    @property
+    def phase(self) -> str:
+        return getattr(self._local, "phase", "online")
+
+    @contextmanager
+    def offline(self):
+        prev = self.phase
+        self._local.phase = "offline"
+        try:
+            yield
+        finally:
+            self._local.phase = prev
+
+    def add(self, link: str, phase: str, **deltas: int) -> None:
+        with self._lock:
+            t = self.traffic[(link, phase)]
+            for k, v in deltas.items():
+                setattr(t, k, getattr(t, k) + v)
+
+    def total(self, phase: str | None = None, link: str | None = None) -> Traffic:
+        with self._lock:
+            out = Traffic()
+            for (l, p), t in self.traffic.items():
+                if (phase is None or p == phase) and (link is None or l == link):
+                    out = out + t
+            return out
+
+    def snapshot(self) -> dict[tuple[str, str], Traffic]:
+        with self._lock:
+            return {k: Traffic(**v.as_dict()) for k, v in self.traffic.items()}
+
+    @contextmanager
+    def span(self, name: str):
+        """Attribute the traffic and time of the block to ``name`` (nested spans join with '/')."""
+        self._stack.append(name)
+        path = "/".join(self._stack)
+        before, t0 = self.snapshot(), time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            after = self.snapshot()
+            self._stack.pop()
+            rec = self.spans.setdefault(path, {"calls": 0, "seconds": 0.0, "online": Traffic(),
+                                               "offline": Traffic()})
+            rec["calls"] += 1
+            rec["seconds"] += dt
+            for (_link, phase), t in after.items():
+                rec[phase] = rec[phase] + (t - before[(_link, phase)])
+
+    def report(self) -> dict:
+        """Totals and spans as plain JSON-able dicts."""
+        out = {p: self.total(p).as_dict() for p in PHASES}
+        out["by_link"] = {f"{l}/{p}": t.as_dict() for (l, p), t in self.snapshot().items()}
+        out["spans"] = {
+            k: {"calls": v["calls"], "seconds": v["seconds"], "online": v["online"].as_dict(),
+                "offline": v["offline"].as_dict()}
+            for k, v in self.spans.items()
+        }
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Network emulation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetProfile:
+    """A network: bandwidth in bytes/s and one-way delay in seconds (RTT = 2 x delay)."""
+
+    name: str
+    bandwidth: float
+    delay: float
+
+    def project(self, seconds: float, nbytes: int, rounds: int) -> float:
+        """Projected time ``compute + bytes/bandwidth + rounds*RTT`` (docs/COMET §6 convention)."""
+        return seconds + nbytes / self.bandwidth + rounds * 2 * self.delay
+
+
+NETWORKS = {
+    "lan": NetProfile("lan", 1e9, 0.25e-3),
+    "wan": NetProfile("wan", 400e6, 2e-3),
+    "bolt-wan": NetProfile("bolt-wan", 200e6 / 8, 20e-3),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Frames
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    dtype: int
+    tag: int
+    depth: int
+    nbytes: int
+    deliver_at: float
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return HEADER.size + 8 * len(self.shape)
+
+
+def encode_header(dtype: int, tag: int, depth: int, nbytes: int, deliver_at: float, shape) -> bytes:
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, dtype, tag, depth, nbytes, deliver_at, len(shape)) + (
+        struct.pack(f"!{len(shape)}Q", *shape)
+    )
+
+
+def parse_header(fixed: bytes, max_frame: int = DEFAULT_MAX_FRAME, read_shape=None) -> Header:
+    """Validate the fixed part of a header; ``read_shape(n)`` supplies the n shape bytes."""
+    if len(fixed) != HEADER.size:
+        raise FrameError(f"truncated frame header ({len(fixed)} of {HEADER.size} bytes)")
+    magic, version, dtype, tag, depth, nbytes, deliver_at, ndim = HEADER.unpack(fixed)
+    if magic != MAGIC:
+        raise FrameError(f"not a cometpi frame: bad magic {magic!r} (is something else on this port?)")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(f"peer speaks wire protocol version {version}, this side {PROTOCOL_VERSION}")
+    if dtype not in _DTYPES:
+        raise FrameError(f"unknown dtype code {dtype} in frame header")
+    if ndim > MAX_NDIM:
+        raise FrameError(f"frame has {ndim} dimensions (max {MAX_NDIM})")
+    if nbytes > max_frame:
+        raise FrameError(f"frame of {nbytes} bytes exceeds the maximum frame size {max_frame}")
+    if not math.isfinite(deliver_at) or deliver_at < 0:
+        raise FrameError("invalid delivery time in frame header")
+    shape: tuple[int, ...] = ()
+    if ndim:
+        raw = read_shape(8 * ndim) if read_shape else b""
+        if len(raw) != 8 * ndim:
+            raise FrameError("truncated frame shape")
+        shape = struct.unpack(f"!{ndim}Q", raw)
+    code, np_dtype = _DTYPES[dtype]
+    expect = math.prod(shape) * np.dtype(np_dtype).itemsize if np_dtype else None
+    if expect is not None and expect != nbytes:
+        raise FrameError(f"frame payload of {nbytes} bytes does not match shape {shape} of {code}")
+    return Header(version, dtype, tag, depth, nbytes, deliver_at, shape)
+
+
+def _payload(obj) -> tuple[int, tuple[int, ...], bytes]:
+    if isinstance(obj, (bytes, bytearray)):
+        return 0, (), bytes(obj)
+    if not isinstance(obj, torch.Tensor):
+        raise TypeError(f"can only send tensors or bytes, not {type(obj).__name__}")
+    code = _DTYPE_CODE.get(obj.dtype)
+    if code is None:
+        raise TypeError(f"unsupported tensor dtype {obj.dtype}")
+    arr = obj.detach().cpu().contiguous().numpy()
+    return code, tuple(obj.shape), arr.astype(_DTYPES[code][1], copy=False).tobytes()
+
+
+def _decode_payload(h: Header, buf: bytearray):
+    code, np_dtype = _DTYPES[h.dtype]
+    if np_dtype is None:
+        return bytes(buf)
+    return torch.from_numpy(np.frombuffer(buf, dtype=np_dtype).reshape(h.shape))
+
+
+# --------------------------------------------------------------------------------------------------
+# Channels
+# --------------------------------------------------------------------------------------------------
+
+
+class Channel:
+    """A framed, counted, bidirectional message channel to one peer.
+
+    Subclasses provide ``_write(data)``, ``_read(n)`` (exactly n bytes or raise) and ``_close()``.
+    """
+
+    def __init__(self, meter: Meter | None = None, link: str = "peer", *, timeout: float = DEFAULT_TIMEOUT,
+                 max_frame: int = DEFAULT_MAX_FRAME, net: NetProfile | None = None, peer_name: str = "peer"):
+        self.meter = meter or Meter()
+        self.link = link
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self.net = net
+        self.peer_name = peer_name
+        self._clock = 0  # Lamport depth of what we have received
+        self._sent_depth = 0
+        self._rounds_seen = 0
+        self._link_free_at = 0.0
+        self._send_lock = threading.Lock()
+
+    # -- counting ------------------------------------------------------------------------------
+    def _phase(self) -> str:
+        return "offline" if self.link == "dealer" else self.meter.phase
+
+    def _tick(self) -> int:
+        """Rounds newly on the critical path: max(received depth, sent depth) grew by this much."""
+        r = max(self._clock, self._sent_depth)
+        delta, self._rounds_seen = r - self._rounds_seen, r
+        return delta
+
+    # -- sending -------------------------------------------------------------------------------
+    def send(self, obj, tag: str) -> None:
+        """Send one tensor (int64/float64/uint8) or raw bytes as one frame labelled ``tag``."""
+        code, shape, payload = _payload(obj)
+        if len(payload) > self.max_frame:
+            raise FrameError(f"refusing to send a frame of {len(payload)} bytes (max {self.max_frame})")
+        with self._send_lock:
+            deliver_at = 0.0
+            if self.net is not None:
+                now = time.time()
+                start = max(now, self._link_free_at)
+                self._link_free_at = start + len(payload) / self.net.bandwidth
+                time.sleep(max(0.0, self._link_free_at - now))
+                deliver_at = self._link_free_at + self.net.delay
+            self._sent_depth = self._clock + 1
+            header = encode_header(code, tag_id(tag), self._sent_depth, len(payload), deliver_at, shape)
+            phase = self._phase()
+            self._write(header + payload if len(payload) < 65536 else header)
+            if len(payload) >= 65536:
+                self._write(payload)
+            self.meter.add(self.link, phase, bytes_sent=len(payload), header_bytes_sent=len(header),
+                           msgs_sent=1, rounds=self._tick())
+
+    def send_json(self, obj, tag: str) -> None:
+        self.send(json.dumps(obj, separators=(",", ":")).encode(), tag)
+
+    def send_many(self, tensors: list[torch.Tensor], tag: str) -> None:
+        """Send several int64 tensors as one frame (one message, one round)."""
+        self.send(torch.cat([t.reshape(-1) for t in tensors]), tag)
+
+    # -- receiving -----------------------------------------------------------------------------
+    def recv(self, tag: str | tuple[str, ...], *, shape=None, dtype=None):
+        """Receive the next frame, which must carry ``tag`` (or one of several) and, when given,
+        ``shape`` and ``dtype``."""
+        fixed = self._read(HEADER.size)
+        h = parse_header(fixed, self.max_frame, self._read)
+        payload = bytearray(self._read(h.nbytes)) if h.nbytes else bytearray()
+        tags = (tag,) if isinstance(tag, str) else tuple(tag)
+        if h.tag not in {tag_id(t) for t in tags}:
+            raise ProtocolError(
+                f"expected message '{'/'.join(tags)}' from {self.peer_name}, got '{tag_name(h.tag)}'"
+            )
+        if self.net is not None and h.deliver_at > 0:
+            time.sleep(max(0.0, h.deliver_at - time.time()))
+        self._clock = max(self._clock, h.depth)
+        phase = self._phase()
+        self.meter.add(self.link, phase, bytes_recv=h.nbytes, header_bytes_recv=h.size, msgs_recv=1,
+                       rounds=self._tick())
+        out = _decode_payload(h, payload)
+        if dtype is not None:
+            want = "raw" if dtype == "raw" else dtype
+            if (want == "raw") != isinstance(out, bytes) or (want != "raw" and out.dtype != want):
+                raise ProtocolError(f"message '{tag}' from {self.peer_name} has the wrong type")
+        if shape is not None and tuple(out.shape) != tuple(shape):
+            raise ProtocolError(
+                f"message '{tag}' from {self.peer_name} has shape {tuple(out.shape)}, expected {tuple(shape)}"
+            )
+        return out
+
+    def recv_json(self, tag: str):
+        raw = self.recv(tag, dtype="raw")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FrameError(f"message '{tag}' from {self.peer_name} is not valid JSON: {e}") from None
+
+    def recv_many(self, shapes: list[tuple[int, ...]], tag: str) -> list[torch.Tensor]:
+        """Receive one frame sent by ``send_many`` and split it into tensors of ``shapes``."""
+        sizes = [math.prod(s) for s in shapes]
+        flat = self.recv(tag, shape=(sum(sizes),), dtype=torch.int64)
+        return [p.reshape(s) for p, s in zip(torch.split(flat, sizes), shapes, strict=True)]
+
+    def exchange(self, tensors: list[torch.Tensor], tag: str) -> list[torch.Tensor]:
+        """Both parties send their tensors and receive the peer's (same shapes): one round."""
+        self.send_many(tensors, tag)
+        return self.recv_many([tuple(t.shape) for t in tensors], tag)
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TcpChannel(Channel):
+    """A channel over a connected TCP socket (TCP_NODELAY, bounded timeouts)."""
+
+    def __init__(self, sock: socket.socket, **kw):
+        super().__init__(**kw)
+        self.sock = sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.timeout)
+
+    @classmethod
+    def connect(cls, host: str, port: int, *, connect_timeout: float = 10.0, retries: int = 0, **kw):
+        """Connect to ``host:port``; retry refused connections ``retries`` times (0.2 s apart)."""
+        last = None
+        for _ in range(retries + 1):
+            try:
+                sock = socket.create_connection((host, port), timeout=connect_timeout)
+                return cls(sock, **kw)
+            except (ConnectionRefusedError, socket.timeout, OSError) as e:
+                last = e
+                time.sleep(0.2)
+        raise PeerDisconnected(f"cannot connect to {kw.get('peer_name', 'peer')} at {host}:{port}: {last}")
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise PeerTimeout(f"{self.peer_name} did not accept data within {self.timeout:g} s") from None
+        except OSError as e:
+            raise PeerDisconnected(f"connection to {self.peer_name} lost while sending: {e}") from None
+
+    def _read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:], n - got)
+            except socket.timeout:
+                raise PeerTimeout(f"no data from {self.peer_name} within {self.timeout:g} s") from None
+            except OSError as e:
+                raise PeerDisconnected(f"connection to {self.peer_name} lost: {e}") from None
+            if k == 0:
+                raise PeerDisconnected(f"{self.peer_name} closed the connection"
+                                       + (f" in the middle of a frame ({got}/{n} bytes)" if got else ""))
+            got += k
+        return bytes(buf)
+
+    def _close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+_EOF = object()
+
+
+class MemoryChannel(Channel):
+    """In-process twin of ``TcpChannel``: the same frames and counters over a pair of queues."""
+
+    def __init__(self, inbox: queue.Queue, outbox: queue.Queue, **kw):
+        super().__init__(**kw)
+        self._inbox, self._outbox = inbox, outbox
+        self._buf = bytearray()
+        self._closed = False
+
+    @classmethod
+    def pair(cls, meters=(None, None), **kw) -> tuple[MemoryChannel, MemoryChannel]:
+        a, b = queue.Queue(), queue.Queue()
+        return cls(a, b, meter=meters[0], **kw), cls(b, a, meter=meters[1], **kw)
+
+    def _write(self, data: bytes) -> None:
+        if self._closed:
+            raise PeerDisconnected("channel is closed")
+        self._outbox.put(bytes(data))
+
+    def _read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            try:
+                item = self._inbox.get(timeout=self.timeout)
+            except queue.Empty:
+                raise PeerTimeout(f"no data from {self.peer_name} within {self.timeout:g} s") from None
+            if item is _EOF:
+                self._inbox.put(_EOF)
+                raise PeerDisconnected(f"{self.peer_name} closed the connection")
+            self._buf += item
+        out, self._buf = bytes(self._buf[:n]), self._buf[n:]
+        return out
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._outbox.put(_EOF)
+
+
+def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free port: read it from ``getsockname()``)."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen(16)
+    return srv
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port) with a clear error."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {addr!r}")
+    return host or "127.0.0.1", int(port)
+

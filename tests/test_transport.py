@@ -1,0 +1,191 @@
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cometpi.transport import (
+    HEADER,
+    MAGIC,
+    FrameError,
+    MemoryChannel,
+    Meter,
+    NetProfile,
+    PeerDisconnected,
+    PeerTimeout,
+    ProtocolError,
+    TcpChannel,
+    VersionMismatch,
+    encode_header,
+    listen,
+    parse_header,
+    tag_id,
+)
+
+
+def pair(**kw):
+    return MemoryChannel.pair((Meter(), Meter()), **kw)
+
+
+def tcp_pair(**kw):
+    srv = listen()
+    port = srv.getsockname()[1]
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("s", srv.accept()[0]))
+    t.start()
+    a = TcpChannel.connect("127.0.0.1", port, meter=Meter(), **kw)
+    t.join()
+    srv.close()
+    return a, TcpChannel(out["s"], meter=Meter(), **kw)
+
+
+@pytest.mark.parametrize("make", [pair, tcp_pair])
+def test_roundtrip_and_exact_counters(make):
+    a, b = make(timeout=5)
+    x = torch.arange(12, dtype=torch.int64).reshape(3, 4) - 6
+    y = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    a.send(x, "x")
+    a.send(y, "y")
+    a.send(b"hello", "raw")
+    assert torch.equal(b.recv("x", shape=(3, 4), dtype=torch.int64), x)
+    assert torch.equal(b.recv("y"), y)
+    assert b.recv("raw", dtype="raw") == b"hello"
+    sent = a.meter.total("online")
+    assert sent.bytes_sent == 12 * 8 + 5 * 8 + 5
+    assert sent.header_bytes_sent == 3 * HEADER.size + 8 * (2 + 1 + 0)
+    assert sent.msgs_sent == 3
+    recv = b.meter.total("online")
+    assert (recv.bytes_recv, recv.msgs_recv) == (sent.bytes_sent, 3)
+    a.close()
+    b.close()
+
+
+def test_rounds_are_critical_path_depth():
+    a, b = pair(timeout=5)
+    t = torch.zeros(4, dtype=torch.int64)
+    # simultaneous exchange: one round on each side
+    a.send(t, "e")
+    b.send(t, "e")
+    a.recv("e")
+    b.recv("e")
+    assert a.meter.total().rounds == b.meter.total().rounds == 1
+    # ping-pong: two more rounds
+    a.send(t, "p")
+    b.recv("p")
+    b.send(t, "q")
+    a.recv("q")
+    assert a.meter.total().rounds == 3 and b.meter.total().rounds == 3
+    # two messages in a row from one side are one round (pipelined)
+    a.send(t, "r1")
+    a.send(t, "r2")
+    b.recv("r1")
+    b.recv("r2")
+    assert a.meter.total().rounds == 4 and b.meter.total().rounds == 4
+
+
+def test_spans_nest_and_split_phases():
+    a, b = pair(timeout=5)
+    m = a.meter
+    with m.span("layer"):
+        with m.span("attn"):
+            a.send(torch.zeros(10, dtype=torch.int64), "x")
+        with m.offline():
+            a.send(torch.zeros(3, dtype=torch.int64), "w")
+    rep = m.report()
+    assert rep["spans"]["layer/attn"]["online"]["bytes_sent"] == 80
+    assert rep["spans"]["layer"]["online"]["bytes_sent"] == 80
+    assert rep["spans"]["layer"]["offline"]["bytes_sent"] == 24
+    assert rep["online"]["bytes_sent"] == 80 and rep["offline"]["bytes_sent"] == 24
+
+
+def test_wrong_tag_shape_and_dtype_are_errors():
+    a, b = pair(timeout=5)
+    a.send(torch.zeros(3, dtype=torch.int64), "alpha")
+    with pytest.raises(ProtocolError, match="expected message 'beta'.*got 'alpha'"):
+        b.recv("beta")
+    a.send(torch.zeros(3, dtype=torch.int64), "alpha")
+    with pytest.raises(ProtocolError, match="shape"):
+        b.recv("alpha", shape=(4,))
+    a.send(torch.zeros(3, dtype=torch.float64), "alpha")
+    with pytest.raises(ProtocolError, match="wrong type"):
+        b.recv("alpha", dtype=torch.int64)
+
+
+def _raw_pair():
+    """A TcpChannel whose peer is a raw socket we can write garbage into."""
+    srv = listen()
+    raw = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    srv.close()
+    return raw, TcpChannel(conn, timeout=2, peer_name="test peer")
+
+
+def test_garbage_bad_version_oversize_and_mismatch():
+    raw, ch = _raw_pair()
+    raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64))
+    with pytest.raises(FrameError, match="bad magic"):
+        ch.recv("x")
+    raw, ch = _raw_pair()
+    raw.sendall(struct.pack("!2sBBIIQdB", MAGIC, 99, 1, tag_id("x"), 1, 0, 0.0, 0))
+    with pytest.raises(VersionMismatch, match="version 99"):
+        ch.recv("x")
+    raw, ch = _raw_pair()
+    ch.max_frame = 1000
+    raw.sendall(encode_header(1, tag_id("x"), 1, 8 * 10_000, 0.0, (10_000,)))
+    with pytest.raises(FrameError, match="exceeds the maximum frame size"):
+        ch.recv("x")
+    raw, ch = _raw_pair()
+    raw.sendall(encode_header(1, tag_id("x"), 1, 24, 0.0, (4,)))
+    with pytest.raises(FrameError, match="does not match shape"):
+        ch.recv("x")
+    ch.max_frame = 1000
+    with pytest.raises(FrameError, match="refusing to send"):
+        ch.send(torch.zeros(1000, dtype=torch.int64), "x")
+
+
+def test_truncated_frame_and_disconnect():
+    raw, ch = _raw_pair()
+    raw.sendall(encode_header(1, tag_id("x"), 1, 80, 0.0, (10,)) + bytes(30))
+    raw.close()
+    with pytest.raises(PeerDisconnected, match="middle of a frame"):
+        ch.recv("x")
+    a, b = pair(timeout=5)
+    a.close()
+    with pytest.raises(PeerDisconnected):
+        b.recv("x")
+
+
+@pytest.mark.parametrize("make", [pair, tcp_pair])
+def test_silent_peer_times_out(make):
+    a, b = make(timeout=0.5)
+    t0 = time.perf_counter()
+    with pytest.raises(PeerTimeout, match="within 0.5 s"):
+        b.recv("x")
+    assert time.perf_counter() - t0 < 3
+
+
+def test_network_emulation_is_felt():
+    net = NetProfile("test", bandwidth=1e6, delay=0.05)
+    a, b = pair(timeout=5, net=net)
+    t0 = time.perf_counter()
+    a.send(torch.zeros(12_500, dtype=torch.int64), "x")  # 100 kB at 1 MB/s = 0.1 s
+    b.recv("x")
+    dt = time.perf_counter() - t0
+    assert 0.15 <= dt < 1.0
+    assert net.project(1.0, 1_000_000, 10) == pytest.approx(1.0 + 1.0 + 10 * 0.1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=HEADER.size, max_size=HEADER.size + 64))
+def test_header_parser_never_crashes(data):
+    """Random bytes either parse or raise FrameError; nothing else escapes."""
+    rest = data[HEADER.size:]
+    try:
+        h = parse_header(data[:HEADER.size], 1 << 20, lambda n: rest[:n])
+    except FrameError:
+        return
+    assert h.nbytes <= 1 << 20
