@@ -1,0 +1,256 @@
+"""Two parties in one process: every protocol against plaintext, and its Cost line against the counters.
+
+Tolerances are in units of the fixed-point step (ulp = 2^-f).  References are computed in float64
+on the *encoded* inputs, so the only error left is the protocol's own (truncation).
+"""
+
+import pytest
+import torch
+
+from cometpi import protocols as P
+from cometpi.core import Config, Role, TruncMode
+from cometpi.dealer import DealerError, LocalDealer
+from cometpi.party import local_pair, run_local, run_pair
+from cometpi.ring import FixedPoint
+from cometpi.transport import Traffic
+
+from .conftest import uniform
+
+FP = FixedPoint(16)
+ULP = FP.ulp
+MODES = [TruncMode.EXACT, TruncMode.LOCAL]
+
+
+def q(x):
+    """Round to the fixed-point grid, as the parties see their inputs."""
+    return FP.decode(FP.encode(x))
+
+
+def measured(s, fn):
+    """Run fn() and return (its result, online Traffic, offline Traffic) of this party."""
+    before = s.meter.snapshot()
+    out = fn()
+    after = s.meter.snapshot()
+    d = {k: after[k] - before[k] for k in after}
+    on = sum((t for (lk, ph), t in d.items() if ph == "online"), Traffic())
+    off = sum((t for (lk, ph), t in d.items() if ph == "offline"), Traffic())
+    return out, on, off
+
+
+def trunc_cost(n, mode):
+    """(bytes, rounds) that truncation of n elements adds, per trunc_exact/trunc_local docstrings."""
+    return (16 * n, 1) if mode == TruncMode.EXACT else (0, 0)
+
+
+def run_binary(op, X, Y, mode, y_owner=Role.SERVER):
+    def fn(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        y = s.share(Y if s.role == y_owner else None, owner=y_owner, shape=Y.shape)
+        z, on, off = measured(s, lambda: op(x, y))
+        return s.reveal_float(z, Role.CLIENT), on, off
+
+    (z, on, off), (_, son, soff) = run_local(fn, Config(trunc=mode))
+    return z, on, off, soff
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mul(mode, rng):
+    assert "Cost: 1 round, 32 B/element" in P.mul.__doc__
+    X, Y = uniform(rng, (7, 33)), uniform(rng, (7, 33))
+    z, on, off, soff = run_binary(P.mul, X, Y, mode)
+    assert float((z - q(X) * q(Y)).abs().max()) < ULP
+    n = X.numel()
+    tb, tr = trunc_cost(n, mode)
+    assert on.payload_bytes == 32 * n + tb
+    assert on.rounds == 1 + tr
+    assert on.msgs_sent == on.msgs_recv == 1 + tr
+    # offline: 8 B/element triple correction (+16 B/element trunc pair) dealer -> server
+    assert soff.bytes_recv == 8 * n + (tb if mode == TruncMode.EXACT else 0)
+    assert off.bytes_recv == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_square(mode, rng):
+    assert "Cost: 1 round, 16 B/element" in P.square.__doc__
+    X = uniform(rng, (5, 19))
+    z, on, _, soff = run_binary(lambda x, y: P.square(x), X, X, mode)
+    assert float((z - q(X) ** 2).abs().max()) < ULP
+    tb, tr = trunc_cost(X.numel(), mode)
+    assert (on.payload_bytes, on.rounds) == (16 * X.numel() + tb, 1 + tr)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matmul_shared(mode, rng):
+    assert "Cost: 1 round, 16 B x (|X| + |Y|)" in P.matmul.__doc__
+    X, Y = uniform(rng, (2, 6, 9)), uniform(rng, (2, 9, 5))
+    z, on, _, soff = run_binary(P.matmul, X, Y, mode)
+    assert float((z - q(X) @ q(Y)).abs().max()) < ULP
+    tb, tr = trunc_cost(2 * 6 * 5, mode)
+    assert (on.payload_bytes, on.rounds) == (16 * (X.numel() + Y.numel()) + tb, 1 + tr)
+    assert soff.bytes_recv == 8 * 2 * 6 * 5 + tb
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matmul_private(mode, rng):
+    assert "Cost: 1 round, 8 B x |X| client -> server" in P.matmul_private.__doc__
+    X, W = uniform(rng, (11, 24)), uniform(rng, (24, 13), -0.7, 0.7)
+
+    def fn(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        pw, pon, poff = measured(s, lambda: P.prepare_weight(s, None if s.is_client else W, shape=W.shape))
+        y, on, off = measured(s, lambda: P.matmul_private(x, pw))
+        return s.reveal_float(y, Role.CLIENT), (pon, poff), (on, off)
+
+    (y, (pon, poff), (on, off)), (_, _, (son, soff)) = run_local(fn, Config(trunc=mode))
+    assert float((y - q(X) @ q(W)).abs().max()) < ULP
+    tb, tr = trunc_cost(11 * 13, mode)
+    assert on.bytes_sent == 8 * X.numel() + tb // 2 and son.bytes_sent == tb // 2
+    assert (on.payload_bytes, on.rounds) == (8 * X.numel() + tb, 1 + tr)
+    # the weight mask travels once, offline, server -> client; online traffic of prepare is zero
+    # (its round can be 0: the server's F follows its handshake ack with no wait in between)
+    assert pon.payload_bytes == 0 and poff.bytes_recv == 8 * W.numel() and poff.msgs_recv == 1
+    assert poff.rounds <= 1
+    assert off.bytes_recv == 8 * 11 * 13  # C0 from the dealer
+
+
+def test_public_ops_and_open_reveal(rng):
+    X, C, W = uniform(rng, (4, 8)), uniform(rng, (4, 8)), uniform(rng, (8, 3))
+
+    def fn(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        a = P.mul_public(x, C)
+        b = P.matmul_public(x, W)
+        c = (x + 1.5) - x.mul_int(3)
+        opened, on, _ = measured(s, lambda: s.open(c))
+        return s.reveal_float(a, Role.SERVER), s.reveal_float(b, Role.CLIENT), FP.decode(opened), on
+
+    (_, b, c, on), (a, _, c2, _) = run_local(fn)
+    assert a is not None and float((a - q(X) * q(C)).abs().max()) < ULP
+    assert float((b - q(X) @ q(W)).abs().max()) < ULP
+    assert torch.equal(c, c2) and float((c - (1.5 - 2 * q(X))).abs().max()) == 0
+    assert (on.payload_bytes, on.rounds) == (16 * X.numel(), 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_truncation_over_its_domain(mode):
+    """Values across the whole headroom |x| < 2^62 (ring integers), both signs."""
+    k = torch.arange(0, 62, dtype=torch.float64)
+    vals = torch.cat([2**k - 1, -(2**k), torch.tensor([0.0, 2**62 - 2**40, -(2**62)])]).to(torch.int64)
+
+    def fn(s):
+        x = s.share(vals, owner=Role.CLIENT, shape=vals.shape, encoded=True)
+        y, on, _ = measured(s, lambda: P.truncate(x))
+        return s.reveal(y, Role.CLIENT), on
+
+    (y, on), _ = run_local(fn, Config(trunc=mode))
+    floor = torch.div(vals, 2**16, rounding_mode="floor")
+    err = (y - floor).abs()
+    if mode == TruncMode.EXACT:
+        assert int(err.max()) <= 1  # floor or floor + 1: below one ulp, never a large error
+        assert (on.payload_bytes, on.rounds) == (16 * vals.numel(), 1)
+        assert "Cost: 1 round, 16 B/element" in P.trunc_exact.__doc__
+    else:
+        assert (on.payload_bytes, on.rounds) == (0, 0)
+        assert "Cost: 0 rounds, 0 B" in P.trunc_local.__doc__
+
+
+def test_local_truncation_failure_rate_matches_its_documentation():
+    """trunc_local fails with probability ~|x|/2^64; trunc_exact never does (same values)."""
+    n, k = 1 << 15, 56
+    vals = torch.full((n,), 1 << k, dtype=torch.int64)
+    expect = n * 2.0**k / 2.0**64  # 128
+
+    def fn(mode):
+        def go(s):
+            x = s.share(vals, owner=Role.CLIENT, shape=vals.shape, encoded=True)
+            return s.reveal(P.truncate(x, mode=mode), Role.CLIENT)
+        return go
+
+    y, _ = run_local(fn(TruncMode.LOCAL))
+    fails = int(((y - (vals >> 16)).abs() > 1).sum())
+    assert 0.5 * expect < fails < 1.6 * expect  # Poisson(128): far outside 5 sigma otherwise
+    y, _ = run_local(fn(TruncMode.EXACT))
+    assert int(((y - (vals >> 16)).abs() > 1).sum()) == 0
+
+
+def test_reshare_moves_shares_and_costs_8_bytes(rng):
+    assert "Cost: 1 round, 8 B/element party 0 -> party 1" in P.reshare.__doc__
+    X = uniform(rng, (3, 10))
+
+    def fn(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        r0 = torch.full(X.shape, 12345, dtype=torch.int64)
+        y, on, _ = measured(s, lambda: P.reshare(x, r0 if s.is_client else None))
+        z = P.reshare(y)  # uniform new share
+        return y.data, s.reveal_float(z, Role.CLIENT), on
+
+    (y0, z, on), _ = run_local(fn)
+    assert torch.equal(y0, torch.full(X.shape, 12345, dtype=torch.int64))
+    assert torch.equal(z, q(X))
+    assert (on.payload_bytes, on.rounds, on.msgs_sent) == (8 * X.numel(), 1, 1)
+
+
+def test_two_sessions_in_one_process_are_independent(rng):
+    X = uniform(rng, (4, 4))
+    dealer = LocalDealer()
+    a, b = local_pair(dealer=dealer), local_pair(dealer=dealer)
+
+    def fn(scale):
+        def go(s):
+            x = s.share(X * scale if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+            return s.reveal_float(P.mul(x, x), Role.CLIENT)
+        return go
+
+    ra, rb = {}, {}
+    import threading
+
+    t = threading.Thread(target=lambda: ra.setdefault("r", run_pair(fn(1), fn(1), a)))
+    t.start()
+    rb["r"] = run_pair(fn(2), fn(2), b)
+    t.join()
+    assert float((ra["r"][0] - q(X) ** 2).abs().max()) < ULP
+    assert float((rb["r"][0] - q(2 * X) ** 2).abs().max()) < ULP
+    for s in (*a, *b):
+        s.close()
+
+
+def test_prefetched_plan_keeps_the_dealer_off_the_online_path(rng):
+    X, Y = uniform(rng, (8, 8)), uniform(rng, (8, 8))
+
+    def work(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        y = s.share(None if s.is_client else Y, owner=Role.SERVER, shape=Y.shape)
+        return P.matmul(P.mul(x, y), y)
+
+    def record(s):
+        return s.reveal_float(work(s), Role.CLIENT), list(s.provider.plan)
+
+    (ref, plan), _ = run_local(record)
+
+    def replay(s):
+        n = s.provider.prefetch(plan)
+        link = s.provider.link
+        with link._cond:  # wait until every prefetched correction has arrived
+            link._cond.wait_for(lambda: not link._pending, timeout=10)
+        before = s.meter.total(link="dealer")
+        z = work(s)
+        after = s.meter.total(link="dealer")
+        return s.reveal_float(z, Role.CLIENT), n, after - before
+
+    (z, n_client, d_client), (_, n_server, d_server) = run_local(replay)
+    assert n_server == 4 and n_client == 0  # mul, trunc, matmul, trunc corrections go to the server
+    assert d_server.msgs_sent == 0 and d_server.msgs_recv == 0  # nothing asked or received online
+    # mul errs by < 1 ulp; matmul by Y spreads that by at most sum_k |Y_kj|, plus its own truncation
+    plain = (q(X) * q(Y)) @ q(Y)
+    tol = ULP * (1 + float(q(Y).abs().sum(0).max()))
+    assert float((z - plain).abs().max()) < tol and float((ref - plain).abs().max()) < tol
+
+
+def test_plan_mismatch_is_an_error():
+    def fn(s):
+        s.provider.prefetch([[0, "mul", {"shape": [3]}]])
+        x = s.zeros((4,))
+        return P.mul(x, x)
+
+    with pytest.raises(DealerError, match="prefetched plan"):
+        run_local(fn)
