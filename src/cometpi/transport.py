@@ -413,13 +413,23 @@ class Channel:
 
 
 class TcpChannel(Channel):
-    """A channel over a connected TCP socket (TCP_NODELAY, bounded timeouts)."""
+    """A channel over a connected TCP socket (TCP_NODELAY, bounded timeouts).
+
+    Writes go through a writer thread, like a NIC's transmit queue: both parties of an ``exchange``
+    send megabytes at once and then receive, which would deadlock with blocking writes once the
+    kernel's socket buffers fill.  A write error is raised by the next send or receive; ``close``
+    flushes what is queued first.
+    """
 
     def __init__(self, sock: socket.socket, **kw):
         super().__init__(**kw)
         self.sock = sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.timeout)
+        self._wq: queue.Queue = queue.Queue()
+        self._werr: TransportError | None = None
+        self._writer = threading.Thread(target=self._write_loop, name="tcp-writer", daemon=True)
+        self._writer.start()
 
     @classmethod
     def connect(cls, host: str, port: int, *, connect_timeout: float = 10.0, retries: int = 0, **kw):
@@ -434,18 +444,33 @@ class TcpChannel(Channel):
                 time.sleep(0.2)
         raise PeerDisconnected(f"cannot connect to {kw.get('peer_name', 'peer')} at {host}:{port}: {last}")
 
+    def _write_loop(self) -> None:
+        while True:
+            data = self._wq.get()
+            if data is None:
+                return
+            try:
+                self.sock.sendall(data)
+            except socket.timeout:
+                self._werr = PeerTimeout(f"{self.peer_name} did not accept data within {self.timeout:g} s")
+                return
+            except OSError as e:
+                self._werr = PeerDisconnected(f"connection to {self.peer_name} lost while sending: {e}")
+                return
+
     def _write(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except socket.timeout:
-            raise PeerTimeout(f"{self.peer_name} did not accept data within {self.timeout:g} s") from None
-        except OSError as e:
-            raise PeerDisconnected(f"connection to {self.peer_name} lost while sending: {e}") from None
+        if self._werr is not None:
+            raise self._werr
+        if not self._writer.is_alive():
+            raise PeerDisconnected(f"connection to {self.peer_name} is closed")
+        self._wq.put(data)
 
     def _read(self, n: int) -> bytes:
         buf = bytearray(n)
         view, got = memoryview(buf), 0
         while got < n:
+            if self._werr is not None:
+                raise self._werr
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except socket.timeout:
@@ -459,6 +484,9 @@ class TcpChannel(Channel):
         return bytes(buf)
 
     def _close(self) -> None:
+        if self._writer.is_alive():
+            self._wq.put(None)
+            self._writer.join(self.timeout)  # flush queued frames first
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
