@@ -79,12 +79,16 @@ def test_rounds_are_critical_path_depth():
     b.send(t, "q")
     a.recv("q")
     assert a.meter.total().rounds == 3 and b.meter.total().rounds == 3
-    # two messages in a row from one side are one round (pipelined)
+    # each frame sent is a flight: two frames in a row from one side are two rounds
     a.send(t, "r1")
     a.send(t, "r2")
     b.recv("r1")
     b.recv("r2")
-    assert a.meter.total().rounds == 4 and b.meter.total().rounds == 4
+    assert a.meter.total().rounds == 5 and b.meter.total().rounds == 5
+    # one-way messages: the receiver's clock follows the sender's
+    b.send(t, "s")
+    a.recv("s")
+    assert a.meter.total().rounds == b.meter.total().rounds == 6
 
 
 def test_spans_nest_and_split_phases():

@@ -30,7 +30,7 @@ class Role(enum.IntEnum):
         return Role(1 - self)
 
 
-class TruncMode(str, enum.Enum):
+class TruncMode(enum.StrEnum):
     """How products are truncated back to f fractional bits.
 
     * ``exact``: wrap-corrected, dealer-assisted (1 round, 16 B/element); never fails for |x| < 2^62;

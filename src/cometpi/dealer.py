@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import threading
 from collections import deque
 
@@ -259,6 +258,15 @@ class DealerClient:
             assert not ok
             raise PeerTimeout(f"no answer from the dealer within {self.ch.timeout:g} s for request {idx}")
 
+    def wait_idle(self, timeout: float) -> None:
+        """Wait until no requested correction is outstanding."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: not self._pending or self._error is not None, timeout)
+            if self._error is not None:
+                raise DealerError(f"dealer link failed: {self._error}")
+            if not ok:
+                raise PeerTimeout(f"prefetch from the dealer not done within {timeout:g} s")
+
     def close(self) -> None:
         with self._cond:
             self._closing = True
@@ -311,6 +319,19 @@ class Provider:
         if mine and self.link is not None:
             self.link.request(mine)
         return len(mine)
+
+    def plan_since(self, start: int) -> list[list]:
+        """The requests made since index ``start``, with indices relative to it (a reusable plan)."""
+        return [[i - start, k, p] for i, k, p in self.plan if i >= start]
+
+    def prefetch_relative(self, plan: list[list]) -> int:
+        """``prefetch`` a relative plan (from ``plan_since``) for the requests starting now."""
+        return self.prefetch([[self.index + i, k, p] for i, k, p in plan])
+
+    def wait_prefetched(self, timeout: float = 60.0) -> None:
+        """Block until every prefetched correction has arrived (ends the offline phase)."""
+        if self.link is not None:
+            self.link.wait_idle(timeout)
 
     def close(self) -> None:
         if self.link is not None:
@@ -440,7 +461,7 @@ class DealerServer:
         while not self._stop.is_set():
             try:
                 conn, addr = self.sock.accept()
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 continue
             except OSError:
                 break

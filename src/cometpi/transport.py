@@ -6,7 +6,10 @@ Wire format of one frame (network byte order, no pickle anywhere)::
     | ndim x u64 shape | payload (nbytes, little-endian elements)
 
 ``tag`` names the message (CRC32 of a protocol label) so that a desynchronised peer is an error, not
-garbage; ``depth`` is a Lamport clock used to count rounds on the critical path; ``deliver_at`` carries
+garbage; ``depth`` is a Lamport clock that counts rounds on the critical path: a send advances the
+sender's clock by one and stamps the frame, a receive sets the clock to max(own, frame's).  So a
+simultaneous exchange is one round, a ping-pong two, and each further frame a party sends before
+hearing back is one more (batch tensors into one frame with ``send_many``); ``deliver_at`` carries
 the emulated arrival time when bandwidth/latency emulation is on.  This module knows nothing of shares.
 """
 
@@ -309,8 +312,7 @@ class Channel:
         self.max_frame = max_frame
         self.net = net
         self.peer_name = peer_name
-        self._clock = 0  # Lamport depth of what we have received
-        self._sent_depth = 0
+        self._clock = 0  # Lamport clock: rounds on the critical path so far
         self._rounds_seen = 0
         self._link_free_at = 0.0
         self._send_lock = threading.Lock()
@@ -321,8 +323,7 @@ class Channel:
 
     def _tick(self) -> int:
         """Rounds newly on the critical path: max(received depth, sent depth) grew by this much."""
-        r = max(self._clock, self._sent_depth)
-        delta, self._rounds_seen = r - self._rounds_seen, r
+        delta, self._rounds_seen = self._clock - self._rounds_seen, self._clock
         return delta
 
     # -- sending -------------------------------------------------------------------------------
@@ -339,8 +340,8 @@ class Channel:
                 self._link_free_at = start + len(payload) / self.net.bandwidth
                 time.sleep(max(0.0, self._link_free_at - now))
                 deliver_at = self._link_free_at + self.net.delay
-            self._sent_depth = self._clock + 1
-            header = encode_header(code, tag_id(tag), self._sent_depth, len(payload), deliver_at, shape)
+            self._clock += 1  # every frame sent is a flight; batch tensors with send_many
+            header = encode_header(code, tag_id(tag), self._clock, len(payload), deliver_at, shape)
             phase = self._phase()
             self._write(header + payload if len(payload) < 65536 else header)
             if len(payload) >= 65536:
@@ -439,7 +440,7 @@ class TcpChannel(Channel):
             try:
                 sock = socket.create_connection((host, port), timeout=connect_timeout)
                 return cls(sock, **kw)
-            except (ConnectionRefusedError, socket.timeout, OSError) as e:
+            except (TimeoutError, ConnectionRefusedError, OSError) as e:
                 last = e
                 time.sleep(0.2)
         raise PeerDisconnected(f"cannot connect to {kw.get('peer_name', 'peer')} at {host}:{port}: {last}")
@@ -451,7 +452,7 @@ class TcpChannel(Channel):
                 return
             try:
                 self.sock.sendall(data)
-            except socket.timeout:
+            except TimeoutError:
                 self._werr = PeerTimeout(f"{self.peer_name} did not accept data within {self.timeout:g} s")
                 return
             except OSError as e:
@@ -473,7 +474,7 @@ class TcpChannel(Channel):
                 raise self._werr
             try:
                 k = self.sock.recv_into(view[got:], n - got)
-            except socket.timeout:
+            except TimeoutError:
                 raise PeerTimeout(f"no data from {self.peer_name} within {self.timeout:g} s") from None
             except OSError as e:
                 raise PeerDisconnected(f"connection to {self.peer_name} lost: {e}") from None
