@@ -17,9 +17,13 @@ Kinds of material (n = elements of the output, shapes in the request):
 kind        material                                     receiver    correction (int64)
 ==========  ===========================================  ==========  ===================
 mul         a, b, c = a*b                                server      n
+pmul        client a, [ab]_0; server b, [ab]_1           server      n
 square      a, c = a^2                                   server      n
 matmul      A, B, C = A @ B                              server      |C|
 trunc       r, s = r >>> f (logical), m = msb(r)         server      2n
+band        bits a, b, c = a & b (XOR shares)            server      n bits (packed)
+cmp         r (arithmetic), w0 ^ w1 = r (bits)           server      n
+b2a         random bit: XOR shares and arithmetic        server      n
 wmask       B (server only, the weight mask)             nobody      0
 mulpriv     client: A, C0; server: C1; A @ B = C0 + C1   client      |C|
 ==========  ===========================================  ==========  ===================
@@ -32,6 +36,7 @@ import math
 import threading
 from collections import deque
 
+import numpy as np
 import torch
 
 from .core import Role
@@ -91,6 +96,23 @@ class _Mul:
         return tuple(own) if role == Role.CLIENT else (*own, corr)
 
 
+class _PrivateMul:
+    """u (client's) times v (server's): client a, [ab]_0; server b, [ab]_1."""
+
+    receiver = Role.SERVER
+
+    def own(self, role, prg, idx, p):
+        s = _shape(p["shape"], "pmul")
+        return prg.ring(idx, s, s)
+
+    def correct(self, own0, own1, p):
+        (a, c0), (b, _) = own0, own1
+        return a * b - c0
+
+    def finish(self, role, own, corr, p):
+        return tuple(own) if role == Role.CLIENT else (own[0], corr)
+
+
 class _Square:
     receiver = Role.SERVER
 
@@ -141,6 +163,72 @@ class _Trunc:
         return own[0], s.reshape(own[0].shape), m.reshape(own[0].shape)
 
 
+def _bits(prg, idx, *shapes):
+    """Uniform bit tensors (uint8 0/1) from keystream ``idx``."""
+    sizes = [math.prod(s) for s in shapes]
+    raw = np.unpackbits(np.frombuffer(prg.bytes(idx, (sum(sizes) + 7) // 8), dtype=np.uint8))
+    out, off = [], 0
+    for shape, n in zip(shapes, sizes, strict=True):
+        out.append(torch.from_numpy(raw[off : off + n].copy()).reshape(shape))
+        off += n
+    return out
+
+
+class _AndTriple:
+    """Boolean Beaver triples: bits a, b, c = a & b, XOR-shared; correction packed 8 per byte."""
+
+    receiver = Role.SERVER
+
+    def own(self, role, prg, idx, p):
+        s = _shape(p["shape"], "band")
+        return _bits(prg, idx, s, s, s) if role == Role.CLIENT else _bits(prg, idx, s, s)
+
+    def correct(self, own0, own1, p):
+        (a0, b0, c0), (a1, b1) = own0, own1
+        return torch.from_numpy(np.packbits((((a0 ^ a1) & (b0 ^ b1)) ^ c0).numpy()))
+
+    def finish(self, role, own, corr, p):
+        if role == Role.CLIENT:
+            return tuple(own)
+        n = own[0].numel()
+        return own[0], own[1], torch.from_numpy(np.unpackbits(corr.numpy(), count=n)).reshape(own[0].shape)
+
+
+class _Compare:
+    """r (arithmetic shares) and XOR shares w0 ^ w1 = r of its bits, as int64 words."""
+
+    receiver = Role.SERVER
+
+    def own(self, role, prg, idx, p):
+        s = _shape(p["shape"], "cmp")
+        return prg.ring(idx, s, s) if role == Role.CLIENT else prg.ring(idx, s)
+
+    def correct(self, own0, own1, p):
+        (r0, w0), (r1,) = own0, own1
+        return (r0 + r1) ^ w0
+
+    def finish(self, role, own, corr, p):
+        return tuple(own) if role == Role.CLIENT else (own[0], corr)
+
+
+class _BitToArith:
+    """A random bit beta, XOR-shared (uint8) and arithmetically shared (int64)."""
+
+    receiver = Role.SERVER
+
+    def own(self, role, prg, idx, p):
+        s = _shape(p["shape"], "b2a")
+        (bit,) = _bits(prg, idx, s)
+        return [bit, prg.ring(idx + (1 << 62), s)[0]] if role == Role.CLIENT else [bit]
+
+    def correct(self, own0, own1, p):
+        (b0, v0), (b1,) = own0, own1
+        return (b0 ^ b1).to(torch.int64) - v0
+
+    def finish(self, role, own, corr, p):
+        return tuple(own) if role == Role.CLIENT else (own[0], corr)
+
+
 class _WeightMask:
     receiver = None
 
@@ -175,8 +263,9 @@ class _MulPriv:
         return (own[0], corr) if role == Role.CLIENT else own[0]
 
 
-KINDS = {"mul": _Mul(), "square": _Square(), "matmul": _Matmul(), "trunc": _Trunc(),
-         "wmask": _WeightMask(), "mulpriv": _MulPriv()}
+KINDS = {"mul": _Mul(), "pmul": _PrivateMul(), "square": _Square(), "matmul": _Matmul(), "trunc": _Trunc(),
+         "wmask": _WeightMask(), "mulpriv": _MulPriv(), "band": _AndTriple(), "cmp": _Compare(),
+         "b2a": _BitToArith()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ Cost line against the transport counters.  Dealer traffic is offline and listed 
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from .core import AShare, Role, Session, TruncMode
@@ -90,29 +93,75 @@ def trunc_exact(x: AShare, bits: int) -> AShare:
 # --------------------------------------------------------------------------------------------------
 
 
-def mul(x: AShare, y: AShare, *, truncate_result: bool = True) -> AShare:
-    """Element-wise product with a Beaver triple (a, b, c = ab); shapes must be equal.
+def mul(x: AShare, y: AShare, *, truncate_result: bool = True, extra_bits: int = 0) -> AShare:
+    """Element-wise product with a Beaver triple (a, b, c = ab); shapes broadcast like torch.
 
     1. Get [a], [b], [c] from the dealer.
     2. Open e = x - a and d = y - b together (one message each way).
     3. [z] = [c] + e[b] + d[a] + e d (the last term by party 0 only).
-    4. Truncate by f (session's mode).
+    4. Truncate by f + extra_bits (session's mode).
     Cost: 1 round, 32 B/element (plus truncation: exact +1 round, +16 B/element; local 0).
     Offline: 8 B/element dealer -> server.
     Ref: Beaver (CRYPTO 1991); CrypTen mpc/primitives/beaver.py.
     """
-    s = _same_session(x, y)
-    if x.shape != y.shape:
-        raise ValueError(f"mul needs equal shapes, got {x.shape} and {y.shape}; broadcast first")
+    return mul_many([(x, y)], truncate_result=truncate_result, extra_bits=extra_bits)[0]
+
+
+def mul_many(pairs: list[tuple[AShare, AShare]], *, truncate_result: bool = True,
+             extra_bits: int = 0) -> list[AShare]:
+    """Several independent element-wise products in one round: all openings travel in one message
+    each way and all truncations in one more (same Cost per element as ``mul``)."""
+    s = _same_session(*[t for p in pairs for t in p])
     with s.span("mul"):
-        a, b, c = s.provider.get("mul", shape=list(x.shape))
-        e, d = s.peer.exchange([x.data - a, y.data - b], "beaver-mul")
-        e, d = e + x.data - a, d + y.data - b
+        xs, ys = zip(*[_broadcast(x, y) for x, y in pairs], strict=True)
+        shapes = [x.shape for x in xs]
+        flat = [t.numel() for t in (x.data for x in xs)]
+        x = torch.cat([t.data.reshape(-1) for t in xs])
+        y = torch.cat([t.data.reshape(-1) for t in ys])
+        a, b, c = s.provider.get("mul", shape=[x.numel()])
+        e, d = s.peer.exchange([x - a, y - b], "beaver-mul")
+        e, d = e + x - a, d + y - b
         z = c + e * b + d * a
         if s.role == Role.CLIENT:
             z = z + e * d
-        out = x._wrap(z)
-        return truncate(out) if truncate_result else out
+        out = AShare(s, z)
+        if truncate_result:
+            out = truncate(out, s.fp.frac_bits + extra_bits)
+        return [AShare(s, part.reshape(shape)) for part, shape in zip(out.data.split(flat), shapes, strict=True)]
+
+
+def _broadcast(x: AShare, y: AShare) -> tuple[AShare, AShare]:
+    if x.shape == y.shape:
+        return x, y
+    a, b = torch.broadcast_tensors(x.data, y.data)
+    return x._wrap(a.contiguous()), y._wrap(b.contiguous())
+
+
+def mul_private_pair(mine: torch.Tensor, session: Session, *, trunc_bits: int | None = None) -> AShare:
+    """Product u * v where the client privately holds u and the server privately holds v (both
+    fixed-point ring tensors of one shape; each party passes its own).
+
+    1. Dealer: client gets a and [ab]_0, server gets b and [ab]_1.
+    2. Client sends e = u - a, server sends d = v - b (together).
+    3. uv = e d + e b + a d + ab: client takes e d + a d + [ab]_0, server e b + [ab]_1.
+    4. Truncate by ``trunc_bits`` (default f; 0: none).
+    Cost: 1 round, 16 B/element (plus truncation).  Offline: 8 B/element dealer -> server.
+    Ref: Beaver's trick with each factor known to one party (as in Comet's product of the two
+    parties' local initial-guess factors).
+    """
+    s = session
+    with s.span("mul_private_pair"):
+        shape = list(mine.shape)
+        if s.role == Role.CLIENT:
+            a, c = s.provider.get("pmul", shape=shape)
+            (d,) = s.peer.exchange([mine - a], "pmul-open")
+            e = mine - a
+            z = e * d + a * d + c
+        else:
+            b, c = s.provider.get("pmul", shape=shape)
+            (e,) = s.peer.exchange([mine - b], "pmul-open")
+            z = e * b + c
+        return truncate(AShare(s, z), s.fp.frac_bits if trunc_bits is None else trunc_bits)
 
 
 def square(x: AShare, *, truncate_result: bool = True) -> AShare:
@@ -124,6 +173,7 @@ def square(x: AShare, *, truncate_result: bool = True) -> AShare:
     """
     s = x.session
     with s.span("square"):
+        x = x._wrap(x.data.contiguous())
         a, c = s.provider.get("square", shape=list(x.shape))
         (e,) = s.peer.exchange([x.data - a], "beaver-square")
         e = e + x.data - a
@@ -156,12 +206,14 @@ def matmul(x: AShare, y: AShare, *, truncate_result: bool = True) -> AShare:
 
 
 def mul_public(x: AShare, c) -> AShare:
-    """Multiply by a public real constant or tensor (encoded at f bits), then truncate.
+    """Multiply by a public real constant or tensor, then truncate.  Constants below 1 are encoded
+    with up to 16 extra fractional bits (``FixedPoint.encode_const``) and the product truncated by
+    as many more bits.
 
     Cost: 0 rounds, 0 B (plus truncation).
     """
-    enc = x.session.fp.encode(c).to(x.data.device)
-    return truncate(x._wrap(x.data * enc))
+    enc, bits = x.session.fp.encode_const(c)
+    return truncate(x._wrap(x.data * enc.to(x.data.device)), bits)
 
 
 def matmul_public(x: AShare, w: torch.Tensor) -> AShare:
@@ -269,3 +321,139 @@ def reshare(x: AShare, new_share0: torch.Tensor | None = None) -> AShare:
             return x._wrap(new_share0.to(DTYPE))
         d = s.peer.recv("reshare", shape=x.shape, dtype=DTYPE).to(x.data.device)
         return x._wrap(x.data + d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Secure comparison (dealer-assisted): DReLU, ReLU, max, argmax
+# --------------------------------------------------------------------------------------------------
+
+_LOW_BITS = 62  # x' = x + 2^62 lies in [0, 2^63): its bit 62 is the sign test, the borrow needs 62
+
+
+def _pack(bits: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(bits.reshape(-1).numpy().astype(np.uint8)))
+
+
+def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n))
+
+
+def _word_bits(w: torch.Tensor, nbits: int) -> torch.Tensor:
+    """The low ``nbits`` bits of int64 words as a (..., nbits) uint8 tensor, least significant first."""
+    return ((w.unsqueeze(-1) >> torch.arange(nbits)) & 1).to(torch.uint8)
+
+
+def and_bits(s: Session, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """AND of XOR-shared bit tensors (uint8 0/1, same shape) with a boolean Beaver triple.
+
+    1. Open e = x ^ a and d = y ^ b (bits packed 8 per byte, one message each way).
+    2. [x & y] = [c] ^ (e & [b]) ^ (d & [a]) ^ (e & d) (the last by party 0).
+    Cost: 1 round, 4 bits per AND (both directions).  Offline: 1 bit per AND dealer -> server.
+    Ref: Beaver triples over GF(2), as in GMW / ABY.
+    """
+    n = x.numel()
+    a, b, c = s.provider.get("band", shape=[n])
+    mine = _pack(torch.cat([x.reshape(-1) ^ a, y.reshape(-1) ^ b]))
+    s.peer.send(mine, "and-open")
+    theirs = s.peer.recv("and-open", shape=tuple(mine.shape), dtype=torch.uint8)
+    ed = _unpack(mine, 2 * n) ^ _unpack(theirs, 2 * n)
+    e, d = ed[:n], ed[n:]
+    z = c ^ (e & b) ^ (d & a)
+    if s.role == Role.CLIENT:
+        z = z ^ (e & d)
+    return z.reshape(x.shape)
+
+
+def b2a(s: Session, bits: torch.Tensor) -> AShare:
+    """Convert XOR-shared bits to arithmetic shares of 0/1 (integers, not fixed point).
+
+    1. Dealer pair: a random bit beta, XOR-shared and arithmetically shared.
+    2. Open z = bit ^ beta (packed).  3. [bit] = z + (1 - 2z)[beta] (z added by party 0).
+    Cost: 1 round, 2 bits/element.  Offline: 8 B/element dealer -> server.
+    """
+    n = bits.numel()
+    beta, v = s.provider.get("b2a", shape=[n])
+    mine = _pack(bits.reshape(-1) ^ beta)
+    s.peer.send(mine, "b2a-open")
+    z = _unpack(mine, n) ^ _unpack(s.peer.recv("b2a-open", shape=tuple(mine.shape), dtype=torch.uint8), n)
+    z = z.to(DTYPE)
+    out = (1 - 2 * z) * v + (z if s.role == Role.CLIENT else 0)
+    return AShare(s, out.reshape(bits.shape))
+
+
+def drelu(x: AShare) -> AShare:
+    """[x >= 0] as an arithmetic share of 0/1, for |x| < 2^62 (ring integers).
+
+    1. Dealer: r (arithmetic shares) and XOR shares of r's bits.  Open c = x + 2^62 + r.
+    2. x' = x + 2^62 in [0, 2^63) and bit 62 of x' = c_62 ^ r_62 ^ [c mod 2^62 < r mod 2^62].
+    3. The borrow [c_low < r_low] (public c, bit-shared r) by a comparison tree over 64 padded bit
+       positions: leaves lt = !c_i & r_i, eq = !(c_i ^ r_i); a level combines (hi, lo) pairs as
+       lt = lt_hi ^ (eq_hi & lt_lo), eq = eq_hi & eq_lo with two ANDs (one at the top): 6 rounds,
+       125 ANDs per element.
+    4. b2a of bit 62 of x' (which is [x >= 0]).
+    Cost: 8 rounds, 16 B + 500 bits + 2 bits = 78.75 B/element (bits packed per message, so a
+    few bytes more per message).  Offline: 8 B (r bits) + 125 bits (AND triples) + 8 B (b2a) per
+    element, dealer -> server.
+    Ref: comparison via a masked opening and a bitwise less-than circuit (e.g. Damgard et al.,
+    TCC 2006; ABY's Yao-free GMW comparator), with a dealer instead of OT.
+    """
+    s = x.session
+    with s.span("drelu"):
+        shape, n = x.shape, math.prod(x.shape)
+        r, w = s.provider.get("cmp", shape=[n])
+        mine = x.data.reshape(-1) + r + (_OFFSET if s.role == Role.CLIENT else 0)
+        c = mine + s.peer.exchange([mine], "cmp-open")[0]
+        cb = _word_bits(c, 64)  # public bits of c
+        rb = _word_bits(w, 63)  # my XOR share of r's low 63 bits
+        is0 = s.role == Role.CLIENT
+        low_c, low_r = cb[:, :_LOW_BITS], rb[:, :_LOW_BITS]
+        lt = (1 - low_c) * low_r
+        eq = low_r ^ (low_c if is0 else 0) ^ (1 if is0 else 0)
+        pad = 64 - _LOW_BITS  # padded positions: lt = 0, eq = 1 (party 0 holds the 1)
+        lt = torch.cat([lt, torch.zeros(n, pad, dtype=torch.uint8)], 1)
+        eq = torch.cat([eq, torch.full((n, pad), 1 if is0 else 0, dtype=torch.uint8)], 1)
+        while lt.shape[1] > 1:
+            lo_lt, hi_lt, lo_eq, hi_eq = lt[:, 0::2], lt[:, 1::2], eq[:, 0::2], eq[:, 1::2]
+            if lt.shape[1] > 2:
+                both = and_bits(s, torch.cat([hi_eq, hi_eq], 1), torch.cat([lo_lt, lo_eq], 1))
+                k = hi_eq.shape[1]
+                lt, eq = hi_lt ^ both[:, :k], both[:, k:]
+            else:
+                lt = hi_lt ^ and_bits(s, hi_eq, lo_lt)
+        bit = lt[:, 0] ^ rb[:, _LOW_BITS] ^ (cb[:, _LOW_BITS] if is0 else 0)
+        return b2a(s, bit).reshape(*shape)
+
+
+def relu(x: AShare) -> AShare:
+    """max(x, 0) = x * [x >= 0] (the 0/1 factor is an integer: no truncation).
+
+    Cost: drelu + 1 round, 32 B/element.
+    """
+    with x.session.span("relu"):
+        return mul(x, drelu(x), truncate_result=False)
+
+
+def maximum(x: AShare, dim: int = -1) -> AShare:
+    """Max along ``dim`` by a tree of max(a, b) = b + relu(a - b); keeps the dimension (size 1).
+
+    Cost: ceil(log2 n) levels of relu on the halves (9 rounds each).
+    """
+    s = x.session
+    with s.span("max"):
+        x = x._wrap(x.data.movedim(dim, -1))
+        while x.shape[-1] > 1:
+            n = x.shape[-1]
+            h = n // 2
+            a, b = x[..., :h], x[..., h : 2 * h]
+            m = b + relu(a - b)
+            x = m if n % 2 == 0 else x._wrap(torch.cat([m.data, x.data[..., 2 * h :]], -1))
+        return x._wrap(x.data.movedim(-1, dim))
+
+
+def argmax_onehot(x: AShare, dim: int = -1) -> AShare:
+    """One-hot (0/1 integers) of the maximum along ``dim``; ties give several ones.
+
+    Cost: ``maximum`` + one drelu over all elements.
+    """
+    with x.session.span("argmax"):
+        return drelu(x - maximum(x, dim))

@@ -62,6 +62,15 @@ class FixedPoint:
         """Decode ring elements (read as signed) to float64 reals."""
         return r.to(torch.float64) / self.scale
 
+    def encode_const(self, c, max_extra: int = 16) -> tuple[torch.Tensor, int]:
+        """Encode a public multiplier with k extra fractional bits when it is small, so that it keeps
+        about f significant bits (1/768 at f=16 would otherwise lose 0.4%).  Returns (enc, f + k):
+        the product must then be truncated by f + k."""
+        t = torch.as_tensor(c, dtype=torch.float64)
+        top = float(t.abs().max()) if t.numel() else 0.0
+        k = 0 if top == 0 or top >= 1 else min(max_extra, math.ceil(-math.log2(top)))
+        return FixedPoint(self.frac_bits + k).encode(t), self.frac_bits + k
+
     def check_product_headroom(self, max_a: float, max_b: float) -> None:
         """Raise if a product of values bounded by max_a and max_b, before truncation, could wrap."""
         need = 2 * self.frac_bits + math.log2(max(max_a, 1e-300)) + math.log2(max(max_b, 1e-300))
@@ -215,3 +224,9 @@ class AesCtrPrg:
 def random_ring(*shapes, device=None) -> list[torch.Tensor]:
     """Fresh uniform ring tensors from a one-time OS-seeded AES-CTR stream."""
     return AesCtrPrg(new_seed()).ring(0, *shapes, device=device)
+
+
+def uniform01(shape, device=None) -> torch.Tensor:
+    """Uniform float64 samples in [0, 1) from the CSPRNG (53 random bits each)."""
+    (r,) = random_ring(tuple(shape), device=device)
+    return logical_rshift(r, 11).to(torch.float64) * 2.0**-53

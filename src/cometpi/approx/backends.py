@@ -1,0 +1,278 @@
+"""Three arithmetic backends behind one interface, so each approximation is written once.
+
+* ``FloatOps``: torch float tensors (reference and fine-tuning; differentiable).
+* ``RingOps``: a fixed-point simulation in Z_2^64 without network: the same encoding, every product
+  truncated (floor), Comet's flood drawn from the CSPRNG exactly as the protocol does.  It differs
+  from the secure path only by the truncation's dropped borrow (at most 1 ulp per truncation).
+* ``ShareOps``: the secure path on additive shares, through ``cometpi.protocols``.
+
+Values are backend-native (tensor, int64 tensor, AShare).  Public constants are plain numbers or
+float tensors.  Only the methods below are used by ``approx``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .. import protocols as P
+from ..core import AShare, Role, Session
+from ..ring import DTYPE, FixedPoint, random_ring, uniform01
+from .guess import local_quarter_factor
+
+
+class FloatOps:
+    """Plain float arithmetic; ``dtype`` float64 for analysis, float32 for training."""
+
+    name = "float"
+    frac_bits = 16  # nominal: the guess scaling mirrors the fixed-point backends
+
+    def __init__(self, dtype=torch.float64):
+        self.dtype = dtype
+
+    def input(self, x):
+        return torch.as_tensor(x, dtype=self.dtype)
+
+    def output(self, v):
+        return v
+
+    def add(self, a, b):
+        return a + b
+
+    def sub(self, a, b):
+        return a - b
+
+    def neg(self, a):
+        return -a
+
+    def add_const(self, a, c):
+        return a + torch.as_tensor(c, dtype=a.dtype)
+
+    def mul_const(self, a, c):
+        return a * torch.as_tensor(c, dtype=a.dtype)
+
+    def mul(self, a, b, extra: int = 0):
+        return a * b * 2.0**-extra if extra else a * b
+
+    def square(self, a):
+        return a * a
+
+    def sum(self, a, dim, keepdim=False):
+        return a.sum(dim, keepdim=keepdim)
+
+    def const_like(self, a, c):
+        return torch.full_like(a, float(c))
+
+    def scale_pow2(self, a, k):
+        return a * 2.0**-k
+
+    def mul_many(self, pairs):
+        return [a * b for a, b in pairs]
+
+    def mask(self, a, m):
+        return a * m.to(a.dtype)
+
+    def span(self, name):
+        return nullcontext()
+
+    def flood_guess(self, x, flood: float, bit_trick: bool, scale: int = 0):
+        """Comet's guess (times 2^scale) on simulated flooded shares; no gradient flows through it."""
+        with torch.no_grad():
+            r = flood * (1.0 + uniform01(x.shape))
+            g0 = local_quarter_factor(r, bit_trick)
+            g1 = local_quarter_factor(x.detach().double() - r, bit_trick)
+            return (g0 * g1 * 2.0**scale).to(x.dtype)
+
+    def drelu(self, a):
+        return (a >= 0).to(a.dtype)
+
+    def relu(self, a):
+        return torch.relu(a)
+
+    def maximum(self, a, dim):
+        return a.amax(dim, keepdim=True)
+
+
+class RingOps:
+    """Fixed-point simulation: int64 ring values, products truncated by floor (no network)."""
+
+    name = "ring"
+
+    def __init__(self, fp: FixedPoint | None = None):
+        self.fp = fp or FixedPoint(16)
+        self.frac_bits = self.fp.frac_bits
+
+    def input(self, x):
+        return self.fp.encode(x)
+
+    def output(self, v):
+        return self.fp.decode(v)
+
+    def _trunc(self, v):
+        return v >> self.fp.frac_bits
+
+    def add(self, a, b):
+        return a + b
+
+    def sub(self, a, b):
+        return a - b
+
+    def neg(self, a):
+        return -a
+
+    def add_const(self, a, c):
+        return a + self.fp.encode(c)
+
+    def mul_const(self, a, c):
+        enc, bits = self.fp.encode_const(c)
+        return (a * enc) >> bits
+
+    def mul(self, a, b, extra: int = 0):
+        return (a * b) >> (self.fp.frac_bits + extra)
+
+    def square(self, a):
+        return self._trunc(a * a)
+
+    def sum(self, a, dim, keepdim=False):
+        return a.sum(dim, keepdim=keepdim)
+
+    def const_like(self, a, c):
+        return torch.full_like(a, int(self.fp.encode(float(c))))
+
+    def scale_pow2(self, a, k):
+        return a >> k
+
+    def mul_many(self, pairs):
+        return [self.mul(a, b) for a, b in pairs]
+
+    def mask(self, a, m):
+        return a * m.to(DTYPE)
+
+    def span(self, name):
+        return nullcontext()
+
+    def flood_guess(self, x, flood: float, bit_trick: bool, scale: int = 0):
+        r = flood_share(x.shape, flood, self.fp)
+        gp = FixedPoint(self.fp.frac_bits + GUESS_EXTRA_BITS)
+        g0 = gp.encode(local_quarter_factor(self.fp.decode(r), bit_trick))
+        g1 = gp.encode(local_quarter_factor(self.fp.decode(x - r), bit_trick))
+        return (g0 * g1) >> guess_shift(self.fp, scale)
+
+    def drelu(self, a):
+        return (a >= 0).to(DTYPE)
+
+    def relu(self, a):
+        return torch.where(a >= 0, a, torch.zeros_like(a))
+
+    def maximum(self, a, dim):
+        return a.amax(dim, keepdim=True)
+
+
+#: The two local factors g_j ~ |s_j|^(-1/4) are encoded with this many extra fractional bits, so a
+#: large flood (g_j ~ 2^-11 at F = 2^45) keeps its precision; their product is shifted back.
+GUESS_EXTRA_BITS = 14
+
+
+def guess_shift(fp: FixedPoint, scale: int) -> int:
+    """Truncation after g_0 g_1 so the guess comes out as y0 * 2^scale at f fractional bits."""
+    return fp.frac_bits + 2 * GUESS_EXTRA_BITS - scale
+
+
+def flood_share(shape, flood: float, fp: FixedPoint) -> torch.Tensor:
+    """R ~ U[F, 2F) on the fixed-point grid, from the CSPRNG (modulo bias below 2^-16)."""
+    f_enc = int(round(flood * fp.scale))
+    if not 0 < f_enc < 1 << 62:
+        raise OverflowError(f"flood F = {flood:.3g} does not fit the ring at f = {fp.frac_bits}: "
+                            f"2F * 2^f must stay below 2^63, so sigma <= {62 - fp.frac_bits} - log2(x_max)")
+    (u,) = random_ring(tuple(shape))
+    return torch.remainder(u, f_enc) + f_enc
+
+
+class ShareOps:
+    """The secure path: values are AShares of ``session``; products are interactive protocols."""
+
+    name = "share"
+
+    def __init__(self, session: Session):
+        self.s = session
+        self.fp = session.fp
+        self.frac_bits = self.fp.frac_bits
+
+    def input(self, x):
+        raise TypeError("ShareOps values are created with session.share")
+
+    def output(self, v):
+        return v
+
+    def add(self, a, b):
+        return a + b
+
+    def sub(self, a, b):
+        return a - b
+
+    def neg(self, a):
+        return -a
+
+    def add_const(self, a, c):
+        return a + c
+
+    def mul_const(self, a, c):
+        return P.mul_public(a, c)
+
+    def mul(self, a, b, extra: int = 0):
+        return P.mul(a, b, extra_bits=extra)
+
+    def square(self, a):
+        return P.square(a)
+
+    def sum(self, a, dim, keepdim=False):
+        return a.sum(dim, keepdim)
+
+    def const_like(self, a, c):
+        return self.s.zeros(a.shape) + float(c)
+
+    def scale_pow2(self, a, k):
+        """a / 2^k by local shifts: fails with probability |a|/2^64 (below 2^-40 for |a| < 2^8 at f=16)."""
+        return P.trunc_local(a, k)
+
+    def mul_many(self, pairs):
+        return P.mul_many(pairs)
+
+    def mask(self, a, m):
+        return a.mul_int(m.to(DTYPE))
+
+    def span(self, name):
+        return self.s.span(name)
+
+    def flood_guess(self, x: AShare, flood: float, bit_trick: bool, scale: int = 0) -> AShare:
+        """Flood-reshare x so the client holds R ~ U[F, 2F), compute each party's factor locally,
+        and multiply the two private factors (see ``approx.guess``).
+
+        Cost: 2 rounds, 24 B/element (reshare 8 + private product 16), plus one truncation.
+        """
+        s = self.s
+        with s.span("comet_guess"):
+            r = flood_share(x.shape, flood, self.fp) if s.role == Role.CLIENT else None
+            flooded = P.reshare(x, r)
+            gp = FixedPoint(self.fp.frac_bits + GUESS_EXTRA_BITS)
+            g = gp.encode(local_quarter_factor(self.fp.decode(flooded.data), bit_trick))
+            return P.mul_private_pair(g, s, trunc_bits=guess_shift(self.fp, scale))
+
+    def drelu(self, a):
+        return P.drelu(a)
+
+    def relu(self, a):
+        return P.relu(a)
+
+    def maximum(self, a, dim):
+        return P.maximum(a, dim)
+
+
+def ops_for(x) -> object:
+    """The natural backend of a value (AShare -> ShareOps, int64 -> RingOps, float -> FloatOps)."""
+    if isinstance(x, AShare):
+        return ShareOps(x.session)
+    if isinstance(x, torch.Tensor) and x.dtype == DTYPE:
+        return RingOps()
+    return FloatOps(x.dtype if isinstance(x, torch.Tensor) else torch.float64)

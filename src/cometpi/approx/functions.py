@@ -1,0 +1,177 @@
+"""Nonlinear functions, each written once against the backend interface (float, ring, shares).
+
+Comet's replacements (../shared/COMET.md §3): SMU for GeLU, ReLU normalisation for softmax, and
+LayerNorm, all products plus ``rsqrt``.  Baselines in the same engine: CrypTen's exp, reciprocal,
+inverse square root and softmax; MPCFormer's Quad GeLU and 2Quad softmax; erf- and tanh-GeLU by
+CrypTen's methods; exact ReLU, 2ReLU softmax and max by the secure comparison.
+
+Domains, error bounds and costs are listed in ``FUNCTIONS`` (tests sweep each domain) and measured
+by ``cometpi bench nonlinear`` (docs/nonlinear.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .rsqrt import RsqrtSpec, rsqrt
+
+# ---------------------------------------------------------------------------------------------
+# Built from rsqrt
+# ---------------------------------------------------------------------------------------------
+
+
+def sqrt(ops, x, spec: RsqrtSpec):
+    """sqrt(x) = x rsqrt(x) for x in [spec.lo, spec.hi].  Cost: rsqrt + 1 product."""
+    return ops.mul(x, rsqrt(ops, x, spec))
+
+
+def reciprocal(ops, x, spec: RsqrtSpec):
+    """1/x = rsqrt(x)^2 for x in [spec.lo, spec.hi] (x > 0).  Cost: rsqrt + 1 square."""
+    return ops.square(rsqrt(ops, x, spec))
+
+
+def smu(ops, x, mu, spec: RsqrtSpec, alpha: float = 0.0):
+    """Smooth maximum unit ((1+a)x + sqrt(((1-a)x)^2 + mu^2))/2 (Biswas et al., CVPR 2022).
+
+    ``mu`` is a number or a per-channel tensor (last dimension); z = ((1-a)x)^2 + mu^2 >= mu^2 is
+    the rsqrt call site, so spec's domain must cover [min mu^2, max z].
+    Cost: 1 square + rsqrt + 1 product (+1 public product if alpha != 0).
+    """
+    with ops.span("smu"):
+        u = x if alpha == 0 else ops.mul_const(x, 1 - alpha)
+        mu2 = mu * mu if isinstance(mu, torch.Tensor) else float(mu) ** 2
+        z = ops.add_const(ops.square(u), mu2)
+        root = ops.mul(z, rsqrt(ops, z, spec))
+        lin = x if alpha == 0 else ops.mul_const(x, 1 + alpha)
+        return ops.scale_pow2(ops.add(lin, root), 1)
+
+
+def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float = 1e-2, exact_relu=False):
+    """ReLU normalisation along the last dim: r_i / (sum_j r_j + eps), r = ReLU(s) * mask.
+
+    ReLU is SMU(alpha=0, mu) (no comparison) unless ``exact_relu`` (the 2ReLU baseline, by the
+    secure comparison).  ``mask`` (public 0/1, broadcastable) zeroes padded keys; eps guards rows
+    whose scores are all negative.  1/S = rsqrt(S)^2 with S in [eps, spec.hi].
+    Cost: relu + rsqrt on the row sums + 1 square + 1 product.
+    """
+    with ops.span("relu_softmax"):
+        r = ops.relu(s) if exact_relu else smu(ops, s, mu, spec.with_(lo=min(spec.lo, mu * mu / 2)))
+        if mask is not None:
+            r = ops.mask(r, torch.broadcast_to(torch.as_tensor(mask), _shape(r)))
+        total = ops.add_const(ops.sum(r, -1, keepdim=True), eps)
+        inv = ops.square(rsqrt(ops, total, spec))
+        return ops.mul(r, inv)
+
+
+def layernorm(ops, x, spec: RsqrtSpec, gamma=None, beta=None, eps: float = 1e-12):
+    """(x - mean) rsqrt(var + eps) gamma + beta over the last dim; var + eps must lie in spec's domain.
+
+    ``gamma``/``beta`` here are public (the secure model applies the server's own privately).
+    Cost: 2 public products (means) + 1 square + rsqrt + 1 product (+1 for gamma).
+    """
+    with ops.span("layernorm"):
+        d = _shape(x)[-1]
+        mean = ops.mul_const(ops.sum(x, -1, keepdim=True), 1.0 / d)
+        c = ops.sub(x, mean)
+        var = ops.mul_const(ops.sum(ops.square(c), -1, keepdim=True), 1.0 / d)
+        y = ops.mul(c, rsqrt(ops, ops.add_const(var, eps), spec))
+        if gamma is not None:
+            y = ops.mul_const(y, gamma)
+        if beta is not None:
+            y = ops.add_const(y, beta)
+        return y
+
+
+def _shape(v):
+    return tuple(v.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------------
+
+
+def crypten_exp(ops, x, n: int = 8):
+    """CrypTen's exp: (1 + x/2^n)^(2^n).  Accurate for x in about [-8, 2] (error grows with |x|).
+    Cost: n squarings (exact truncation: 2n rounds, 32n B/element)."""
+    with ops.span("exp"):
+        y = ops.add_const(ops.scale_pow2(x, n), 1.0)
+        for _ in range(n):
+            y = ops.square(y)
+        return y
+
+
+def crypten_reciprocal(ops, x, iterations: int = 10):
+    """CrypTen's reciprocal for x > 0: Newton y <- y(2 - x y) from y0 = 3 exp(0.5 - x) + 0.003.
+    Domain about [0.1, 100] (the guess must stay below 2/x).  Cost: exp + 2 products per step."""
+    with ops.span("reciprocal"):
+        y = ops.add_const(ops.mul_const(crypten_exp(ops, ops.add_const(ops.neg(x), 0.5)), 3.0), 0.003)
+        for _ in range(iterations):
+            y = ops.mul(y, ops.add_const(ops.neg(ops.mul(x, y)), 2.0))
+        return y
+
+
+def crypten_inv_sqrt(ops, x, iterations: int = 3):
+    """CrypTen's inv_sqrt: y0 = 2.2 exp(-(x/2 + 0.2)) + 0.2 - x/1024, then 3 Newton steps.
+    Accurate only on a narrow domain (measured in docs/nonlinear.md).  Cost: exp + 3 products/step."""
+    spec = RsqrtSpec(1.0, 2.0, guess="crypten", iterations=iterations)
+    return rsqrt(ops, x, spec)
+
+
+def crypten_softmax(ops, s, mask=None):
+    """CrypTen's softmax: exp(s - max) / sum, max by the secure comparison, 1/sum by
+    ``crypten_reciprocal``.  Masked keys are set to exp = 0.  Cost: max + exp + reciprocal + product."""
+    with ops.span("softmax"):
+        e = crypten_exp(ops, ops.sub(s, ops.maximum(s, -1)))
+        if mask is not None:
+            e = ops.mask(e, torch.broadcast_to(torch.as_tensor(mask), _shape(e)))
+        return ops.mul(e, crypten_reciprocal(ops, ops.sum(e, -1, keepdim=True)))
+
+
+def quad_gelu(ops, x):
+    """MPCFormer's Quad GeLU: 0.125 x^2 + 0.25 x + 0.5 (a trained-in replacement, not an
+    approximation of GeLU).  Cost: 1 square."""
+    with ops.span("quad_gelu"):
+        return ops.add_const(ops.add(ops.scale_pow2(ops.square(x), 3), ops.scale_pow2(x, 2)), 0.5)
+
+
+def quad2_softmax(ops, s, mask=None, c: float = 5.0, recip_iterations: int = 10):
+    """MPCFormer's 2Quad softmax: (s + c)^2 / sum (s + c)^2 (1/sum by CrypTen's reciprocal, on sums
+    scaled by 1/64 to keep it in its domain).  Cost: 1 square + reciprocal + 1 product."""
+    with ops.span("quad2_softmax"):
+        q = ops.square(ops.add_const(s, c))
+        if mask is not None:
+            q = ops.mask(q, torch.broadcast_to(torch.as_tensor(mask), _shape(q)))
+        total = ops.scale_pow2(ops.sum(q, -1, keepdim=True), 6)
+        return ops.scale_pow2(ops.mul(q, crypten_reciprocal(ops, total, recip_iterations)), 6)
+
+
+def gelu_erf(ops, x, terms: int = 8):
+    """GeLU = x (1 + erf(x/sqrt 2))/2 with CrypTen's erf (Taylor series, ``terms`` terms).
+    Accurate for about |x| <= 3 only.  Cost: about 2 products per term."""
+    with ops.span("gelu_erf"):
+        u = ops.mul_const(x, 1 / math.sqrt(2))
+        u2 = ops.square(u)
+        term, acc = u, u
+        for k in range(1, terms):
+            term = ops.mul(term, u2)  # u^(2k+1)
+            acc = ops.add(acc, ops.mul_const(term, (-1) ** k / (math.factorial(k) * (2 * k + 1))))
+        erf = ops.mul_const(acc, 2 / math.sqrt(math.pi))
+        return ops.scale_pow2(ops.mul(x, ops.add_const(erf, 1.0)), 1)
+
+
+def gelu_tanh(ops, x):
+    """GPT-2's gelu_new 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))) with CrypTen's
+    tanh(u) = 2 sigmoid(2u) - 1, sigmoid(v) = 1/(1 + exp(-v)).  Cost: exp + reciprocal + 3 products."""
+    with ops.span("gelu_tanh"):
+        x3 = ops.mul(ops.square(x), x)
+        u = ops.mul_const(ops.add(x, ops.mul_const(x3, 0.044715)), 2 * math.sqrt(2 / math.pi))
+        sig = crypten_reciprocal(ops, ops.add_const(crypten_exp(ops, ops.neg(u)), 1.0))
+        return ops.mul(x, sig)  # 0.5 x (1 + tanh(u/2)) = x sigmoid(u)
+
+
+def relu2_softmax(ops, s, mask, spec: RsqrtSpec, eps: float = 1e-2):
+    """2ReLU softmax with an exact ReLU by the secure comparison (the baseline for Comet's)."""
+    return relu_softmax(ops, s, mask, spec, eps=eps, exact_relu=True)
