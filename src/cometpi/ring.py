@@ -69,7 +69,10 @@ class FixedPoint:
         t = torch.as_tensor(c, dtype=torch.float64)
         top = float(t.abs().max()) if t.numel() else 0.0
         k = 0 if top == 0 or top >= 1 else min(max_extra, math.ceil(-math.log2(top)))
-        return FixedPoint(self.frac_bits + k).encode(t), self.frac_bits + k
+        bits = self.frac_bits + k
+        if top * 2.0**bits >= 2.0**HEADROOM_BITS or not math.isfinite(top):
+            raise OverflowError(f"constant {top:.3g} exceeds the fixed-point headroom at f={self.frac_bits}")
+        return torch.round(t * 2.0**bits).to(DTYPE), bits
 
     def check_product_headroom(self, max_a: float, max_b: float) -> None:
         """Raise if a product of values bounded by max_a and max_b, before truncation, could wrap."""

@@ -23,7 +23,7 @@ from .functions import (
     smu,
     sqrt,
 )
-from .rsqrt import Guess, NewtonForm, RsqrtSpec, rsqrt
+from .newton import Guess, NewtonForm, RsqrtSpec, rsqrt
 
 __all__ = [
     "FloatOps", "RingOps", "ShareOps", "Guess", "NewtonForm", "RsqrtSpec", "rsqrt", "sqrt", "reciprocal", "smu",

@@ -93,6 +93,10 @@ class FloatOps:
     def maximum(self, a, dim):
         return a.amax(dim, keepdim=True)
 
+    def select(self, d, a, b):
+        """d ? a : b for d in {0, 1} (as from ``drelu``)."""
+        return b + d * (a - b)
+
 
 class RingOps:
     """Fixed-point simulation: int64 ring values, products truncated by floor (no network)."""
@@ -167,6 +171,10 @@ class RingOps:
 
     def maximum(self, a, dim):
         return a.amax(dim, keepdim=True)
+
+    def select(self, d, a, b):
+        """d ? a : b for d in {0, 1} (as from ``drelu``)."""
+        return b + d * (a - b)
 
 
 #: The two local factors g_j ~ |s_j|^(-1/4) are encoded with this many extra fractional bits, so a
@@ -267,6 +275,10 @@ class ShareOps:
 
     def maximum(self, a, dim):
         return P.maximum(a, dim)
+
+    def select(self, d, a, b):
+        """d ? a : b with d an integer 0/1 share: one product, no truncation (1 round, 32 B)."""
+        return b + P.mul(d, a - b, truncate_result=False)
 
 
 def ops_for(x) -> object:

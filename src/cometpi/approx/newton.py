@@ -124,6 +124,10 @@ class RsqrtSpec:
         F = self.flood_size()
         if F is None:
             return 0
+        if F * 2.0**frac_bits >= 2.0**62:
+            raise OverflowError(f"flood F = {F:.3g} (sigma = {self.security_bits():.1f}) does not fit the ring at "
+                                f"f = {frac_bits}: 2F 2^f must stay below 2^63, so sigma <= "
+                                f"{62 - frac_bits - math.log2(self.hi):.1f} over this domain")
         lo, hi = self.lo, self.hi
         want = max(0, math.ceil(-4 + 0.5 * math.log2(3 * F)))  # Y0 around 2^-4
 
