@@ -117,12 +117,13 @@ def test_rsqrt_on_shares_error_and_cost():
     assert within(y, x.rsqrt(), 1e-3, 0)[0]
     assert (on.payload_bytes, on.rounds) == (144 * n * k, 6 * k)
     # comet guess: + flood reshare (8 B) + private product (16 B) + its truncation (16 B), 3 rounds
-    spec = RsqrtSpec(*DOMAIN, guess="comet", sigma=40)
+    spec = RsqrtSpec(*DOMAIN, guess="comet", sigma=30)
+    assert spec.prescale_bits(16) == 0
     k = spec.n_iterations()
     y, on = on_shares(rsqrt, x, spec)
     assert within(y, x.rsqrt(), 1e-3, 0)[0]
     assert (on.payload_bytes, on.rounds) == (40 * n + 144 * n * k, 3 + 6 * k)
-    assert spec.security_bits() == pytest.approx(40)
+    assert spec.security_bits() == pytest.approx(30)
 
 
 def test_two_round_newton_form_costs_four_rounds_per_step():
@@ -151,10 +152,23 @@ def test_insecure_small_flood_warns_once_and_reports_its_sigma():
     assert spec.n_iterations() < RsqrtSpec(0.5, 8.0, guess="comet", sigma=40).n_iterations()
 
 
-def test_floods_that_do_not_fit_the_ring_are_refused():
-    spec = RsqrtSpec(*DOMAIN, guess="comet", sigma=50)
-    with pytest.raises(OverflowError, match="sigma <="):
-        on_ring(rsqrt, torch.ones(3, dtype=torch.float64), spec)
+def test_large_floods_are_prescaled_to_fit_the_ring():
+    """sigma = 40 over [0.13, 1024] needs F = 2^50 > 2^(62 - f): x is scaled by 2^-k first."""
+    spec = RsqrtSpec(0.13, 1024.0, guess="comet", sigma=40)
+    k = spec.prescale_bits(16)
+    assert k >= 6 and k % 2 == 0
+    x = torch.cat([geom(0.13, 1024.0, 500), torch.tensor([0.13, 1024.0])])
+    assert within(on_ring(rsqrt, x, spec), x.rsqrt(), 1e-3, 0)[0]
+    xs = x[::20].contiguous()
+    y, on = on_shares(rsqrt, xs, spec)
+    assert within(y, xs.rsqrt(), 1e-3, 0)[0]
+    n = spec.n_iterations()  # + one exact truncation of x before flooding
+    assert (on.payload_bytes, on.rounds) == ((16 + 40 + 144 * n) * xs.numel(), 1 + 3 + 6 * n)
+    with pytest.raises(OverflowError, match="too large"):
+        RsqrtSpec(*DOMAIN, guess="comet", sigma=120).prescale_bits(16)
+
+
+def test_bad_domains_are_refused():
     with pytest.raises(ValueError, match="domain"):
         RsqrtSpec(5.0, 1.0)
     with pytest.raises(ValueError, match="diverges"):

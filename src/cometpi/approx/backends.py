@@ -67,6 +67,9 @@ class FloatOps:
     def scale_pow2(self, a, k):
         return a * 2.0**-k
 
+    def truncate(self, a, k):
+        return a * 2.0**-k
+
     def mul_many(self, pairs):
         return [a * b for a, b in pairs]
 
@@ -145,6 +148,9 @@ class RingOps:
         return torch.full_like(a, int(self.fp.encode(float(c))))
 
     def scale_pow2(self, a, k):
+        return a >> k
+
+    def truncate(self, a, k):
         return a >> k
 
     def mul_many(self, pairs):
@@ -243,6 +249,10 @@ class ShareOps:
     def scale_pow2(self, a, k):
         """a / 2^k by local shifts: fails with probability |a|/2^64 (below 2^-40 for |a| < 2^8 at f=16)."""
         return P.trunc_local(a, k)
+
+    def truncate(self, a, k):
+        """a / 2^k in the session's truncation mode."""
+        return P.truncate(a, k)
 
     def mul_many(self, pairs):
         return P.mul_many(pairs)

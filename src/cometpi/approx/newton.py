@@ -124,15 +124,11 @@ class RsqrtSpec:
         F = self.flood_size()
         if F is None:
             return 0
-        if F * 2.0**frac_bits >= 2.0**62:
-            raise OverflowError(f"flood F = {F:.3g} (sigma = {self.security_bits():.1f}) does not fit the ring at "
-                                f"f = {frac_bits}: 2F 2^f must stay below 2^63, so sigma <= "
-                                f"{62 - frac_bits - math.log2(self.hi):.1f} over this domain")
         lo, hi = self.lo, self.hi
         want = max(0, math.ceil(-4 + 0.5 * math.log2(3 * F)))  # Y0 around 2^-4
 
-        def fits(m):  # largest product before truncation, Y <= 1.5 2^m / sqrt(x)
-            worst = [1.5 * hi / math.sqrt(lo) * 2**m, 2.25 * math.sqrt(hi / lo) * 4**m]
+        def fits(m):  # largest product before truncation, with Y <= 1.5 2^m / sqrt(x) elementwise
+            worst = [1.5 * math.sqrt(hi) * 2**m, 2.25 * 4**m]  # x Y, then (x Y) Y
             if self.form == NewtonForm.TWO_ROUND:
                 worst += [2.25 / lo * 4**m, 1.5**3 * 8**m / math.sqrt(lo)]
             return math.log2(max(worst)) + 2 * frac_bits < 61
@@ -146,6 +142,18 @@ class RsqrtSpec:
                              f"fixed-point grid at f = {frac_bits} over [{lo:g}, {hi:g}]: use more fractional "
                              f"bits, a narrower domain or a smaller flood")
         return m
+
+    def prescale_bits(self, frac_bits: int) -> int:
+        """k (even) such that the flood for x / 2^k, F / 2^k, fits the ring: 2F 2^(f-k) < 2^62.
+        Scaling x down before flooding keeps sigma (distances shrink with F) and the guess is
+        rescaled by 2^(-k/2); it costs one truncation of x."""
+        F = self.flood_size()
+        if F is None:
+            return 0
+        k = max(0, math.ceil(math.log2(F) + frac_bits - 60))
+        if k > 40:
+            raise OverflowError(f"flood F = {F:.3g} (sigma = {self.security_bits():.1f}) is too large for the ring")
+        return k + (k % 2)
 
     def describe(self) -> dict:
         return {"guess": self.guess.value, "domain": [self.lo, self.hi], "sigma": self.security_bits(),
@@ -165,7 +173,10 @@ def initial_guess(ops, x, spec: RsqrtSpec, scale: int = 0):
     if spec.insecure:
         warn_insecure_once(spec.guess.value, f"flood F = {spec.flood_size():g} gives sigma = "
                            f"{spec.security_bits():.1f} bits: the guess leaks the magnitude of x")
-    return ops.flood_guess(x, spec.flood_size(), spec.bit_trick, scale)
+    k = spec.prescale_bits(getattr(ops, "frac_bits", 16))
+    if k:
+        x = ops.truncate(x, k)
+    return ops.flood_guess(x, spec.flood_size() / 2**k, spec.bit_trick, scale - k // 2)
 
 
 def newton_step(ops, x, y, form: NewtonForm, scale: int = 0):
