@@ -81,11 +81,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.what == "ops":
-        from .bench.ops import main as ops_main
+    from importlib import import_module
 
-        return ops_main(args)
-    raise SystemExit(f"error: unknown benchmark {args.what!r}")
+    return import_module(f"cometpi.bench.{args.what}").main(args)
 
 
 def cmd_bench_worker(args) -> int:
@@ -138,13 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (write JSON lines under bench/results)")
-    b.add_argument("what", choices=["ops"])
-    b.add_argument("--transport", choices=["inproc", "tcp", "both"], default="both")
-    b.add_argument("--reps", type=int, default=3)
-    b.add_argument("--ops", nargs="*", default=None, help="subset of ops")
-    b.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    b.add_argument("--out", default="bench/results/ops.jsonl")
-    b.set_defaults(fn=cmd_bench)
+    bsub = b.add_subparsers(dest="what", required=True)
+    bo = bsub.add_parser("ops", help="engine protocols at Transformer shapes, in-process and 3 processes")
+    bo.add_argument("--transport", choices=["inproc", "tcp", "both"], default="both")
+    bo.add_argument("--reps", type=int, default=3)
+    bo.add_argument("--ops", nargs="*", default=None, help="subset of ops")
+    bo.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    bo.add_argument("--out", default="bench/results/ops.jsonl")
+    bo.set_defaults(fn=cmd_bench)
+    from .bench import nonlinear
+
+    bn = bsub.add_parser("nonlinear", help="nonlinear methods: error, bytes, rounds, seconds, sigma; plots")
+    nonlinear.add_arguments(bn)
+    bn.set_defaults(fn=cmd_bench)
+    try:
+        from .bench import ranges
+    except ImportError:  # needs transformers
+        ranges = None
+    if ranges is not None:
+        br = bsub.add_parser("ranges", help="rsqrt input ranges measured in MiniLM-L6 on real sentences")
+        ranges.add_arguments(br)
+        br.set_defaults(fn=cmd_bench)
 
     bw = sub.add_parser("bench-worker", help=argparse.SUPPRESS)
     bw.add_argument("--dealer", required=True)

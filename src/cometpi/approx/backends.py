@@ -70,8 +70,11 @@ class FloatOps:
     def truncate(self, a, k):
         return a * 2.0**-k
 
-    def mul_many(self, pairs):
-        return [a * b for a, b in pairs]
+    def mul_pow2(self, a, k):
+        return a * 2.0**k
+
+    def mul_many(self, pairs, extra: int = 0):
+        return [self.mul(a, b, extra) for a, b in pairs]
 
     def mask(self, a, m):
         return a * m.to(a.dtype)
@@ -153,8 +156,11 @@ class RingOps:
     def truncate(self, a, k):
         return a >> k
 
-    def mul_many(self, pairs):
-        return [self.mul(a, b) for a, b in pairs]
+    def mul_pow2(self, a, k):
+        return a * (1 << k)
+
+    def mul_many(self, pairs, extra: int = 0):
+        return [self.mul(a, b, extra) for a, b in pairs]
 
     def mask(self, a, m):
         return a * m.to(DTYPE)
@@ -254,8 +260,11 @@ class ShareOps:
         """a / 2^k in the session's truncation mode."""
         return P.truncate(a, k)
 
-    def mul_many(self, pairs):
-        return P.mul_many(pairs)
+    def mul_pow2(self, a, k):
+        return a.mul_int(1 << k)
+
+    def mul_many(self, pairs, extra: int = 0):
+        return P.mul_many(pairs, extra_bits=extra)
 
     def mask(self, a, m):
         return a.mul_int(m.to(DTYPE))

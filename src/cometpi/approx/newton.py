@@ -128,9 +128,9 @@ class RsqrtSpec:
         want = max(0, math.ceil(-4 + 0.5 * math.log2(3 * F)))  # Y0 around 2^-4
 
         def fits(m):  # largest product before truncation, with Y <= 1.5 2^m / sqrt(x) elementwise
-            worst = [1.5 * math.sqrt(hi) * 2**m, 2.25 * 4**m]  # x Y, then (x Y) Y
+            worst = [1.5 * math.sqrt(hi) * 2**m, 2.25 * 2**m]  # x Y, then (x Y 2^-m) Y
             if self.form == NewtonForm.TWO_ROUND:
-                worst += [2.25 / lo * 4**m, 1.5**3 * 8**m / math.sqrt(lo)]
+                worst += [2.25 / lo * 4**m]  # Y Y
             return math.log2(max(worst)) + 2 * frac_bits < 61
 
         m = want
@@ -180,12 +180,17 @@ def initial_guess(ops, x, spec: RsqrtSpec, scale: int = 0):
 
 
 def newton_step(ops, x, y, form: NewtonForm, scale: int = 0):
-    """One step y <- y (3 - x y^2)/2 on Y = y 2^scale."""
+    """One step y <- y (3 - x y^2)/2 on Y = y 2^m (m = ``scale``).
+
+    three_mul: a = x Y 2^-m, t^2 = a Y 2^-m, Y' = Y (1.5 - t^2/2).  While t << 1, a underflows to 0
+    and the step is Y' = 1.5 Y, which is what Newton does there anyway.
+    two_round: (x Y 2^-m, Y^2 2^-m) in one round, b = their product = t^2 Y, Y' = (3Y - b)/2.
+    """
     if form == NewtonForm.THREE_MUL:
-        b = ops.mul(ops.mul(x, y), y, 2 * scale)
-        return ops.mul(y, ops.add_const(ops.neg(ops.scale_pow2(b, 1)), 1.5))
-    xy, yy = ops.mul_many([(x, y), (y, y)])
-    b = ops.mul(xy, yy, 2 * scale)
+        t2 = ops.mul(ops.mul(x, y, scale), y, scale)
+        return ops.mul(y, ops.add_const(ops.neg(ops.scale_pow2(t2, 1)), 1.5))
+    xy, yy = ops.mul_many([(x, y), (y, y)], scale)
+    b = ops.mul(xy, yy)
     return ops.sub(ops.add(y, ops.scale_pow2(y, 1)), ops.scale_pow2(b, 1))
 
 

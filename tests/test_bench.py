@@ -1,0 +1,39 @@
+"""Benchmarks run end to end (small shapes) and write the documented JSON fields."""
+
+import json
+import subprocess
+import sys
+
+
+def run(*args, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "cometpi", "bench", *args], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_bench_ops_writes_measured_and_documented_costs(tmp_path):
+    out = tmp_path / "ops.jsonl"
+    run("ops", "--ops", "mul", "matmul_private", "--transport", "inproc", "--reps", "1", "--out", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ops = [r for r in rows if "bytes_online" in r]
+    assert {r["op"] for r in ops} == {"mul", "matmul_private"}
+    for r in ops:
+        assert r["bytes_online"] == r["bytes_online_theory"] and r["rounds"] == r["rounds_theory"]
+        for key in ("params", "shape", "bytes_offline", "seconds", "git_sha", "config_hash", "projected_seconds"):
+            assert key in r
+    assert any(r["op"] == "ring_matmul" for r in rows)
+    assert (tmp_path / "ops.md").exists()
+
+
+def test_bench_nonlinear_quick(tmp_path):
+    out = tmp_path / "nl.jsonl"
+    run("nonlinear", "--quick", "--out", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rsqrt = [r for r in rows if r["op"] == "rsqrt" and "unusable" not in r]
+    assert rsqrt and all(r["max_rel_err"] <= 1e-3 for r in rsqrt)
+    assert any(r["sigma"] == 40 for r in rsqrt)
+    assert any(r["method"] == "insecure_comet_small_flood" for r in rsqrt)
+    assert {r["op"] for r in rows} >= {"rsqrt", "gelu", "softmax", "layernorm", "rsqrt_error_vs_iterations"}
+    for name in ("nonlinear_error_vs_iterations.png", "smu_vs_gelu.png", "nl.md"):
+        assert (tmp_path / name).stat().st_size > 1000 or name.endswith(".md")
