@@ -336,3 +336,27 @@ def test_max_and_argmax():
     (m, am), _ = run_local(job)
     assert torch.equal(m, x.amax(-1, keepdim=True))
     assert torch.equal(am, torch.nn.functional.one_hot(x.argmax(-1), 5))
+
+
+def test_composite_costs_match_their_docstrings():
+    """Each composite's cost is the sum of its documented parts (exact truncation: a product is
+    48 B/element and 2 rounds, a square 32 B and 2 rounds)."""
+    x = torch.linspace(-3, 3, 40, dtype=torch.float64)
+    n = x.numel()
+    spec = RsqrtSpec(0.1, 40.0, guess="constant")
+    k = spec.n_iterations()
+    rs_b, rs_r = 144 * k, 6 * k
+    _, on = on_shares(smu, x, 0.5, spec)  # square + rsqrt + product
+    assert (on.payload_bytes, on.rounds) == (n * (32 + rs_b + 48), 2 + rs_r + 2)
+    _, on = on_shares(crypten_exp, x)  # 8 squarings
+    assert (on.payload_bytes, on.rounds) == (n * 8 * 32, 16)
+    xr = torch.linspace(0.5, 30, 40, dtype=torch.float64)
+    _, on = on_shares(reciprocal, xr, spec)  # rsqrt + square
+    assert (on.payload_bytes, on.rounds) == (n * (rs_b + 32), rs_r + 2)
+    # layernorm over rows of 8: 2 means (a public product: 1 truncation, 16 B/row, 1 round each),
+    # square (32 B/elt), rsqrt per row, product (48 B/elt)
+    rows = torch.sin(torch.arange(40, dtype=torch.float64)).reshape(5, 8) * 2
+    lspec = RsqrtSpec(0.05, 20.0, guess="constant")
+    kl = lspec.with_(lo=0.05 * 256, hi=20.0 * 256).n_iterations()
+    _, on = on_shares(layernorm, rows, lspec)
+    assert (on.payload_bytes, on.rounds) == (5 * 16 + 40 * 32 + 5 * 16 + 5 * 144 * kl + 40 * 48, 1 + 2 + 1 + 6 * kl + 2)

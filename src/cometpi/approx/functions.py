@@ -48,6 +48,12 @@ def smu(ops, x, mu, spec: RsqrtSpec, alpha: float = 0.0):
         return ops.scale_pow2(ops.add(lin, root), 1)
 
 
+def smooth_relu(ops, x, spec: RsqrtSpec, mu: float = 0.1):
+    """ReLU without a comparison: SMU with alpha = 0 and a small mu, (x + sqrt(x^2 + mu^2))/2, which is
+    within mu/2 of ReLU everywhere.  Cost: as ``smu``."""
+    return smu(ops, x, mu, spec)
+
+
 def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float = 1e-2, exact_relu=False):
     """ReLU normalisation along the last dim: r_i / (sum_j r_j + eps), r = ReLU(s) * mask.
 
@@ -57,7 +63,7 @@ def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float =
     Cost: relu + rsqrt on the row sums + 1 square + 1 product.
     """
     with ops.span("relu_softmax"):
-        r = ops.relu(s) if exact_relu else smu(ops, s, mu, spec.with_(lo=min(spec.lo, mu * mu / 2)))
+        r = ops.relu(s) if exact_relu else smooth_relu(ops, s, spec.with_(lo=min(spec.lo, mu * mu / 2)), mu)
         if mask is not None:
             r = ops.mask(r, torch.broadcast_to(torch.as_tensor(mask), _shape(r)))
         total = ops.add_const(ops.sum(r, -1, keepdim=True), eps)
