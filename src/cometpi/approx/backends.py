@@ -22,7 +22,23 @@ from ..ring import DTYPE, FixedPoint, random_ring, uniform01
 from .guess import local_quarter_factor
 
 
-class FloatOps:
+class _Additive:
+    """Local linear operations, the same on every backend (tensors and AShares alike)."""
+
+    def add(self, a, b):
+        return a + b
+
+    def sub(self, a, b):
+        return a - b
+
+    def neg(self, a):
+        return -a
+
+    def sum(self, a, dim, keepdim=False):
+        return a.sum(dim, keepdim)
+
+
+class FloatOps(_Additive):
     """Plain float arithmetic; ``dtype`` float64 for analysis, float32 for training."""
 
     name = "float"
@@ -37,15 +53,6 @@ class FloatOps:
     def output(self, v):
         return v
 
-    def add(self, a, b):
-        return a + b
-
-    def sub(self, a, b):
-        return a - b
-
-    def neg(self, a):
-        return -a
-
     def add_const(self, a, c):
         return a + torch.as_tensor(c, dtype=a.dtype)
 
@@ -57,9 +64,6 @@ class FloatOps:
 
     def square(self, a):
         return a * a
-
-    def sum(self, a, dim, keepdim=False):
-        return a.sum(dim, keepdim=keepdim)
 
     def const_like(self, a, c):
         return torch.full_like(a, float(c))
@@ -104,7 +108,7 @@ class FloatOps:
         return b + d * (a - b)
 
 
-class RingOps:
+class RingOps(_Additive):
     """Fixed-point simulation: int64 ring values, products truncated by floor (no network)."""
 
     name = "ring"
@@ -122,15 +126,6 @@ class RingOps:
     def _trunc(self, v):
         return v >> self.fp.frac_bits
 
-    def add(self, a, b):
-        return a + b
-
-    def sub(self, a, b):
-        return a - b
-
-    def neg(self, a):
-        return -a
-
     def add_const(self, a, c):
         return a + self.fp.encode(c)
 
@@ -143,9 +138,6 @@ class RingOps:
 
     def square(self, a):
         return self._trunc(a * a)
-
-    def sum(self, a, dim, keepdim=False):
-        return a.sum(dim, keepdim=keepdim)
 
     def const_like(self, a, c):
         return torch.full_like(a, int(self.fp.encode(float(c))))
@@ -209,7 +201,7 @@ def flood_share(shape, flood: float, fp: FixedPoint) -> torch.Tensor:
     return torch.remainder(u, f_enc) + f_enc
 
 
-class ShareOps:
+class ShareOps(_Additive):
     """The secure path: values are AShares of ``session``; products are interactive protocols."""
 
     name = "share"
@@ -225,15 +217,6 @@ class ShareOps:
     def output(self, v):
         return v
 
-    def add(self, a, b):
-        return a + b
-
-    def sub(self, a, b):
-        return a - b
-
-    def neg(self, a):
-        return -a
-
     def add_const(self, a, c):
         return a + c
 
@@ -245,9 +228,6 @@ class ShareOps:
 
     def square(self, a):
         return P.square(a)
-
-    def sum(self, a, dim, keepdim=False):
-        return a.sum(dim, keepdim)
 
     def const_like(self, a, c):
         return self.s.zeros(a.shape) + float(c)
