@@ -250,3 +250,53 @@ def test_plan_mismatch_is_an_error():
 
     with pytest.raises(DealerError, match="prefetched plan"):
         run_local(fn)
+
+
+def test_embedding_lookup_in_a_32_bit_ring_is_exact_and_costs_as_documented(rng):
+    assert "Cost: 2 rounds; 4 B x T x V client -> server" in P.embedding_lookup.__doc__
+    V, d, T = 37, 6, 5
+    W = uniform(rng, (V, d), -3, 3)
+    ids = torch.tensor([0, 36, 5, 5, 17])
+
+    def fn(s):
+        tab = P.prepare_weight(s, None if s.is_client else W, shape=(V, d), bits=32)
+        e, on, _ = measured(s, lambda: P.embedding_lookup(ids if s.is_client else None, tab, n_tokens=T))
+        return s.reveal_float(e, Role.CLIENT), on
+
+    (e, on), _ = run_local(fn)
+    assert torch.equal(e, q(W)[ids])  # a lookup: no rounding at all
+    assert (on.payload_bytes, on.rounds) == (4 * T * V + 8 * T * d, 2)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        run_local(lambda s: P.embedding_lookup(torch.tensor([V]) if s.is_client else None,
+                                               P.prepare_weight(s, None if s.is_client else W, shape=(V, d),
+                                                                bits=32), n_tokens=1))
+
+
+def test_lift_from_32_bits_over_its_domain():
+    vals = torch.tensor([0, 1, -1, 2**29, -(2**29), 2**30 - 1, -(2**30), 12345], dtype=torch.int64)
+
+    def fn(s):
+        (r,) = s.pair_random(vals.shape)  # a 32-bit sharing of vals
+        mine = P.wrap_bits(vals - r, 32) if s.is_client else P.wrap_bits(r, 32)
+        y, on, _ = measured(s, lambda: P.lift(P.AShare(s, mine), 32))
+        return s.reveal(y, Role.CLIENT), on
+
+    (y, on), _ = run_local(fn)
+    assert torch.equal(y, vals)
+    assert (on.payload_bytes, on.rounds) == (8 * vals.numel(), 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mul_private_vector(mode, rng):
+    X, g = uniform(rng, (4, 3, 10)), uniform(rng, (10,), -2, 2)
+
+    def fn(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        pv = P.prepare_weight(s, None if s.is_client else g, shape=(10,))
+        y, on, _ = measured(s, lambda: P.matmul_private(x, pv))
+        return s.reveal_float(y, Role.CLIENT), on
+
+    (y, on), _ = run_local(fn, Config(trunc=mode))
+    assert float((y - q(X) * q(g)).abs().max()) < ULP
+    tb, tr = trunc_cost(X.numel(), mode)
+    assert (on.payload_bytes, on.rounds) == (8 * X.numel() + tb, 1 + tr)

@@ -26,6 +26,8 @@ cmp         r (arithmetic), w0 ^ w1 = r (bits)           server      n
 b2a         random bit: XOR shares and arithmetic        server      n
 wmask       B (server only, the weight mask)             nobody      0
 mulpriv     client: A, C0; server: C1; A @ B = C0 + C1   client      |C|
+            (or A * B for a weight vector; 64- or 32-bit ring)
+lift        r < 2^bits; 64-bit shares of r and msb(r)    server      2n
 ==========  ===========================================  ==========  ===================
 """
 
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 from .core import Role
-from .ring import AesCtrPrg, logical_rshift, msb, new_seed, ring_matmul
+from .ring import AesCtrPrg, logical_rshift, msb, new_seed, ring_matmul, wrap_bits
 from .transport import (
     PROTOCOL_VERSION,
     Channel,
@@ -229,12 +231,21 @@ class _BitToArith:
         return tuple(own) if role == Role.CLIENT else (own[0], corr)
 
 
+def _bits_param(p) -> int:
+    bits = int(p.get("bits", 64))
+    if bits not in (32, 64):
+        raise DealerError(f"ring size must be 32 or 64 bits, got {bits}")
+    return bits
+
+
 class _WeightMask:
+    """The mask B of a server-private weight (in a 64- or 32-bit ring)."""
+
     receiver = None
 
     def own(self, role, prg, idx, p):
         s = _shape(p["shape"], "wmask")
-        return prg.ring(idx, s) if role == Role.SERVER else []
+        return [wrap_bits(prg.ring(idx, s)[0], _bits_param(p))] if role == Role.SERVER else []
 
     def correct(self, own0, own1, p):  # pragma: no cover - never requested
         raise DealerError("wmask needs no correction")
@@ -244,28 +255,58 @@ class _WeightMask:
 
 
 class _MulPriv:
+    """Client A, C0; server C1 (and B from request widx): C0 + C1 = A @ B, or A * B for mode "vec"
+    (B a vector over the last dimension), modulo 2^bits."""
+
     receiver = Role.CLIENT
 
     def own(self, role, prg, idx, p):
-        x, w = _shape(p["x"], "mulpriv X"), _shape(p["w"], "mulpriv W")
-        c = _mm_shape(x, w)
+        x, w, bits = _shape(p["x"], "mulpriv X"), _shape(p["w"], "mulpriv W"), _bits_param(p)
+        vec = p.get("mode", "matmul") == "vec"
+        if vec and (len(w) != 1 or not x or x[-1] != w[0]):
+            raise DealerError(f"vector multiply needs x (..., {w[0] if w else '?'}) and w (d,), got {x} and {w}")
+        c = x if vec else _mm_shape(x, w)
         if role == Role.CLIENT:
-            return prg.ring(idx, x)
+            return [wrap_bits(prg.ring(idx, x)[0], bits)]
         (c1,) = prg.ring(idx, c)
         (b,) = prg.ring(int(p["widx"]), w)  # the same B as request widx (kind wmask)
-        return [c1, b]
+        return [wrap_bits(c1, bits), wrap_bits(b, bits)]
 
     def correct(self, own0, own1, p):
         (a,), (c1, b) = own0, own1
-        return ring_matmul(a, b) - c1
+        bits = _bits_param(p)
+        prod = a * b if p.get("mode", "matmul") == "vec" else ring_matmul(a, b, diagonals=bits // 16)
+        return wrap_bits(prod - c1, bits)
 
     def finish(self, role, own, corr, p):
         return (own[0], corr) if role == Role.CLIENT else own[0]
 
 
+class _Lift:
+    """r uniform in [0, 2^bits) unknown to both parties, with 64-bit shares of r and of its top bit."""
+
+    receiver = Role.SERVER
+
+    def own(self, role, prg, idx, p):
+        s = _shape(p["shape"], "lift")
+        return prg.ring(idx, s, s, s) if role == Role.CLIENT else prg.ring(idx, s)
+
+    def correct(self, own0, own1, p):
+        (r0, m0, x0), (x1,) = own0, own1
+        bits = _bits_param(p)
+        r = (x0 + x1) & ((1 << bits) - 1)
+        return torch.cat([(r - r0).reshape(-1), (((r >> (bits - 1)) & 1) - m0).reshape(-1)])
+
+    def finish(self, role, own, corr, p):
+        if role == Role.CLIENT:
+            return own[0], own[1]
+        r1, m1 = corr.chunk(2)
+        return r1.reshape(own[0].shape), m1.reshape(own[0].shape)
+
+
 KINDS = {"mul": _Mul(), "pmul": _PrivateMul(), "square": _Square(), "matmul": _Matmul(), "trunc": _Trunc(),
          "wmask": _WeightMask(), "mulpriv": _MulPriv(), "band": _AndTriple(), "cmp": _Compare(),
-         "b2a": _BitToArith()}
+         "b2a": _BitToArith(), "lift": _Lift()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -132,13 +132,15 @@ def limbs_needed(max_abs_int: int) -> int:
     return max(1, min(_N_LIMBS, math.ceil(bits / _LIMB_BITS)))
 
 
-def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, method: str = "limbs"):
+def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, method: str = "limbs",
+                diagonals: int = _N_LIMBS):
     """Exact a @ b in Z_2^64 (batched like ``torch.matmul``).
 
     ``method="limbs"`` splits both operands into balanced 16-bit limbs held in float64 and uses BLAS:
     each limb product is bounded by k*2^30 and each of the four diagonals sums at most four of them,
     so results are exact while k < 2^21.  ``b_limbs`` < 4 is valid when every entry of b satisfies
     |b| < 2^(16*b_limbs - 1) (small fixed-point weights), and skips the products that would be zero.
+    ``diagonals`` < 4 computes the product modulo 2^(16*diagonals) only (e.g. 2 for a 32-bit ring).
     ``method="int64"`` is torch's native integer matmul (no BLAS; CPU only), kept for comparison.
     """
     if method == "int64":
@@ -148,14 +150,14 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, me
     k = a.shape[-1]
     if k >= 1 << 21:
         raise ValueError(f"inner dimension {k} too large for exact limb matmul (limit 2^21)")
-    la = _balanced_limbs(a, _N_LIMBS)
-    lb = _balanced_limbs(b, b_limbs)
-    diag: list[torch.Tensor | None] = [None] * _N_LIMBS
+    la = _balanced_limbs(a, diagonals)
+    lb = _balanced_limbs(b, min(b_limbs, diagonals))
+    diag: list[torch.Tensor | None] = [None] * diagonals
+    m = b.shape[-1]
     for i, ai in enumerate(la):
-        js = range(min(_N_LIMBS - i, b_limbs))
+        js = range(min(diagonals - i, len(lb)))
         if not js:
             continue
-        m = b.shape[-1]
         prod = torch.matmul(ai, torch.cat([lb[j] for j in js], dim=-1))
         for j in js:
             part = prod[..., j * m : (j + 1) * m]
@@ -168,6 +170,14 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, me
         term = lshift(s.to(DTYPE), _LIMB_BITS * d)
         out = term if out is None else out + term
     return out
+
+
+def wrap_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Reduce ring elements modulo 2^bits into the signed range [-2^(bits-1), 2^(bits-1))."""
+    if bits >= RING_BITS:
+        return x
+    half = 1 << (bits - 1)
+    return ((x + half) & ((1 << bits) - 1)) - half
 
 
 def ring_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

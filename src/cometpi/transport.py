@@ -36,8 +36,8 @@ MAX_NDIM = 8
 DEFAULT_MAX_FRAME = 1 << 31
 DEFAULT_TIMEOUT = 120.0
 
-_DTYPES = {0: ("raw", None), 1: ("int64", "<i8"), 2: ("float64", "<f8"), 3: ("uint8", "u1")}
-_DTYPE_CODE = {"raw": 0, torch.int64: 1, torch.float64: 2, torch.uint8: 3}
+_DTYPES = {0: ("raw", None), 1: ("int64", "<i8"), 2: ("float64", "<f8"), 3: ("uint8", "u1"), 4: ("int32", "<i4")}
+_DTYPE_CODE = {"raw": 0, torch.int64: 1, torch.float64: 2, torch.uint8: 3, torch.int32: 4}
 
 
 class TransportError(RuntimeError):
@@ -397,6 +397,11 @@ class Channel:
         sizes = [math.prod(s) for s in shapes]
         flat = self.recv(tag, shape=(sum(sizes),), dtype=torch.int64)
         return [p.reshape(s) for p, s in zip(torch.split(flat, sizes), shapes, strict=True)]
+
+    def exchange_wire(self, tensor: torch.Tensor, tag: str) -> torch.Tensor:
+        """Send one tensor and receive the peer's of the same shape and dtype (one round)."""
+        self.send(tensor, tag)
+        return self.recv(tag, shape=tuple(tensor.shape), dtype=tensor.dtype)
 
     def exchange(self, tensors: list[torch.Tensor], tag: str) -> list[torch.Tensor]:
         """Both parties send their tensors and receive the peer's (same shapes): one round."""
