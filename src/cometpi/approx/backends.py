@@ -81,7 +81,8 @@ class FloatOps(_Additive):
         return [self.mul(a, b, extra) for a, b in pairs]
 
     def mask(self, a, m):
-        return a * m.to(a.dtype)
+        """a * m for a 0/1 mask m broadcastable to a."""
+        return a * torch.as_tensor(m).to(a.dtype)
 
     def span(self, name):
         return nullcontext()
@@ -155,7 +156,7 @@ class RingOps(_Additive):
         return [self.mul(a, b, extra) for a, b in pairs]
 
     def mask(self, a, m):
-        return a * m.to(DTYPE)
+        return a * torch.as_tensor(m).to(DTYPE)
 
     def span(self, name):
         return nullcontext()
@@ -247,7 +248,12 @@ class ShareOps(_Additive):
         return P.mul_many(pairs, extra_bits=extra)
 
     def mask(self, a, m):
-        return a.mul_int(m.to(DTYPE))
+        """a * m for a public 0/1 mask (local), or for a shared integer 0/1 mask (one product,
+        no truncation: 1 round, 32 B/element)."""
+        if isinstance(m, AShare):
+            a, m = P._broadcast(a, m)
+            return P.mul(a, m, truncate_result=False)
+        return a.mul_int(torch.broadcast_to(torch.as_tensor(m), a.shape).to(DTYPE))
 
     def span(self, name):
         return self.s.span(name)

@@ -65,7 +65,7 @@ def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float =
     with ops.span("relu_softmax"):
         r = ops.relu(s) if exact_relu else smooth_relu(ops, s, spec.with_(lo=min(spec.lo, mu * mu / 2)), mu)
         if mask is not None:
-            r = ops.mask(r, torch.broadcast_to(torch.as_tensor(mask), _shape(r)))
+            r = ops.mask(r, mask)
         total = ops.add_const(ops.sum(r, -1, keepdim=True), eps)
         inv = ops.square(rsqrt(ops, total, spec))
         return ops.mul(r, inv)
@@ -136,7 +136,7 @@ def crypten_softmax(ops, s, mask=None):
     with ops.span("softmax"):
         e = crypten_exp(ops, ops.sub(s, ops.maximum(s, -1)))
         if mask is not None:
-            e = ops.mask(e, torch.broadcast_to(torch.as_tensor(mask), _shape(e)))
+            e = ops.mask(e, mask)
         return ops.mul(e, crypten_reciprocal(ops, ops.sum(e, -1, keepdim=True)))
 
 
@@ -153,7 +153,7 @@ def quad2_softmax(ops, s, mask=None, c: float = 5.0, recip_iterations: int = 10)
     with ops.span("quad2_softmax"):
         q = ops.square(ops.add_const(s, c))
         if mask is not None:
-            q = ops.mask(q, torch.broadcast_to(torch.as_tensor(mask), _shape(q)))
+            q = ops.mask(q, mask)
         total = ops.scale_pow2(ops.sum(q, -1, keepdim=True), 6)
         return ops.scale_pow2(ops.mul(q, crypten_reciprocal(ops, total, recip_iterations)), 6)
 

@@ -1,0 +1,414 @@
+"""Transformer models (BERT, RoBERTa, GPT-2) written once over a model backend.
+
+The same ``forward`` runs on floats (the plaintext-approximate model, and the exact model when every
+approximation is ``exact``), on the fixed-point simulation, and on shares between a client (token
+ids) and a server (weights).  Parameter names and shapes are those of ``cometpi.convert`` (linear
+weights are (in, out)).  Shapes are commented as in nanoGPT: (B, T, d), (B, nh, T, hs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import protocols as P
+from .approx import (
+    FloatOps,
+    RingOps,
+    ShareOps,
+    crypten_sigmoid,
+    crypten_softmax,
+    gelu_erf,
+    gelu_tanh,
+    layernorm,
+    quad2_softmax,
+    quad_gelu,
+    relu2_softmax,
+    relu_softmax,
+    smu,
+)
+from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
+from .core import Role, Session
+from .ring import FixedPoint, ring_matmul
+
+GELUS = ("smu", "quad", "erf", "tanh", "exact")
+SOFTMAXES = ("relu", "relu2", "quad2", "crypten", "exact")
+
+
+@dataclass(frozen=True)
+class ApproxConfig:
+    """Which approximation each layer type uses, and how rsqrt is computed.  Comet's by default:
+    SMU for GeLU, ReLU normalisation (smooth ReLU) for softmax, Newton LayerNorm, Comet's flooded
+    guess at sigma = 40.  ``exact`` is for plaintext references only."""
+
+    gelu: str = "smu"
+    softmax: str = "relu"
+    guess: str = "comet"
+    sigma: float = 40.0
+    target: float = 1e-3
+    smu_mu: float = SMU_MU
+    relu_mu: float = 0.1
+    softmax_eps: float = SOFTMAX_EPS
+    pooler: str = "sigmoid"  # tanh(x) = 2 sigmoid(2x) - 1 with CrypTen's sigmoid; or "exact"
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.gelu not in GELUS:
+            raise ValueError(f"unknown GeLU approximation {self.gelu!r}; choose from {GELUS}")
+        if self.softmax not in SOFTMAXES:
+            raise ValueError(f"unknown softmax approximation {self.softmax!r}; choose from {SOFTMAXES}")
+
+    def spec(self, site: str):
+        kw = {"guess": self.guess, "target": self.target}
+        if self.guess.endswith("comet") or "flood" in self.guess:
+            kw["sigma"] = self.sigma
+        return site_spec(site, **kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_exact(self) -> bool:
+        return self.gelu == "exact" and self.softmax == "exact"
+
+    @classmethod
+    def exact(cls) -> ApproxConfig:
+        """The original model (plaintext floats only): exact GeLU, softmax, LayerNorm and tanh."""
+        return cls(gelu="exact", softmax="exact", pooler="exact")
+
+
+def prepare_params(arch, params: dict) -> dict:
+    """Fold the attention scale 1/sqrt(hs) into the query weights and bias (a local, exact rewrite:
+    the secure path then needs no public product for it)."""
+    out = dict(params)
+    d, hs = arch.hidden, arch.hidden // arch.heads
+    scale = 1.0 / math.sqrt(hs)
+    for i in range(arch.layers):
+        w, b = out[f"layers.{i}.attn.qkv.weight"].clone(), out[f"layers.{i}.attn.qkv.bias"].clone()
+        w[:, :d] *= scale
+        b[:d] *= scale
+        out[f"layers.{i}.attn.qkv.weight"], out[f"layers.{i}.attn.qkv.bias"] = w, b
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Model backends: the approx backends plus access to the model's parameters
+# --------------------------------------------------------------------------------------------------
+
+
+class FloatModel(FloatOps):
+    """Floats with the parameters in the clear (plaintext reference)."""
+
+    def __init__(self, params: dict, dtype=torch.float64):
+        super().__init__(dtype)
+        self.p = {k: v.to(dtype) for k, v in params.items()}
+
+    def linear(self, x, name, bias=True):
+        y = x @ self.p[name + ".weight"]
+        return y + self.p[name + ".bias"] if bias else y
+
+    def scale_param(self, x, name):
+        return x * self.p[name]
+
+    def add_param(self, x, name, index=None):
+        t = self.p[name]
+        return x + (t if index is None else t[index])
+
+    def embed(self, ids, n_tokens=None):
+        return self.p["embeddings.word"][ids.reshape(-1)]
+
+    def matmul(self, a, b):
+        return a @ b
+
+    def param_vector(self, name):
+        return self.p[name]
+
+    def reveal(self, x):
+        return x
+
+
+class RingModel(RingOps):
+    """The fixed-point simulation with parameters encoded (no network)."""
+
+    def __init__(self, params: dict, fp: FixedPoint | None = None):
+        super().__init__(fp)
+        self.p = {k: self.fp.encode(v) for k, v in params.items()}
+
+    def linear(self, x, name, bias=True):
+        y = ring_matmul(x, self.p[name + ".weight"]) >> self.fp.frac_bits
+        return y + self.p[name + ".bias"] if bias else y
+
+    def scale_param(self, x, name):
+        return (x * self.p[name]) >> self.fp.frac_bits
+
+    def add_param(self, x, name, index=None):
+        t = self.p[name]
+        return x + (t if index is None else t[index])
+
+    def embed(self, ids, n_tokens=None):
+        return self.p["embeddings.word"][ids.reshape(-1)]
+
+    def matmul(self, a, b):
+        return ring_matmul(a, b) >> self.fp.frac_bits
+
+    def param_vector(self, name):
+        return self.p[name]
+
+    def reveal(self, x):
+        return self.fp.decode(x)
+
+
+class ShareModel(ShareOps):
+    """The secure path: private weights masked once per session, biases added by the server."""
+
+    def __init__(self, session: Session, arch, params: dict | None):
+        super().__init__(session)
+        self.arch = arch
+        self.server = session.role == Role.SERVER
+        if self.server and params is None:
+            raise ValueError("the server must hold the parameters")
+        self.enc = {k: self.fp.encode(v) for k, v in params.items()} if self.server else {}
+        self.w = prepare_private(session, arch, params if self.server else None)
+
+    def linear(self, x, name, bias=True):
+        y = P.matmul_private(x, self.w[name + ".weight"])
+        return self.add_param(y, name + ".bias") if bias else y
+
+    def scale_param(self, x, name):
+        return P.matmul_private(x, self.w[name])
+
+    def add_param(self, x, name, index=None):
+        if not self.server:
+            return x
+        t = self.enc[name]
+        return x._wrap(x.data + (t if index is None else t[index]).to(x.data.device))
+
+    def embed(self, ids, n_tokens=None):
+        return P.embedding_lookup(None if ids is None else ids.reshape(-1), self.w["embeddings.word"],
+                                  n_tokens=n_tokens)
+
+    def matmul(self, a, b):
+        return P.matmul(a, b)
+
+    def param_vector(self, name):
+        return None
+
+    def reveal(self, x):
+        return self.s.reveal_float(x, Role.CLIENT)
+
+
+def private_weight_names(arch) -> list[tuple[str, int]]:
+    """The server-private weights masked at session start, in order, with their ring size."""
+    names = [("embeddings.word", 32)]
+    if arch.kind != "gpt2":
+        names.append(("embeddings.ln.weight", 64))
+    for i in range(arch.layers):
+        names += [(f"layers.{i}.attn.qkv.weight", 64), (f"layers.{i}.attn.out.weight", 64),
+                  (f"layers.{i}.ln1.weight", 64), (f"layers.{i}.ffn.up.weight", 64),
+                  (f"layers.{i}.ffn.down.weight", 64), (f"layers.{i}.ln2.weight", 64)]
+    if arch.kind == "gpt2":
+        names.append(("final_ln.weight", 64))
+    if arch.head == "classifier":
+        names += [("pooler.weight", 64), ("classifier.weight", 64)] if arch.kind == "bert" else [
+            ("head.dense.weight", 64), ("head.out.weight", 64)]
+    if arch.head == "lm":
+        names.append(("lm_head.weight", 64))
+    return names
+
+
+def param_shapes(arch) -> dict[str, tuple]:
+    d, ff = arch.hidden, arch.ffn
+    shapes = {"embeddings.word": (arch.vocab, d), "embeddings.ln.weight": (d,), "final_ln.weight": (d,),
+              "pooler.weight": (d, d), "classifier.weight": (d, arch.num_labels), "head.dense.weight": (d, d),
+              "head.out.weight": (d, arch.num_labels), "lm_head.weight": (d, arch.vocab)}
+    for i in range(arch.layers):
+        shapes.update({f"layers.{i}.attn.qkv.weight": (d, 3 * d), f"layers.{i}.attn.out.weight": (d, d),
+                       f"layers.{i}.ln1.weight": (d,), f"layers.{i}.ffn.up.weight": (d, ff),
+                       f"layers.{i}.ffn.down.weight": (ff, d), f"layers.{i}.ln2.weight": (d,)})
+    return shapes
+
+
+def prepare_private(session: Session, arch, params: dict | None) -> dict:
+    """Mask every private weight for this session (offline; both parties, same order)."""
+    shapes = param_shapes(arch)
+    out = {}
+    with session.span("prepare_model"):
+        for name, bits in private_weight_names(arch):
+            w = None if params is None else params[name]
+            out[name] = P.prepare_weight(session, w, shape=shapes[name], bits=bits)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+
+
+def _layernorm(ops, x, name, cfg: ApproxConfig, eps: float):
+    """LayerNorm with the server's private gamma and beta."""
+    if cfg.is_exact and isinstance(ops, FloatModel):
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), ops.p[name + ".weight"], ops.p[name + ".bias"],
+                                              eps)
+    y = layernorm(ops, x, cfg.spec("layernorm_var"), eps=eps)
+    return ops.add_param(ops.scale_param(y, name + ".weight"), name + ".bias")
+
+
+def _activation(ops, x, cfg: ApproxConfig, arch, layer: int):
+    with ops.span("gelu"):
+        if cfg.gelu == "exact":
+            if arch.activation == "relu":
+                return torch.relu(x)
+            return torch.nn.functional.gelu(x, approximate="none" if arch.activation == "gelu" else "tanh")
+        if cfg.gelu == "smu":
+            mu = cfg.smu_mu
+            return smu(ops, x, mu, cfg.spec("smu"))
+        if cfg.gelu == "quad":
+            return quad_gelu(ops, x)
+        if cfg.gelu == "erf":
+            return gelu_erf(ops, x)
+        return gelu_tanh(ops, x)
+
+
+def _softmax(ops, s, mask, cfg: ApproxConfig):
+    """s (B, nh, T, T); mask broadcastable 0/1 (public tensor or a shared one)."""
+    with ops.span("softmax"):
+        if cfg.softmax == "exact":
+            return torch.softmax(s.masked_fill(mask == 0, float("-inf")), -1).nan_to_num(0.0)
+        spec = cfg.spec("softmax_sum")
+        if cfg.softmax == "relu":
+            return relu_softmax(ops, s, mask, spec, mu=cfg.relu_mu, eps=cfg.softmax_eps)
+        if cfg.softmax == "relu2":
+            return relu2_softmax(ops, s, mask, spec, eps=cfg.softmax_eps)
+        if cfg.softmax == "quad2":
+            return quad2_softmax(ops, s, mask)
+        return crypten_softmax(ops, s, mask)
+
+
+def _attention(ops, h, i, arch, B, T, mask, cfg):
+    d, nh = arch.hidden, arch.heads
+    hs = d // nh
+    with ops.span("attention"):
+        qkv = ops.linear(h, f"layers.{i}.attn.qkv")  # (B*T, 3d)
+        # (B, nh, T, hs) each
+        q, k, v = (qkv[:, j * d : (j + 1) * d].reshape(B, T, nh, hs).transpose(1, 2) for j in range(3))
+        scores = ops.matmul(q, k.transpose(-2, -1))  # (B, nh, T, T); 1/sqrt(hs) is folded into W_q
+        probs = _softmax(ops, scores, mask, cfg)
+        ctx = ops.matmul(probs, v).transpose(1, 2).reshape(B * T, d)  # (B*T, d)
+        return ops.linear(ctx, f"layers.{i}.attn.out")
+
+
+def _ffn(ops, h, i, arch, cfg):
+    with ops.span("ffn"):
+        up = ops.linear(h, f"layers.{i}.ffn.up")  # (B*T, ffn)
+        return ops.linear(_activation(ops, up, cfg, arch, i), f"layers.{i}.ffn.down")
+
+
+def _tanh(ops, x, cfg):
+    if cfg.pooler == "exact" and isinstance(ops, FloatModel):
+        return torch.tanh(x)
+    return ops.sub(ops.mul_pow2(crypten_sigmoid(ops, ops.mul_pow2(x, 1)), 1), ops.const_like(x, 1.0))
+
+
+def _shape_of(v):
+    return tuple(v.shape)
+
+
+def key_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, 1, 1 or T, T) 0/1 mask of the keys each query may attend to."""
+    B, T = attention_mask.shape
+    m = attention_mask[:, None, None, :].to(torch.int64)  # (B, 1, 1, T)
+    if causal:
+        m = m * torch.tril(torch.ones(T, T, dtype=torch.int64))[None, None]  # (B, 1, T, T)
+    return m
+
+
+def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=None,
+            attention_mask: torch.Tensor | None = None, secret_mask=None):
+    """Run the model; returns logits (B, labels) / (B, vocab) at the last position / hidden (B, T, d).
+
+    ``input_ids`` (B, T) are needed by the party that owns the text (the client; floats: always).
+    ``attention_mask`` (B, T) is public (it reveals the lengths); with ``secret_mask`` (an AShare of
+    the client's 0/1 key mask (B, 1, 1, T)) the padded length is all the server learns.
+    """
+    B, T, d = batch, length, arch.hidden
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.int64)
+    mask = secret_mask if secret_mask is not None else key_mask(attention_mask, arch.causal)
+    if secret_mask is not None and arch.causal:
+        raise ValueError("hiding the length is supported for BERT and RoBERTa only")
+    with ops.span("embeddings"):
+        h = ops.embed(input_ids, n_tokens=B * T)  # (B*T, d)
+        pos = torch.arange(T).repeat(B) + arch.position_offset
+        h = ops.add_param(h, "embeddings.position", pos)
+        if arch.kind != "gpt2":
+            h = ops.add_param(h, "embeddings.token_type", torch.zeros(B * T, dtype=torch.int64))
+            h = _layernorm(ops, h, "embeddings.ln", cfg, arch.ln_eps)
+    for i in range(arch.layers):
+        with ops.span("layer"):
+            if arch.pre_ln:
+                h = ops.add(h, _attention(ops, _layernorm(ops, h, f"layers.{i}.ln1", cfg, arch.ln_eps), i, arch,
+                                          B, T, mask, cfg))
+                h = ops.add(h, _ffn(ops, _layernorm(ops, h, f"layers.{i}.ln2", cfg, arch.ln_eps), i, arch, cfg))
+            else:
+                h = _layernorm(ops, ops.add(h, _attention(ops, h, i, arch, B, T, mask, cfg)), f"layers.{i}.ln1", cfg,
+                               arch.ln_eps)
+                h = _layernorm(ops, ops.add(h, _ffn(ops, h, i, arch, cfg)), f"layers.{i}.ln2", cfg, arch.ln_eps)
+    with ops.span("head"):
+        if arch.head == "none":
+            return h.reshape(B, T, d)
+        if arch.head == "lm":
+            h = _layernorm(ops, h, "final_ln", cfg, arch.ln_eps)
+            last = attention_mask.sum(1) - 1  # public: the last real position of each row
+            rows = h.reshape(B, T, d)[torch.arange(B), last]  # (B, d)
+            return ops.linear(rows, "lm_head", bias=False)  # (B, vocab)
+        first = h.reshape(B, T, d)[:, 0]  # (B, d): [CLS] / <s>
+        if arch.kind == "bert":
+            pooled = _tanh(ops, ops.linear(first, "pooler"), cfg)
+            return ops.linear(pooled, "classifier")
+        return ops.linear(_tanh(ops, ops.linear(first, "head.dense"), cfg), "head.out")
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def plaintext_forward(arch, params, input_ids, attention_mask=None, cfg: ApproxConfig | None = None,
+                      dtype=torch.float64):
+    """The plaintext-approximate model (the same math as the secure path, in floats)."""
+    cfg = cfg or ApproxConfig()
+    ops = FloatModel(prepare_params(arch, params), dtype)
+    B, T = input_ids.shape
+    return forward(ops, arch, cfg, batch=B, length=T, input_ids=input_ids, attention_mask=attention_mask)
+
+
+def ring_forward(arch, params, input_ids, attention_mask=None, cfg: ApproxConfig | None = None):
+    """The fixed-point simulation of the secure path (no network)."""
+    cfg = cfg or ApproxConfig()
+    ops = RingModel(prepare_params(arch, params))
+    B, T = input_ids.shape
+    return ops.reveal(forward(ops, arch, cfg, batch=B, length=T, input_ids=input_ids,
+                              attention_mask=attention_mask))
+
+
+def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, input_ids=None, shape=None,
+                   attention_mask=None, hide_length: bool = False, model: ShareModel | None = None):
+    """One party's side of a private inference; the client gets the output (float), the server None.
+
+    The server passes ``params`` (or a prepared ``model``), the client ``input_ids`` (B, T); both
+    pass ``shape`` (B, T) and the public ``attention_mask`` (or ``hide_length``: the client shares its
+    mask and the server sees only the padded length).
+    """
+    model = model or ShareModel(session, arch, None if params is None else prepare_params(arch, params))
+    B, T = shape
+    secret = None
+    if hide_length:
+        m = None if attention_mask is None else key_mask(attention_mask, False)
+        secret = session.share(m, owner=Role.CLIENT, shape=(B, 1, 1, T), encoded=True) if session.is_client \
+            else session.share(None, owner=Role.CLIENT, shape=(B, 1, 1, T))
+        attention_mask = None
+    out = forward(model, arch, cfg, batch=B, length=T, input_ids=input_ids, attention_mask=attention_mask,
+                  secret_mask=secret)
+    return model.reveal(out)
