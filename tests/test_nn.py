@@ -1,0 +1,93 @@
+"""Secure models against their plaintext-approximate twins (same math in floats), and the exact float
+path against the HF-faithful reference.  Tolerances are absolute, on logits / hidden states."""
+
+import pytest
+import torch
+
+from cometpi.convert import from_hf, reference_forward
+from cometpi.core import Config
+from cometpi.nn import ApproxConfig, plaintext_forward, ring_forward, secure_forward
+from cometpi.party import run_local
+
+from .test_convert import _inputs, _tiny
+
+FAST = ApproxConfig(guess="constant")  # same security as comet's flood (none leaked), fewer rounds
+# logits of the tiny models are O(1); the secure path differs from floats by fixed-point rounding
+# (f = 16) propagated through 2 layers: a few hundred ulp
+TOL = 2e-3
+
+
+def secure(arch, params, ids, mask, cfg, *, hide_length=False, config=None):
+    def job(s):
+        kw = dict(shape=tuple(ids.shape), attention_mask=mask, hide_length=hide_length)
+        if s.is_client:
+            return secure_forward(s, arch, cfg, input_ids=ids, **kw), s.meter.report()
+        return secure_forward(s, arch, cfg, params=params, **kw), None
+
+    return run_local(job, config)[0]
+
+
+def last_positions(out, mask):
+    return out[torch.arange(out.shape[0]), mask.sum(1) - 1]
+
+
+@pytest.mark.parametrize("cls,kind", [("BertForSequenceClassification", "bert"),
+                                      ("RobertaForSequenceClassification", "roberta"),
+                                      ("GPT2LMHeadModel", "gpt2")])
+def test_tiny_models_private_match_plaintext_approximate(cls, kind):
+    arch, params = from_hf(_tiny(cls))
+    ids, mask = _inputs(kind, "right")
+    ref = reference_forward(arch, params, ids, mask)
+    exact = plaintext_forward(arch, params, ids, mask, ApproxConfig.exact())
+    if arch.head == "lm":
+        ref = last_positions(ref, mask)
+    assert float((exact - ref).abs().max()) < 1e-9  # the float path is the HF model when exact
+    approx = plaintext_forward(arch, params, ids, mask, FAST)
+    sim = ring_forward(arch, params, ids, mask, FAST)
+    out, report = secure(arch, params, ids, mask, FAST)
+    assert float((out - approx).abs().max()) < TOL
+    assert float((sim - approx).abs().max()) < TOL
+    assert torch.equal(out.argmax(-1), approx.argmax(-1))
+    spans = report["spans"]
+    for name in ("embeddings", "layer/attention/softmax", "layer/ffn/gelu", "head"):
+        assert spans[name]["online"]["bytes_sent"] > 0, name
+    assert report["online"]["rounds"] > 0 and report["offline"]["bytes_recv"] > 0
+
+
+def test_comet_defaults_and_baselines_on_a_tiny_bert():
+    arch, params = from_hf(_tiny("BertForSequenceClassification", seed=3))
+    ids, mask = _inputs("bert", "right", seed=4)
+    for cfg in (ApproxConfig(), ApproxConfig(gelu="quad", softmax="quad2", guess="constant"),
+                ApproxConfig(gelu="erf", softmax="relu2", guess="constant")):
+        approx = plaintext_forward(arch, params, ids, mask, cfg)
+        out, _ = secure(arch, params, ids, mask, cfg)
+        assert float((out - approx).abs().max()) < TOL, cfg
+        assert torch.equal(out.argmax(-1), approx.argmax(-1))
+
+
+def test_hidden_length_and_local_truncation():
+    arch, params = from_hf(_tiny("BertForSequenceClassification", seed=5))
+    ids, mask = _inputs("bert", "right", seed=6)
+    approx = plaintext_forward(arch, params, ids, mask, FAST)
+    out, _ = secure(arch, params, ids, mask, FAST, hide_length=True)
+    assert float((out - approx).abs().max()) < TOL
+    out, _ = secure(arch, params, ids, mask, FAST, config=Config(trunc="local"))
+    assert float((out - approx).abs().max()) < TOL
+
+
+def test_minilm_real_weights_on_real_sentences():
+    from transformers import BertTokenizerFast
+
+    from cometpi.data import minilm_path, rotten_tomatoes
+
+    arch, params = from_hf(minilm_path())
+    tok = BertTokenizerFast.from_pretrained(minilm_path())
+    sents = [t for t, _ in rotten_tomatoes()[:2]]
+    enc = tok(sents, padding=True, truncation=True, max_length=12, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    approx = plaintext_forward(arch, params, ids, mask, FAST)
+    out, report = secure(arch, params, ids, mask, FAST)
+    real = mask.bool()
+    # hidden states are O(1) with a few channels near 10: 1e-2 is ~650 ulp after 6 layers
+    assert float((out - approx)[real].abs().max()) < 1e-2
+    assert report["online"]["bytes_sent"] > 0 and report["offline"]["bytes_recv"] > 0
