@@ -31,8 +31,9 @@ def _handshake(client_cfg, server_cfg, client_extra=None, server_extra=None):
 
 
 def test_matching_configs_agree_on_session_and_seed():
-    out = _handshake(Config(), Config())
-    assert out["c"] == out["s"]
+    out = _handshake(Config(), Config(), None, {"model": "m1"})
+    assert out["c"][:2] == out["s"]
+    assert out["c"][2] == {"model": "m1"}  # the client learns the server's public card
 
 
 def test_config_mismatch_names_the_field_on_both_sides():

@@ -26,6 +26,16 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for any peer message")
 
 
+def _add_approx(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gelu", default="smu", choices=["smu", "quad", "erf", "tanh"],
+                   help="GeLU replacement (default smu: Comet)")
+    p.add_argument("--softmax", default="relu", choices=["relu", "relu2", "quad2", "crypten"],
+                   help="softmax replacement (default relu: Comet's ReLU normalisation)")
+    p.add_argument("--guess", default="comet", choices=["comet", "constant", "crypten"],
+                   help="rsqrt initial guess (default comet: flooded shares)")
+    p.add_argument("--sigma", type=float, default=40.0, help="statistical security of Comet's flood (bits)")
+
+
 def cmd_dealer(args) -> int:
     from .dealer import DealerServer
 
@@ -71,6 +81,60 @@ def cmd_linear_query(args) -> int:
           f"{on['bytes_sent'] + on['bytes_recv']:,} B in {on['msgs_sent'] + on['msgs_recv']} messages, "
           f"{on['rounds']} rounds; offline {off['bytes_sent'] + off['bytes_recv']:,} B; "
           f"{report['seconds']:.3f} s")
+    return 0
+
+
+def _approx(args):
+    from .nn import ApproxConfig
+
+    return ApproxConfig(gelu=args.gelu, softmax=args.softmax, guess=args.guess, sigma=args.sigma)
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve_forever
+    from .service import ModelServer
+
+    t0 = time.time()
+    server = ModelServer(args.model, _approx(args), _config(args))
+    a = server.arch
+    print(f"cometpi serve: {a.kind} ({a.layers} layers, hidden {a.hidden}, head {a.head}), model hash "
+          f"{server.card['model_hash']}, gelu={args.gelu} softmax={args.softmax} guess={args.guess} "
+          f"sigma={args.sigma:g}; loaded in {time.time() - t0:.1f} s", flush=True)
+    serve_forever(server.handle, host=args.host, port=args.port, dealer=args.dealer, config=_config(args),
+                  timeout=args.timeout, extra=server.card, once=args.once, banner="model server")
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from .serve import save_json
+    from .service import PrivateClient, format_bytes
+
+    with PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
+                       model_hash=args.model_hash, timeout=args.timeout) as client:
+        a = client.arch
+        print(f"connected: {a.kind}, {a.layers} layers, hidden {a.hidden}, model hash {client.card['model_hash']}, "
+              f"approximations {client.approx.gelu}/{client.approx.softmax}/{client.approx.guess} "
+              f"(sigma {client.approx.sigma:g}); weights masked in {client.setup_seconds:.1f} s", flush=True)
+        if a.head == "classifier":
+            rows = client.classify(args.texts, max_length=args.max_length, pad_to=args.pad_to,
+                                   hide_length=args.hide_length)
+            st = rows[0]["batch_stats"]
+            for r in rows:
+                print(f"{r['label']}\t{r['confidence']:.3f}\t{r['text']}")
+        else:
+            ids, mask = client.encode(args.texts, max_length=args.max_length, pad_to=args.pad_to)
+            out, st = client.infer_ids(ids, mask, hide_length=args.hide_length)
+            rows = [{"text": t, "output": out[i].tolist()} for i, t in enumerate(args.texts)]
+            if a.head == "lm":
+                for i, t in enumerate(args.texts):
+                    print(f"next token id {int(out[i].argmax())}\t{t}")
+            else:
+                print(f"hidden states {tuple(out.shape)}")
+        on, off = st["online"], st["offline"]
+        print(f"online {format_bytes(on['bytes_sent'] + on['bytes_recv'])} in {on['rounds']} rounds, offline "
+              f"{format_bytes(off['bytes_sent'] + off['bytes_recv'])}, {st['seconds']:.1f} s")
+        if args.json:
+            save_json(args.json, {"results": rows, "stats": st, "card": client.card})
     return 0
 
 
@@ -128,6 +192,30 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--stats", default=None, help="JSON file for bytes, rounds and seconds")
     _add_config(lq)
     lq.set_defaults(fn=cmd_linear_query)
+
+    sv = sub.add_parser("serve", help="serve a Hugging Face checkpoint for private inference")
+    sv.add_argument("--model", required=True, help="checkpoint directory, or 'minilm' for the bundled MiniLM-L6")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=7301, help="0 picks a free port (printed)")
+    sv.add_argument("--dealer", required=True, help="dealer HOST:PORT")
+    sv.add_argument("--once", action="store_true", help="exit after one client")
+    _add_config(sv)
+    _add_approx(sv)
+    sv.set_defaults(fn=cmd_serve)
+
+    inf = sub.add_parser("infer", help="classify text privately against a model server")
+    inf.add_argument("texts", nargs="+", help="one or more sentences (one batch)")
+    inf.add_argument("--server", required=True)
+    inf.add_argument("--dealer", required=True)
+    inf.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MiniLM's for BERT vocab)")
+    inf.add_argument("--model-hash", default=None, help="refuse a server whose model hash differs")
+    inf.add_argument("--max-length", type=int, default=128)
+    inf.add_argument("--pad-to", type=int, default=None, help="pad every text to this many tokens")
+    inf.add_argument("--hide-length", action="store_true", help="share the padding mask: the server learns "
+                     "only the padded length")
+    inf.add_argument("--json", default=None, help="write results and costs to this JSON file")
+    _add_config(inf)
+    inf.set_defaults(fn=cmd_infer)
 
     dm = sub.add_parser("demo", help="engine demo: dealer, server and client as three processes")
     dm.add_argument("--rows", type=int, default=128)

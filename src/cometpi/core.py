@@ -109,6 +109,7 @@ class Session:
         self.device = device
         self._pair = AesCtrPrg(pair_seed)
         self._pair_index = 0
+        self.card: dict = {}  # the server's public model card (set at the handshake)
 
     # -- accounting -----------------------------------------------------------------------------
     def span(self, name: str):

