@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args, timeout=300):
     r = subprocess.run([sys.executable, "-m", "cometpi", "bench", *args], capture_output=True, text=True,
@@ -37,3 +39,15 @@ def test_bench_nonlinear_quick(tmp_path):
     assert {r["op"] for r in rows} >= {"rsqrt", "gelu", "softmax", "layernorm", "rsqrt_error_vs_iterations"}
     for name in ("nonlinear_error_vs_iterations.png", "smu_vs_gelu.png", "nl.md"):
         assert (tmp_path / name).stat().st_size > 1000 or name.endswith(".md")
+
+
+@pytest.mark.slow
+def test_bench_model_quick(tmp_path):
+    """Three processes, BERT-base with 1 and 2 layers at seq 8 (about 1.5 minutes): make test-slow."""
+    out = tmp_path / "model.jsonl"
+    run("model", "--quick", "--out", str(out), timeout=900)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    one, two = row["measured"]["1"], row["measured"]["2"]
+    assert row["bytes_online"] == one["bytes_online"] + 11 * (two["bytes_online"] - one["bytes_online"])
+    assert set(row["by_layer_type"]) >= {"embedding", "linear", "softmax", "gelu", "layernorm", "head"}
+    assert row["seconds_dealer_prefetched"] > 0 and (tmp_path / "model_bytes_by_layer_type.png").exists()

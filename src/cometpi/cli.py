@@ -95,7 +95,7 @@ def cmd_serve(args) -> int:
     from .service import ModelServer
 
     t0 = time.time()
-    server = ModelServer(args.model, _approx(args), _config(args))
+    server = ModelServer(args.model, _approx(args), _config(args), layers=args.layers)
     a = server.arch
     print(f"cometpi serve: {a.kind} ({a.layers} layers, hidden {a.hidden}, head {a.head}), model hash "
           f"{server.card['model_hash']}, gelu={args.gelu} softmax={args.softmax} guess={args.guess} "
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=7301, help="0 picks a free port (printed)")
     sv.add_argument("--dealer", required=True, help="dealer HOST:PORT")
     sv.add_argument("--once", action="store_true", help="exit after one client")
+    sv.add_argument("--layers", type=int, default=None, help="serve only the first N layers (benchmarks)")
     _add_config(sv)
     _add_approx(sv)
     sv.set_defaults(fn=cmd_serve)
@@ -237,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn = bsub.add_parser("nonlinear", help="nonlinear methods: error, bytes, rounds, seconds, sigma; plots")
     nonlinear.add_arguments(bn)
     bn.set_defaults(fn=cmd_bench)
+    from .bench import model as model_bench
+
+    bm = bsub.add_parser("model", help="whole private models over TCP: bytes, rounds, time, memory by layer type")
+    model_bench.add_arguments(bm)
+    bm.set_defaults(fn=cmd_bench)
     try:
         from .bench import ranges
     except ImportError:  # needs transformers

@@ -251,8 +251,30 @@ def _layernorm(ops, x, name, cfg: ApproxConfig, eps: float):
     if cfg.is_exact and isinstance(ops, FloatModel):
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), ops.p[name + ".weight"], ops.p[name + ".bias"],
                                               eps)
-    y = layernorm(ops, x, cfg.spec("layernorm_var"), eps=eps)
-    return ops.add_param(ops.scale_param(y, name + ".weight"), name + ".bias")
+    with ops.span("ln"):
+        y = layernorm(ops, x, cfg.spec("layernorm_var"), eps=eps)
+        return ops.add_param(ops.scale_param(y, name + ".weight"), name + ".bias")
+
+
+#: Span names that classify traffic by layer type (the outermost one on a span's path wins).
+LAYER_TYPES = {"embedding": "embedding", "ln": "layernorm", "softmax": "softmax", "gelu": "gelu",
+               "matmul_private": "linear", "matmul": "attention matmul", "head": "head"}
+
+
+def breakdown(spans: dict) -> dict[str, dict]:
+    """Online/offline traffic and seconds per layer type from a meter report's spans."""
+    out: dict[str, dict] = {}
+    for path, rec in spans.items():
+        parts = path.split("/")
+        first = next((p for p in parts if p in LAYER_TYPES), None)
+        if first is None or parts[-1] != first or parts.index(first) != len(parts) - 1:
+            continue
+        t = out.setdefault(LAYER_TYPES[first], {"online_bytes": 0, "offline_bytes": 0, "rounds": 0, "seconds": 0.0})
+        t["online_bytes"] += rec["online"]["bytes_sent"] + rec["online"]["bytes_recv"]
+        t["offline_bytes"] += rec["offline"]["bytes_sent"] + rec["offline"]["bytes_recv"]
+        t["rounds"] += rec["online"]["rounds"]
+        t["seconds"] += rec["seconds"]
+    return out
 
 
 def _activation(ops, x, cfg: ApproxConfig, arch, layer: int):
