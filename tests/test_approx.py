@@ -360,3 +360,17 @@ def test_composite_costs_match_their_docstrings():
     kl = lspec.with_(lo=0.05 * 256, hi=20.0 * 256).n_iterations()
     _, on = on_shares(layernorm, rows, lspec)
     assert (on.payload_bytes, on.rounds) == (5 * 16 + 40 * 32 + 5 * 16 + 5 * 144 * kl + 40 * 48, 1 + 2 + 1 + 6 * kl + 2)
+
+
+def test_softmax_and_root_costs_match_their_docstrings():
+    spec = RsqrtSpec(0.1, 40.0, guess="constant")
+    k = spec.n_iterations()
+    x = torch.linspace(0.5, 30, 16, dtype=torch.float64)
+    _, on = on_shares(sqrt, x, spec)  # rsqrt + 1 product
+    assert (on.payload_bytes, on.rounds) == (16 * (144 * k + 48), 6 * k + 2)
+    # 2Quad over rows of 8: square (32 B/elt), a 6-bit local shift, CrypTen's reciprocal on the row
+    # sums (exp: 8 squarings; 10 steps of 2 products), the final product (48 B/elt)
+    s, mask = softmax_inputs(rows=2, keys=8, valid=8)
+    _, on = on_shares(quad2_softmax, s, mask)
+    recip = 8 * 32 + 16 + 10 * 96  # exp, the public product by 3, Newton
+    assert (on.payload_bytes, on.rounds) == (16 * 32 + 2 * recip + 16 * 48, 2 + (16 + 1 + 40) + 2)

@@ -146,3 +146,21 @@ def test_unreachable_dealer_and_refused_server_are_clear_errors(tmp_path):
     r = _cli("linear", "query", "--server", "127.0.0.1:1", "--dealer", "127.0.0.1:1", "--input",
              str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "y.safetensors"))
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_emulated_wan_is_felt_end_to_end(tmp_path, dealer):
+    """--net wan on both parties: the same product takes at least its rounds x RTT longer."""
+    _, daddr = dealer
+    save_file({"w": torch.eye(8, dtype=torch.float64)}, tmp_path / "w.safetensors")
+    save_file({"x": torch.ones(4, 8, dtype=torch.float64)}, tmp_path / "x.safetensors")
+    server, saddr = spawn(["linear", "serve", "--weight", str(tmp_path / "w.safetensors"), "--port", "0",
+                           "--dealer", daddr, "--once", "--net", "bolt-wan"])
+    try:
+        r = _cli("linear", "query", "--server", saddr, "--dealer", daddr, "--input", str(tmp_path / "x.safetensors"),
+                 "--out", str(tmp_path / "y.safetensors"), "--stats", str(tmp_path / "s.json"), "--net", "bolt-wan")
+        assert r.returncode == 0, r.stderr
+    finally:
+        stop(server)
+    stats = json.loads((tmp_path / "s.json").read_text())
+    rounds = stats["online"]["rounds"]
+    assert rounds >= 3 and stats["seconds"] >= rounds * 0.020  # one-way delay 20 ms per round at least

@@ -24,6 +24,14 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="truncation after products: exact (wrap-corrected, 1 round) or local "
                         "(SecureML, 0 rounds, rare large errors); default exact")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for any peer message")
+    p.add_argument("--net", choices=["lan", "wan", "bolt-wan"], default=None,
+                   help="emulate this network on the peer link (bandwidth and one-way delay, felt in wall time)")
+
+
+def _net(args):
+    from .transport import NETWORKS
+
+    return NETWORKS[args.net] if getattr(args, "net", None) else None
 
 
 def _add_approx(p: argparse.ArgumentParser) -> None:
@@ -57,7 +65,8 @@ def cmd_linear_serve(args) -> int:
     if w.ndim != 2:
         raise SystemExit(f"error: the weight must be 2-D, {args.weight} holds shape {tuple(w.shape)}")
     serve_forever(linear_server_handler(w), host=args.host, port=args.port, dealer=args.dealer,
-                  config=_config(args), timeout=args.timeout, once=args.once, banner="linear server")
+                  config=_config(args), timeout=args.timeout, once=args.once, banner="linear server",
+                  net=_net(args))
     return 0
 
 
@@ -68,7 +77,7 @@ def cmd_linear_query(args) -> int:
     x = load_tensor(args.input, args.key)
     if x.ndim != 2:
         raise SystemExit(f"error: the input must be 2-D, {args.input} holds shape {tuple(x.shape)}")
-    sess = connect_client(args.server, args.dealer, _config(args), timeout=args.timeout)
+    sess = connect_client(args.server, args.dealer, _config(args), timeout=args.timeout, net=_net(args))
     try:
         y, report = linear_client(sess, x)
     finally:
@@ -92,8 +101,9 @@ def _approx(args):
 
 def cmd_serve(args) -> int:
     from .serve import serve_forever
-    from .service import ModelServer
+    from .service import ModelServer, reset_peak_rss
 
+    reset_peak_rss()  # count this server's own peak, not the parent's it was forked from
     t0 = time.time()
     server = ModelServer(args.model, _approx(args), _config(args), layers=args.layers)
     a = server.arch
@@ -101,7 +111,7 @@ def cmd_serve(args) -> int:
           f"{server.card['model_hash']}, gelu={args.gelu} softmax={args.softmax} guess={args.guess} "
           f"sigma={args.sigma:g}; loaded in {time.time() - t0:.1f} s", flush=True)
     serve_forever(server.handle, host=args.host, port=args.port, dealer=args.dealer, config=_config(args),
-                  timeout=args.timeout, extra=server.card, once=args.once, banner="model server")
+                  timeout=args.timeout, extra=server.card, once=args.once, banner="model server", net=_net(args))
     return 0
 
 
@@ -110,7 +120,7 @@ def cmd_infer(args) -> int:
     from .service import PrivateClient, format_bytes
 
     with PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
-                       model_hash=args.model_hash, timeout=args.timeout) as client:
+                       model_hash=args.model_hash, timeout=args.timeout, net=_net(args)) as client:
         a = client.arch
         print(f"connected: {a.kind}, {a.layers} layers, hidden {a.hidden}, model hash {client.card['model_hash']}, "
               f"approximations {client.approx.gelu}/{client.approx.softmax}/{client.approx.guess} "

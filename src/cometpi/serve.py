@@ -29,7 +29,8 @@ log = logging.getLogger("cometpi.serve")
 
 
 def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, dealer: str, config: Config,
-                  timeout: float, extra: dict | None = None, once: bool = False, banner: str = "server") -> None:
+                  timeout: float, extra: dict | None = None, once: bool = False, banner: str = "server",
+                  net=None) -> None:
     """Accept clients one after another; a failing client is logged and the next one is served."""
     sock = listen(host, port)
     h, p = sock.getsockname()[:2]
@@ -38,7 +39,7 @@ def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, d
         conn, addr = sock.accept()
         sess = None
         try:
-            sess = accept_server(conn, dealer, config, timeout=timeout, extra=extra)
+            sess = accept_server(conn, dealer, config, timeout=timeout, extra=extra, net=net)
             handler(sess)
             log.info("client %s:%s served", *addr[:2])
         except (TransportError, ValueError, RuntimeError) as e:
@@ -92,6 +93,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

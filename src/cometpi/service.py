@@ -90,7 +90,7 @@ class ModelServer:
                 return
             if q.get("op") == "stats":  # the server's own costs and peak memory (benchmarks)
                 rep = sess.meter.report()
-                rep["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                rep["peak_rss_mb"] = peak_rss_mb()
                 sess.peer.send_json(rep, "stats")
                 continue
             shape, mask, hide = self._validate(q)
@@ -120,6 +120,25 @@ class ModelServer:
             if bool((mask.sum(1) == 0).any()):
                 raise ValueError("every row needs at least one real token")
         return (B, T), mask, hide
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident size (Linux: VmHWM), e.g. after exec from a big parent."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since the last reset, in MB (VmHWM; ru_maxrss elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _prefetch(sess: Session, plan: list | None) -> bool:

@@ -15,7 +15,6 @@ exists in the registries), MiniLM real.
 from __future__ import annotations
 
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -60,8 +59,9 @@ def bert_base_dir(root: Path) -> str:
 
 def run_case(model_dir: str, case: dict, layers: int | None, daddr: str) -> dict:
     from ..serve import spawn, stop
-    from ..service import PrivateClient
+    from ..service import PrivateClient, peak_rss_mb, reset_peak_rss
 
+    reset_peak_rss()  # the client's peak of this case only
     a = case["approx"]
     args = ["serve", "--model", model_dir, "--port", "0", "--dealer", daddr, "--once", "--gelu", a["gelu"],
             "--softmax", a["softmax"], "--guess", a["guess"], "--sigma", str(a["sigma"]), "--timeout", "600"]
@@ -73,9 +73,10 @@ def run_case(model_dir: str, case: dict, layers: int | None, daddr: str) -> dict
             g = torch.Generator().manual_seed(1)  # token ids for the benchmark (not protocol randomness)
             ids = torch.randint(1000, client.arch.vocab, (case["batch"], case["seq"]), generator=g)
             out, stats = client.infer_ids(ids)
-            again = client.infer_ids(ids)[1]["seconds"] if case.get("repeat") else None
-            client_rep = client.sess.meter.report()
+            client_rep = client.sess.meter.report()  # before any repeat: spans of one query
+            client_peak = peak_rss_mb()
             server_rep = client.server_stats()
+            again = client.infer_ids(ids)[1]["seconds"] if case.get("repeat") else None
             arch = client.arch
         server.wait(60)
     finally:
@@ -97,8 +98,7 @@ def run_case(model_dir: str, case: dict, layers: int | None, daddr: str) -> dict
                                          for k, v in client_rep["spans"].items() if k == "prepare_model"),
         "rounds": on["rounds"], "seconds": stats["seconds"], "seconds_dealer_prefetched": again,
         "by_layer_type": by_type,
-        "peak_memory_mb": {"client_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                           "server_process": server_rep["maxrss_kb"] / 1024},
+        "peak_memory_mb": {"client_process": client_peak, "server_process": server_rep["peak_rss_mb"]},
         "output_shape": list(out.shape),
     }
 
