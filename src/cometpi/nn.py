@@ -333,10 +333,6 @@ def _tanh(ops, x, cfg):
     return ops.sub(ops.mul_pow2(crypten_sigmoid(ops, ops.mul_pow2(x, 1)), 1), ops.const_like(x, 1.0))
 
 
-def _shape_of(v):
-    return tuple(v.shape)
-
-
 def key_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
     """(B, 1, 1 or T, T) 0/1 mask of the keys each query may attend to."""
     B, T = attention_mask.shape

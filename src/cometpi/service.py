@@ -271,9 +271,10 @@ def load_tokenizer(path: str | None, arch: Arch):
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+    """1234567 -> '1.2 MB' (decimal units)."""
+    if n < 1000:
+        return f"{n:,.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
         n /= 1000
-    return f"{n}"  # pragma: no cover
-
+        if n < 1000 or unit == "TB":
+            return f"{n:,.1f} {unit}"
