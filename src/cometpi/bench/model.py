@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..nn import breakdown
 from ..transport import NETWORKS
-from .ops import git_sha
+from .ops import git_sha, write_results
 
 COMET = {"gelu": "smu", "softmax": "relu", "guess": "comet", "sigma": 40}
 CONSTANT = {"gelu": "smu", "softmax": "relu", "guess": "constant", "sigma": 40}
@@ -171,7 +171,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from ..serve import atomic_write, spawn, stop
+    from ..serve import spawn, stop
     from ..service import resolve_model_dir
 
     sha = git_sha()
@@ -200,9 +200,8 @@ def main(args) -> int:
                       flush=True)
     finally:
         stop(dealer)
-    atomic_write(out, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     md = markdown(rows)
-    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md + "\n"))
+    write_results(out, rows, md)
     plot(rows, out.parent / "model_bytes_by_layer_type.png")
     print(md)
     return 0

@@ -10,7 +10,6 @@ bench/results/nonlinear.jsonl, nonlinear.md and PNG plots.  It measures; it asse
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from ..approx.sites import DOMAINS, SMU_MU, SOFTMAX_EPS, site_spec
 from ..core import Config, Role
 from ..party import run_local
 from ..transport import NETWORKS, Traffic
-from .ops import git_sha
+from .ops import git_sha, write_results
 
 SITE_SHAPES = {"smu": (128, 3072), "softmax_sum": (12, 128, 1), "layernorm_var": (128, 1)}
 GUESSES = [("comet", {"sigma": 40}), ("comet", {"sigma": 20}), ("comet", {"sigma": 10}), ("constant", {}),
@@ -289,8 +288,6 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from ..serve import atomic_write
-
     sha = git_sha()
     out = Path(args.out)
     rows = []
@@ -303,9 +300,8 @@ def main(args) -> int:
         r.setdefault("config_hash", cfg.hash())
         r.setdefault("f", cfg.frac_bits)
         r.setdefault("trunc", cfg.trunc.value)
-    atomic_write(out, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     md = markdown([r for r in rows if r["op"] != "rsqrt_error_vs_iterations"])
-    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md + "\n"))
+    write_results(out, rows, md)
     files = plots(out.parent, panels)
     print(md)
     print(f"\nwrote {out}, {out.with_suffix('.md')}, " + ", ".join(files))

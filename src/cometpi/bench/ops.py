@@ -235,6 +235,14 @@ def git_sha() -> str:
         return "unknown"
 
 
+def write_results(out: Path, rows: list[dict], md: str) -> None:
+    """The rows as JSON lines at ``out`` and the markdown table beside it (.md), each written atomically."""
+    from ..serve import atomic_write
+
+    atomic_write(out, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md + "\n"))
+
+
 def bench_inproc(reps: int, sha: str, ops=OPS) -> list[dict]:
     rows = []
     for trunc in TruncMode:
@@ -320,11 +328,8 @@ def main(args) -> int:
     for r in rows:
         r["host"] = host
     out = Path(args.out)
-    from ..serve import atomic_write
-
-    atomic_write(out, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     md = markdown(rows)
-    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md + "\n"))
+    write_results(out, rows, md)
     print(md)
     print(f"\nwrote {out} and {out.with_suffix('.md')}")
     return 0
