@@ -228,9 +228,13 @@ def bench_trunc_failures(sha: str, trials: int = 1 << 22) -> list[dict]:
 
 
 def git_sha() -> str:
+    """Short HEAD sha, with ``+dirty`` when tracked files have uncommitted changes."""
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

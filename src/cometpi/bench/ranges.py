@@ -21,21 +21,19 @@ initial guess needs over that domain.  Writes one JSON file atomically; asserts 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import subprocess
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..data import minilm_path, rotten_tomatoes, split
+from ..serve import save_json
+from .ops import git_sha
 
 PERCENTILES = (0.1, 1, 50, 99, 99.9)  # plus min (p0) and max (p100)
 MUS = {"0.363": 0.363, "1/sqrt(2)": 1 / math.sqrt(2)}
@@ -291,32 +289,6 @@ def load_models(dtype: torch.dtype, random_layers: int, seed: int):
     return tok, minilm, rand
 
 
-def git_sha() -> str:
-    """Short HEAD sha, with ``+dirty`` when the working tree has uncommitted changes."""
-    def git(*a):
-        return subprocess.run(["git", *a], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    try:
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace``: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _g(x) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
@@ -403,7 +375,7 @@ def main(args) -> int:
         res["models"][name] |= measure(rand, tok, sentences, args.batch_size, args.max_length, name)
     res["recommended"] = recommend(res["models"]["minilm-l6"]["sites"])
     res["seconds_total"] = time.perf_counter() - start
-    write_json(Path(args.out), res)
+    save_json(args.out, res)
     print(markdown(res))
     print(f"\n{len(sentences)} sentences, {res['seconds_total']:.1f} s; wrote {args.out}")
     return 0
