@@ -9,7 +9,7 @@ weights are (in, out)).  Shapes are commented as in nanoGPT: (B, T, d), (B, nh, 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -52,7 +52,6 @@ class ApproxConfig:
     relu_mu: float = 0.1
     softmax_eps: float = SOFTMAX_EPS
     pooler: str = "sigmoid"  # tanh(x) = 2 sigmoid(2x) - 1 with CrypTen's sigmoid; or "exact"
-    overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.gelu not in GELUS:
@@ -122,9 +121,6 @@ class FloatModel(FloatOps):
     def matmul(self, a, b):
         return a @ b
 
-    def param_vector(self, name):
-        return self.p[name]
-
     def reveal(self, x):
         return x
 
@@ -152,9 +148,6 @@ class RingModel(RingOps):
 
     def matmul(self, a, b):
         return ring_matmul(a, b) >> self.fp.frac_bits
-
-    def param_vector(self, name):
-        return self.p[name]
 
     def reveal(self, x):
         return self.fp.decode(x)
@@ -191,9 +184,6 @@ class ShareModel(ShareOps):
 
     def matmul(self, a, b):
         return P.matmul(a, b)
-
-    def param_vector(self, name):
-        return None
 
     def reveal(self, x):
         return self.s.reveal_float(x, Role.CLIENT)
@@ -277,15 +267,14 @@ def breakdown(spans: dict) -> dict[str, dict]:
     return out
 
 
-def _activation(ops, x, cfg: ApproxConfig, arch, layer: int):
+def _activation(ops, x, cfg: ApproxConfig, arch):
     with ops.span("gelu"):
         if cfg.gelu == "exact":
             if arch.activation == "relu":
                 return torch.relu(x)
             return torch.nn.functional.gelu(x, approximate="none" if arch.activation == "gelu" else "tanh")
         if cfg.gelu == "smu":
-            mu = cfg.smu_mu
-            return smu(ops, x, mu, cfg.spec("smu"))
+            return smu(ops, x, cfg.smu_mu, cfg.spec("smu"))
         if cfg.gelu == "quad":
             return quad_gelu(ops, x)
         if cfg.gelu == "erf":
@@ -324,7 +313,7 @@ def _attention(ops, h, i, arch, B, T, mask, cfg):
 def _ffn(ops, h, i, arch, cfg):
     with ops.span("ffn"):
         up = ops.linear(h, f"layers.{i}.ffn.up")  # (B*T, ffn)
-        return ops.linear(_activation(ops, up, cfg, arch, i), f"layers.{i}.ffn.down")
+        return ops.linear(_activation(ops, up, cfg, arch), f"layers.{i}.ffn.down")
 
 
 def _tanh(ops, x, cfg):

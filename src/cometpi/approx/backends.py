@@ -285,11 +285,3 @@ class ShareOps(_Additive):
         """d ? a : b with d an integer 0/1 share: one product, no truncation (1 round, 32 B)."""
         return b + P.mul(d, a - b, truncate_result=False)
 
-
-def ops_for(x) -> object:
-    """The natural backend of a value (AShare -> ShareOps, int64 -> RingOps, float -> FloatOps)."""
-    if isinstance(x, AShare):
-        return ShareOps(x.session)
-    if isinstance(x, torch.Tensor) and x.dtype == DTYPE:
-        return RingOps()
-    return FloatOps(x.dtype if isinstance(x, torch.Tensor) else torch.float64)
