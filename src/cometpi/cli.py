@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -35,13 +36,15 @@ def _net(args):
 
 
 def _add_approx(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gelu", default="smu", choices=["smu", "quad", "erf", "tanh"],
-                   help="GeLU replacement (default smu: Comet)")
-    p.add_argument("--softmax", default="relu", choices=["relu", "relu2", "quad2", "crypten"],
-                   help="softmax replacement (default relu: Comet's ReLU normalisation)")
-    p.add_argument("--guess", default="comet", choices=["comet", "constant", "crypten"],
-                   help="rsqrt initial guess (default comet: flooded shares)")
-    p.add_argument("--sigma", type=float, default=40.0, help="statistical security of Comet's flood (bits)")
+    src = "default: the checkpoint's own (cometpi.json), else"
+    p.add_argument("--gelu", default=None, choices=["smu", "quad", "erf", "tanh"],
+                   help=f"GeLU replacement ({src} smu: Comet)")
+    p.add_argument("--softmax", default=None, choices=["relu", "relu2", "quad2", "crypten"],
+                   help=f"softmax replacement ({src} relu: Comet's ReLU normalisation)")
+    p.add_argument("--guess", default=None, choices=["comet", "constant", "crypten"],
+                   help=f"rsqrt initial guess ({src} comet: flooded shares)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help=f"statistical security of Comet's flood in bits ({src} 40)")
 
 
 def cmd_dealer(args) -> int:
@@ -93,10 +96,9 @@ def cmd_linear_query(args) -> int:
     return 0
 
 
-def _approx(args):
-    from .nn import ApproxConfig
-
-    return ApproxConfig(gelu=args.gelu, softmax=args.softmax, guess=args.guess, sigma=args.sigma)
+def _approx_overrides(args) -> dict:
+    """The approximation flags given on the command line (the rest come from the checkpoint)."""
+    return {k: getattr(args, k) for k in ("gelu", "softmax", "guess", "sigma") if getattr(args, k) is not None}
 
 
 def cmd_serve(args) -> int:
@@ -105,11 +107,13 @@ def cmd_serve(args) -> int:
 
     reset_peak_rss()  # count this server's own peak, not the parent's it was forked from
     t0 = time.time()
-    server = ModelServer(args.model, _approx(args), _config(args), layers=args.layers)
-    a = server.arch
+    server = ModelServer(args.model, _approx_overrides(args), _config(args), layers=args.layers)
+    a, ap = server.arch, server.approx
+    mu = "trained per-channel mu" if ap.smu_mu == "per-channel" else f"mu {ap.smu_mu:g}"
     print(f"cometpi serve: {a.kind} ({a.layers} layers, hidden {a.hidden}, head {a.head}), model hash "
-          f"{server.card['model_hash']}, gelu={args.gelu} softmax={args.softmax} guess={args.guess} "
-          f"sigma={args.sigma:g}; loaded in {time.time() - t0:.1f} s", flush=True)
+          f"{server.card['model_hash']}, gelu={ap.gelu}{f' ({mu})' if ap.gelu == 'smu' else ''} "
+          f"softmax={ap.softmax} guess={ap.guess} sigma={ap.sigma:g}; loaded in {time.time() - t0:.1f} s",
+          flush=True)
     serve_forever(server.handle, host=args.host, port=args.port, dealer=args.dealer, config=_config(args),
                   timeout=args.timeout, extra=server.card, once=args.once, banner="model server", net=_net(args))
     return 0
@@ -145,6 +149,51 @@ def cmd_infer(args) -> int:
               f"{format_bytes(off['bytes_sent'] + off['bytes_recv'])}, {st['seconds']:.1f} s")
         if args.json:
             save_json(args.json, {"results": rows, "stats": st, "card": client.card})
+    return 0
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="rt", help="rt (Rotten Tomatoes, bundled) or a CSV/TSV/JSONL file; split "
+                                                "80/10/10 with a seeded hash (docs/finetune.md)")
+    p.add_argument("--text-col", default="text", help="text column of --data FILE")
+    p.add_argument("--label-col", default="label", help="label column of --data FILE")
+
+
+def cmd_finetune(args) -> int:
+    import torch
+
+    from .finetune import FinetuneConfig, finetune, load_dataset
+    from .service import resolve_model_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = FinetuneConfig(variant=args.variant, kd=args.kd, teacher=args.teacher, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                         train_limit=args.train_limit, seed=args.seed)
+    train, dev, _, labels, name = load_dataset(args.data, args.text_col, args.label_col)
+    base = resolve_model_dir(args.base)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or base, local_files_only=True)
+    print(f"finetune {args.variant}{' + KD' if args.kd else ''}: {name}, {len(train):,} train / {len(dev):,} dev "
+          f"rows, labels {labels}, from {args.teacher or base}", flush=True)
+    finetune(cfg, train, dev, args.out, base=base, labels=labels, tokenizer=tok, data_name=name)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .evaluate import evaluate, save_result
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = evaluate(args.model, name=args.name, data=args.data, text_col=args.text_col, label_col=args.label_col,
+                      private=args.private, batch=args.batch, seed=args.seed, approx_overrides=_approx_overrides(args),
+                      records=args.records, max_length=args.max_length, timeout=args.timeout)
+    if args.out:
+        save_result(result, Path(args.out))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -227,6 +276,42 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--json", default=None, help="write results and costs to this JSON file")
     _add_config(inf)
     inf.set_defaults(fn=cmd_infer)
+
+    ft = sub.add_parser("finetune", help="fine-tune a BERT classifier for the secure approximations")
+    ft.add_argument("--variant", default="comet", choices=["exact", "comet", "mpcformer"],
+                    help="exact (GeLU/softmax), comet (SMU with trained mu + ReLU-softmax; default), mpcformer "
+                         "(Quad + 2Quad)")
+    ft.add_argument("--kd", action="store_true", help="distil from --teacher (the exact fine-tuned model)")
+    ft.add_argument("--teacher", default=None, help="exact fine-tuned checkpoint: KD teacher and starting point")
+    ft.add_argument("--base", default="minilm", help="pretrained checkpoint to start from (default: bundled MiniLM)")
+    ft.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the base checkpoint's)")
+    _add_data(ft)
+    ft.add_argument("--epochs", type=float, default=1.0)
+    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--lr", type=float, default=5e-5)
+    ft.add_argument("--max-length", type=int, default=64, help="tokens per text (longer ones are truncated)")
+    ft.add_argument("--train-limit", type=int, default=None, help="train on N seeded rows of the train split")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ft.add_argument("--out", required=True, help="checkpoint directory to write (replaced atomically)")
+    ft.set_defaults(fn=cmd_finetune)
+
+    ev = sub.add_parser("eval", help="accuracy in plaintext (exact, approximate) and through the private path")
+    ev.add_argument("--model", required=True, help="fine-tuned checkpoint directory")
+    ev.add_argument("--name", default=None, help="row name in the results (default: the directory's name)")
+    _add_data(ev)
+    ev.add_argument("--private", type=int, default=0, metavar="N",
+                    help="also classify N seeded test rows privately (dealer, server, client processes)")
+    ev.add_argument("--batch", type=int, default=8, help="texts per private query (similar lengths)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the private subset")
+    ev.add_argument("--records", default=None, help="JSONL of per-example private results (resumed if present)")
+    ev.add_argument("--max-length", type=int, default=64)
+    ev.add_argument("--timeout", type=float, default=600.0)
+    ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--out", default=None, help="upsert the result into this JSON list "
+                                                "(e.g. bench/results/accuracy.json)")
+    _add_approx(ev)
+    ev.set_defaults(fn=cmd_eval)
 
     dm = sub.add_parser("demo", help="engine demo: dealer, server and client as three processes")
     dm.add_argument("--rows", type=int, default=128)

@@ -262,6 +262,20 @@ def _map_state_dict(arch: Arch, state_dict: dict[str, torch.Tensor],
     return params
 
 
+def to_hf_state_dict(arch: Arch, params: dict[str, torch.Tensor], prefix: bool = True) -> dict[str, torch.Tensor]:
+    """The inverse of the key tables: an HF state dict (float32) from cometpi params, e.g. to save a
+    fine-tuned model with ``save_pretrained``.  ``prefix``: keys as in a model with a head
+    (``bert.encoder...``); extra params that HF has no key for (a trained SMU mu) are left out."""
+    base = BASE_PREFIX[arch.kind] if prefix else ""
+    sd = {}
+    for ours, hf_names, transpose in _key_table(arch, base):
+        t = params[ours].detach().to(torch.float32)
+        parts = t.split(t.shape[-1] // len(hf_names), dim=-1) if len(hf_names) > 1 else (t,)
+        for h, part in zip(hf_names, parts, strict=True):
+            sd[h] = (part.T if transpose else part).contiguous()
+    return sd
+
+
 def _ignored(arch: Arch, key: str) -> bool:
     """Weights that exist in the HF model but do not reach its output."""
     return arch.head == "none" and bool(POOLER_KEYS.search(key))

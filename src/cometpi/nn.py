@@ -33,6 +33,7 @@ from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
 from .core import Role, Session
 from .ring import FixedPoint, ring_matmul
 
+PER_CHANNEL = "per-channel"
 GELUS = ("smu", "quad", "erf", "tanh", "exact")
 SOFTMAXES = ("relu", "relu2", "quad2", "crypten", "exact")
 
@@ -48,7 +49,8 @@ class ApproxConfig:
     guess: str = "comet"
     sigma: float = 40.0
     target: float = 1e-3
-    smu_mu: float = SMU_MU
+    smu_mu: float | str = SMU_MU  # or "per-channel": the model's trained layers.{i}.ffn.smu_mu (server-private)
+    smu_lo: float | None = None  # lower end of SMU's rsqrt domain; default mu^2 (per-channel: set by finetune)
     relu_mu: float = 0.1
     softmax_eps: float = SOFTMAX_EPS
     pooler: str = "sigmoid"  # tanh(x) = 2 sigmoid(2x) - 1 with CrypTen's sigmoid; or "exact"
@@ -58,12 +60,20 @@ class ApproxConfig:
             raise ValueError(f"unknown GeLU approximation {self.gelu!r}; choose from {GELUS}")
         if self.softmax not in SOFTMAXES:
             raise ValueError(f"unknown softmax approximation {self.softmax!r}; choose from {SOFTMAXES}")
+        if isinstance(self.smu_mu, str) and self.smu_mu != PER_CHANNEL:
+            raise ValueError(f"smu_mu must be a number or {PER_CHANNEL!r}, got {self.smu_mu!r}")
+        if self.smu_mu == PER_CHANNEL and self.gelu == "smu" and self.smu_lo is None:
+            raise ValueError("a per-channel SMU mu needs smu_lo (the smallest mu^2), which `cometpi finetune` sets")
 
     def spec(self, site: str):
         kw = {"guess": self.guess, "target": self.target}
         if self.guess.endswith("comet") or "flood" in self.guess:
             kw["sigma"] = self.sigma
-        return site_spec(site, **kw)
+        spec = site_spec(site, **kw)
+        if site == "smu":
+            lo = self.smu_lo if self.smu_lo is not None else float(self.smu_mu) ** 2 * 0.999
+            spec = spec.with_(lo=lo)
+        return spec
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +90,8 @@ class ApproxConfig:
 
 def prepare_params(arch, params: dict) -> dict:
     """Fold the attention scale 1/sqrt(hs) into the query weights and bias (a local, exact rewrite:
-    the secure path then needs no public product for it)."""
+    the secure path then needs no public product for it), and square trained SMU mu's (the server
+    adds mu^2).  Differentiable: fine-tuning runs through it."""
     out = dict(params)
     d, hs = arch.hidden, arch.hidden // arch.heads
     scale = 1.0 / math.sqrt(hs)
@@ -89,6 +100,9 @@ def prepare_params(arch, params: dict) -> dict:
         w[:, :d] *= scale
         b[:d] *= scale
         out[f"layers.{i}.attn.qkv.weight"], out[f"layers.{i}.attn.qkv.bias"] = w, b
+        mu = out.get(f"layers.{i}.ffn.smu_mu")
+        if mu is not None:
+            out[f"layers.{i}.ffn.smu_mu2"] = mu * mu
     return out
 
 
@@ -98,10 +112,10 @@ def prepare_params(arch, params: dict) -> dict:
 
 
 class FloatModel(FloatOps):
-    """Floats with the parameters in the clear (plaintext reference)."""
+    """Floats with the parameters in the clear (plaintext reference; ``ideal`` for fine-tuning)."""
 
-    def __init__(self, params: dict, dtype=torch.float64):
-        super().__init__(dtype)
+    def __init__(self, params: dict, dtype=torch.float64, ideal: bool = False):
+        super().__init__(dtype, ideal)
         self.p = {k: v.to(dtype) for k, v in params.items()}
 
     def linear(self, x, name, bias=True):
@@ -267,12 +281,14 @@ def breakdown(spans: dict) -> dict[str, dict]:
     return out
 
 
-def _activation(ops, x, cfg: ApproxConfig, arch):
+def _activation(ops, x, cfg: ApproxConfig, arch, i: int):
     with ops.span("gelu"):
         if cfg.gelu == "exact":
             if arch.activation == "relu":
                 return torch.relu(x)
             return torch.nn.functional.gelu(x, approximate="none" if arch.activation == "gelu" else "tanh")
+        if cfg.gelu == "smu" and cfg.smu_mu == PER_CHANNEL:
+            return smu(ops, x, None, cfg.spec("smu"), add_mu2=lambda z: ops.add_param(z, f"layers.{i}.ffn.smu_mu2"))
         if cfg.gelu == "smu":
             return smu(ops, x, cfg.smu_mu, cfg.spec("smu"))
         if cfg.gelu == "quad":
@@ -313,11 +329,11 @@ def _attention(ops, h, i, arch, B, T, mask, cfg):
 def _ffn(ops, h, i, arch, cfg):
     with ops.span("ffn"):
         up = ops.linear(h, f"layers.{i}.ffn.up")  # (B*T, ffn)
-        return ops.linear(_activation(ops, up, cfg, arch), f"layers.{i}.ffn.down")
+        return ops.linear(_activation(ops, up, cfg, arch, i), f"layers.{i}.ffn.down")
 
 
 def _tanh(ops, x, cfg):
-    if cfg.pooler == "exact" and isinstance(ops, FloatModel):
+    if isinstance(ops, FloatModel) and (cfg.pooler == "exact" or ops.ideal):
         return torch.tanh(x)
     return ops.sub(ops.mul_pow2(crypten_sigmoid(ops, ops.mul_pow2(x, 1)), 1), ops.const_like(x, 1.0))
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .convert import Arch, from_hf, params_hash
+from . import checkpoint
+from .convert import Arch, params_hash
 from .core import Config, ConfigError, Session
-from .nn import ApproxConfig, ShareModel, prepare_params, secure_forward
+from .nn import PER_CHANNEL, ApproxConfig, ShareModel, prepare_params, secure_forward
 from .party import connect_client
 from .transport import DEFAULT_TIMEOUT, Traffic
 
@@ -60,21 +61,33 @@ def _labels(model_dir: str | None, arch: Arch) -> list[str]:
 class ModelServer:
     """Holds one model (converted once) and serves private inferences on it."""
 
-    def __init__(self, model: str | tuple, approx: ApproxConfig | None = None, config: Config | None = None,
+    def __init__(self, model: str | tuple, approx: ApproxConfig | dict | None = None, config: Config | None = None,
                  layers: int | None = None):
+        """``approx``: a config, or a dict of fields overriding the checkpoint's own (``cometpi.json``
+        of a fine-tuned model; Comet's defaults for a plain HF checkpoint or an exact one)."""
+        trained = None
         if isinstance(model, tuple):  # (arch, params) from convert, for tests and Python users
             self.arch, params = model
             model_dir = None
         else:
             model_dir = resolve_model_dir(model)
-            self.arch, params = from_hf(model_dir)
+            self.arch, params, meta = checkpoint.load(model_dir)
+            trained = checkpoint.approx_of(meta)
         if layers is not None:  # keep the first layers only (benchmarks extrapolate per layer)
             if not 0 < layers <= self.arch.layers:
                 raise ValueError(f"--layers must be 1..{self.arch.layers}, got {layers}")
             self.arch = dataclasses.replace(self.arch, layers=layers)
             params = {k: v for k, v in params.items()
                       if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
-        self.approx = approx or ApproxConfig()
+        if not isinstance(approx, ApproxConfig):
+            base = trained if trained is not None and not trained.is_exact else ApproxConfig()
+            approx = dataclasses.replace(base, **(approx or {}))
+        if approx.is_exact or approx.gelu == "exact" or approx.softmax == "exact":
+            raise ValueError("exact GeLU/softmax are plaintext-only; choose an approximation to serve")
+        if approx.smu_mu == PER_CHANNEL and approx.gelu == "smu" and "layers.0.ffn.smu_mu" not in params:
+            raise ValueError("the approximations ask for a trained per-channel SMU mu, but the model has none "
+                             f"({checkpoint.MU_FILE} missing)")
+        self.approx = approx
         self.config = config or Config()
         self.params = prepare_params(self.arch, params)
         self.card = {"arch": self.arch.to_dict(), "model_hash": params_hash(params),

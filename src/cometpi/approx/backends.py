@@ -39,13 +39,19 @@ class _Additive:
 
 
 class FloatOps(_Additive):
-    """Plain float arithmetic; ``dtype`` float64 for analysis, float32 for training."""
+    """Plain float arithmetic; ``dtype`` float64 for analysis, float32 for training.
+
+    ``ideal``: rsqrt is computed exactly instead of by its guess and Newton steps (fine-tuning trains
+    the functions Comet approximates; the protocol's Newton error, <= the target, is measured at
+    evaluation by the plaintext simulation, which runs with ``ideal`` off).
+    """
 
     name = "float"
     frac_bits = 16  # nominal: the guess scaling mirrors the fixed-point backends
 
-    def __init__(self, dtype=torch.float64):
+    def __init__(self, dtype=torch.float64, ideal: bool = False):
         self.dtype = dtype
+        self.ideal = ideal
 
     def input(self, x):
         return torch.as_tensor(x, dtype=self.dtype)

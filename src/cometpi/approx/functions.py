@@ -32,17 +32,21 @@ def reciprocal(ops, x, spec: RsqrtSpec):
     return ops.square(rsqrt(ops, x, spec))
 
 
-def smu(ops, x, mu, spec: RsqrtSpec, alpha: float = 0.0):
+def smu(ops, x, mu, spec: RsqrtSpec, alpha: float = 0.0, add_mu2=None):
     """Smooth maximum unit ((1+a)x + sqrt(((1-a)x)^2 + mu^2))/2 (Biswas et al., CVPR 2022).
 
     ``mu`` is a number or a per-channel tensor (last dimension); z = ((1-a)x)^2 + mu^2 >= mu^2 is
-    the rsqrt call site, so spec's domain must cover [min mu^2, max z].
+    the rsqrt call site, so spec's domain must cover [min mu^2, max z].  ``add_mu2`` (instead of
+    ``mu``) adds a private mu^2: the secure model's server adds its trained per-channel mu^2 locally.
     Cost: 1 square + rsqrt + 1 product (+1 public product if alpha != 0).
     """
     with ops.span("smu"):
         u = x if alpha == 0 else ops.mul_const(x, 1 - alpha)
-        mu2 = mu * mu if isinstance(mu, torch.Tensor) else float(mu) ** 2
-        z = ops.add_const(ops.square(u), mu2)
+        if add_mu2 is not None:
+            z = add_mu2(ops.square(u))
+        else:
+            mu2 = mu * mu if isinstance(mu, torch.Tensor) else float(mu) ** 2
+            z = ops.add_const(ops.square(u), mu2)
         root = ops.mul(z, rsqrt(ops, z, spec))
         lin = x if alpha == 0 else ops.mul_const(x, 1 + alpha)
         return ops.scale_pow2(ops.add(lin, root), 1)

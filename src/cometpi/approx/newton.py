@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from .guess import bit_trick_error, iterations_for
 
@@ -202,6 +203,8 @@ def rsqrt(ops, x, spec: RsqrtSpec):
     Cost (shares, exact truncation): guess + n steps of 3 products (6 rounds, 144 B/element each);
     guesses: comet 3 rounds, 40 B/element; constant 0; crypten 8 squarings (16 rounds, 256 B/element).
     """
+    if getattr(ops, "ideal", False):  # FloatOps(ideal=True): the exact function (fine-tuning)
+        return torch.rsqrt(x)
     with ops.span("rsqrt"):
         m = spec.guess_scale(getattr(ops, "frac_bits", 16))
         y = initial_guess(ops, x, spec, m)

@@ -1,0 +1,154 @@
+"""Fine-tuning and evaluation on a tiny BERT with the real bert-base-uncased vocabulary: checkpoints
+round-trip through Hugging Face, a trained per-channel SMU mu reaches the secure path, and the
+private evaluation (three processes) agrees with the plaintext simulation."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cometpi import checkpoint
+from cometpi.convert import from_hf, to_hf_state_dict
+from cometpi.evaluate import evaluate, private_subset
+from cometpi.finetune import FinetuneConfig, batches, finetune, load_dataset, variant_config
+from cometpi.nn import ApproxConfig, plaintext_forward
+from cometpi.service import ModelServer
+
+from .test_convert import _inputs, _tiny
+from .test_nn import TOL, secure
+
+transformers = pytest.importorskip("transformers")
+
+GOOD = ["a gorgeous, witty film", "warm and funny", "a delight from start to finish", "smart, moving, brilliant",
+        "beautifully acted and wise", "the best comedy of the year", "tender and true", "great fun"]
+BAD = ["dull and lifeless", "a tedious mess", "far too long and boring", "clumsy, shrill and stupid",
+       "an ugly waste of time", "the worst film of the year", "flat and lazy", "painfully bad"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64)
+    model = transformers.BertModel._from_config(cfg, attn_implementation="eager")
+    path = tmp_path_factory.mktemp("base") / "tiny"
+    model.save_pretrained(path)
+    from cometpi.data import minilm_path
+
+    transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    rows = [{"review": t, "stars": "good"} for t in GOOD * 5] + [{"review": t, "stars": "bad"} for t in BAD * 5]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _train(tiny_dir, table, out, **kw):
+    train, dev, _, labels, name = load_dataset(table, "review", "stars")
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    cfg = FinetuneConfig(**{"epochs": 10, "batch_size": 8, "lr": 3e-3, "freeze_embeddings": False, **kw})
+    return finetune(cfg, train, dev, str(out), base=tiny_dir, labels=labels, tokenizer=tok, data_name=name,
+                    log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, table, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    exact = _train(tiny_dir, table, root / "exact", variant="exact")
+    comet = _train(tiny_dir, table, root / "comet", variant="comet", kd=True, teacher=str(root / "exact"))
+    return root, exact, comet
+
+
+def test_hf_state_dict_round_trip():
+    model = _tiny("BertForSequenceClassification", seed=2)
+    arch, params = from_hf(model)
+    sd = to_hf_state_dict(arch, params)
+    ref = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    assert sd.keys() == ref.keys()
+    for k, v in ref.items():
+        assert torch.equal(sd[k], v.float()), k
+
+
+def test_labels_and_batches(table):
+    train, dev, test, labels, _ = load_dataset(table, "review", "stars")
+    assert labels == ["bad", "good"] and (len(train), len(dev), len(test)) == (64, 8, 8)
+    lengths = [len(t) for t, _ in train]
+    b = batches(lengths, 8, seed=0, epoch=0)
+    assert sorted(i for x in b for i in x) == list(range(64))  # every row once
+    assert b != batches(lengths, 8, seed=0, epoch=1) and b == batches(lengths, 8, seed=0, epoch=0)
+    one = Path(table).with_name("one.csv")
+    one.write_text("text,label\na,1\nb,1\n")
+    with pytest.raises(ValueError, match="distinct label"):
+        load_dataset(str(one))
+
+
+def test_finetune_writes_hf_checkpoints_that_learn(trained):
+    root, exact, comet = trained
+    for meta in (exact, comet):
+        assert meta["loss_last_tenth"] < meta["loss_first_tenth"]  # it learns the separable toy task
+    assert exact["dev_accuracy"] == 1.0
+    # an HF checkpoint: transformers loads it and agrees with cometpi's exact float path
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(root / "exact", attn_implementation="eager")
+    assert hf.config.id2label == {0: "bad", 1: "good"}
+    arch, params, meta = checkpoint.load(root / "exact")
+    ids, mask = _inputs("bert", "right", seed=1)
+    ours = plaintext_forward(arch, params, ids, mask, ApproxConfig.exact())
+    with torch.no_grad():
+        theirs = hf.double()(input_ids=ids, attention_mask=mask).logits
+    assert float((ours - theirs).abs().max()) < 1e-9
+    # Comet: a trained per-channel mu in the sidecar, the SMU domain starting at its smallest square
+    arch, params, meta = checkpoint.load(root / "comet")
+    mu = torch.cat([params[f"layers.{i}.ffn.smu_mu"] for i in range(arch.layers)])
+    assert not torch.allclose(mu, torch.full_like(mu, 0.363))  # it was trained
+    approx = checkpoint.approx_of(meta)
+    assert approx.smu_mu == "per-channel" and approx.smu_lo == pytest.approx(float(mu.min()) ** 2 * 0.999, rel=1e-6)
+    assert meta["kd"] and meta["teacher"] == "exact"
+    server = ModelServer(str(root / "comet"))
+    assert server.approx == approx and server.card["approx"]["smu_mu"] == "per-channel"
+    assert ModelServer(str(root / "comet"), {"guess": "constant"}).approx.guess == "constant"
+    with pytest.raises(ValueError, match="trained per-channel SMU mu"):
+        ModelServer(str(root / "exact"), {"smu_mu": "per-channel", "smu_lo": 0.01})
+
+
+def test_per_channel_mu_private_matches_plaintext():
+    arch, params = from_hf(_tiny("BertForSequenceClassification", seed=7))
+    g = torch.Generator().manual_seed(0)
+    for i in range(arch.layers):
+        params[f"layers.{i}.ffn.smu_mu"] = 0.2 + torch.rand(arch.ffn, generator=g, dtype=torch.float64)
+    cfg = variant_config("comet", smu_lo=0.2**2 * 0.999)
+    ids, mask = _inputs("bert", "right", seed=8)
+    approx = plaintext_forward(arch, params, ids, mask, cfg)
+    from cometpi.nn import FloatModel, forward, prepare_params
+
+    ideal = forward(FloatModel(prepare_params(arch, params), ideal=True), arch, cfg, batch=ids.shape[0],
+                    length=ids.shape[1], input_ids=ids, attention_mask=mask)
+    assert float((approx - ideal).abs().max()) < 0.05  # Newton's 1e-3 and CrypTen's tanh vs exact
+    out, _ = secure(arch, params, ids, mask, cfg)
+    assert float((out - approx).abs().max()) < TOL
+    # the same model without mu (scalar default) gives other logits: the private mu is used
+    scalar = plaintext_forward(arch, params, ids, mask, ApproxConfig())
+    assert float((scalar - approx).abs().max()) > 10 * TOL
+
+
+def test_eval_private_agrees_and_resumes(trained, table, tmp_path):
+    root, _, _ = trained
+    rec = tmp_path / "rec.jsonl"
+    kw = dict(data=table, text_col="review", label_col="stars", private=4, batch=2, records=str(rec),
+              approx_overrides={"guess": "constant"}, log=lambda *_: None)
+    res = evaluate(str(root / "comet"), **kw)
+    p = res["private"]
+    assert p["n"] == 4 and p["agreement_with_simulated"] == 1.0
+    assert p["online_bytes_per_example"] > 0 and p["rounds_per_batch"] > 0
+    assert set(res["plaintext"]) == {"exact", "trained", "simulated"}
+    lines = rec.read_text().splitlines()
+    assert len(lines) == 5 and json.loads(lines[0])["n"] == 4
+    assert {json.loads(x)["i"] for x in lines[1:]} == set(private_subset(8, 4, 0))
+    again = evaluate(str(root / "comet"), **kw)  # resumed: nothing left to run, same records
+    assert again["private"] == res["private"] and rec.read_text().splitlines() == lines
+    with pytest.raises(ValueError, match="another model"):
+        evaluate(str(root / "comet"), **{**kw, "approx_overrides": {}})
