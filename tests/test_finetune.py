@@ -152,3 +152,19 @@ def test_eval_private_agrees_and_resumes(trained, table, tmp_path):
     assert again["private"] == res["private"] and rec.read_text().splitlines() == lines
     with pytest.raises(ValueError, match="another model"):
         evaluate(str(root / "comet"), **{**kw, "approx_overrides": {}})
+
+
+def test_demo_classifies_with_three_processes(trained):
+    import subprocess
+    import sys
+
+    root, _, _ = trained
+    r = subprocess.run([sys.executable, "-m", "cometpi", "demo", "--model", str(root / "comet"), "--guess", "constant",
+                        "warm and funny", "a tedious mess"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert out.count("private:") == 2 and out.count("plaintext:") == 2 and "rounds" in out and "online" in out
+    for line in out.splitlines():  # the private label is the plaintext model's
+        if "private:" in line:
+            assert line.split()[1] == line.split("plaintext:")[1].split()[0]
+    assert "dealer and server stopped" in out

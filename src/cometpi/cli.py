@@ -198,6 +198,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
+def cmd_engine_demo(args) -> int:
     from .engine_demo import main as demo_main
 
     return demo_main(args)
@@ -313,11 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_approx(ev)
     ev.set_defaults(fn=cmd_eval)
 
-    dm = sub.add_parser("demo", help="engine demo: dealer, server and client as three processes")
-    dm.add_argument("--rows", type=int, default=128)
-    dm.add_argument("--cols", type=int, default=768)
-    dm.add_argument("--out-cols", type=int, default=768)
+    dm = sub.add_parser("demo", help="the main job: a fine-tuned MiniLM classifies real sentences privately "
+                                     "(dealer, server and client processes)")
+    dm.add_argument("sentences", nargs="*", help="your own sentences (default: real test-split snippets)")
+    dm.add_argument("--model", default=None, help="a fine-tuned checkpoint (default: the cached demo model, "
+                                                  "fine-tuned on first use)")
+    dm.add_argument("-n", type=int, default=4, help="how many test-split snippets to classify (default 4)")
+    dm.add_argument("--train-rows", type=int, default=4000, help="training rows for the demo model (first use)")
+    dm.add_argument("--guess", default=None, choices=["comet", "constant"],
+                    help="rsqrt initial guess (default: the checkpoint's, comet)")
     dm.set_defaults(fn=cmd_demo)
+
+    ed = sub.add_parser("engine-demo", help="engine demo: a private X @ W over three processes")
+    ed.add_argument("--rows", type=int, default=128)
+    ed.add_argument("--cols", type=int, default=768)
+    ed.add_argument("--out-cols", type=int, default=768)
+    ed.set_defaults(fn=cmd_engine_demo)
 
     b = sub.add_parser("bench", help="benchmarks (write JSON lines under bench/results)")
     bsub = b.add_subparsers(dest="what", required=True)
@@ -338,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     bm = bsub.add_parser("model", help="whole private models over TCP: bytes, rounds, time, memory by layer type")
     model_bench.add_arguments(bm)
     bm.set_defaults(fn=cmd_bench)
+    from .bench import accuracy
+
+    ba = bsub.add_parser("accuracy", help="fine-tune every variant, accuracy in plaintext and private; table, plot")
+    accuracy.add_arguments(ba)
+    ba.set_defaults(fn=cmd_bench)
     try:
         from .bench import ranges
     except ImportError:  # needs transformers

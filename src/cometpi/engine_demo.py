@@ -1,7 +1,7 @@
-"""``cometpi demo`` (engine stage): a private X @ W with dealer, server and client as three processes.
+"""``cometpi engine-demo``: a private X @ W with dealer, server and client as three processes.
 
 The server owns W, the client owns X; the client prints X @ W's agreement with plaintext and the
-exact bytes, messages, rounds and seconds.  The model demo replaces this when the model layers land.
+exact bytes, messages, rounds and seconds.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def evaluate(model_dir: str, *, name: str | None = None, data: str = "rt", text_
         subset = private_subset(len(test), private, seed)
         header = {"model_hash": result["model_hash"], "approx": result["approx"], "seed": seed, "n": len(subset),
                   "data": data_name, "max_length": max_length, "batch": batch}
-        rec_path = Path(records or f"runs/eval-{result['name']}-{result['model_hash'][:8]}.jsonl")
+        rec_path = Path(records or f"runs/eval-{result['name']}-{approx.guess}-{result['model_hash'][:8]}.jsonl")
         recs = run_private(model_dir, approx_overrides, enc, y, subset, sim_pred, batch=batch, records=rec_path,
                            header=header, timeout=timeout)
         result["private"] = {**summarize_private(recs), "seed": seed, "batch": batch, "records": str(rec_path)}
