@@ -1,0 +1,196 @@
+"""Security checks (docs/SECURITY.md): what a party receives does not depend on the other party's
+secret, the flood's leakage matches its sigma, protocol randomness comes only from the CSPRNG, and
+nothing unpickles.
+
+The statistical tests use fixed thresholds far in the tail (a correct implementation fails them
+with probability below ~1e-6); a leak of plaintext onto the wire fails them by orders of magnitude.
+"""
+
+import ast
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from cometpi import protocols as P
+from cometpi.approx.backends import flood_share
+from cometpi.approx.sites import site_spec
+from cometpi.convert import from_hf
+from cometpi.core import Role
+from cometpi.nn import ApproxConfig, secure_forward
+from cometpi.party import run_local
+from cometpi.ring import FixedPoint
+
+from .test_convert import _tiny
+
+SRC = Path(__file__).parents[1] / "src" / "cometpi"
+# Modules that produce or handle protocol randomness, shares or wire data.
+PROTOCOL_MODULES = ["ring.py", "transport.py", "core.py", "dealer.py", "protocols.py", "party.py", "nn.py",
+                    "service.py", "serve.py", "checkpoint.py", "approx/backends.py", "approx/newton.py",
+                    "approx/guess.py", "approx/functions.py", "approx/sites.py"]
+RUNS = 4
+# the constant guess keeps this fast; Comet's flood is the documented leak, measured by its own test below
+CFG = ApproxConfig(guess="constant")
+
+
+def _received(role: Role, ids, params, arch) -> list[torch.Tensor]:
+    """Every int64 tensor ``role`` receives from its peer during one private inference."""
+    got: list[torch.Tensor] = []
+
+    def job(s):
+        if s.role == role:
+            recv = s.peer.recv
+
+            def recording(*a, **kw):
+                out = recv(*a, **kw)
+                if isinstance(out, torch.Tensor) and out.dtype == torch.int64:
+                    got.append(out.reshape(-1).clone())
+                return out
+
+            s.peer.recv = recording
+        kw = dict(shape=tuple(ids.shape), attention_mask=torch.ones_like(ids))
+        if s.is_client:
+            return secure_forward(s, arch, CFG, input_ids=ids, **kw)
+        return secure_forward(s, arch, CFG, params=params, **kw)
+
+    run_local(job)
+    return got
+
+
+def _byte_histograms(views: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histograms (256 bins) of the low and the high byte of every received ring element."""
+    flat = torch.cat([t for v in views for t in v])
+    low = torch.bincount((flat & 0xFF).to(torch.int64), minlength=256)
+    high = torch.bincount(((flat >> 56) & 0xFF).to(torch.int64), minlength=256)
+    return low.double(), high.double()
+
+
+def _chi2_two_sample(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """Chi-square statistic of homogeneity of two histograms and its degrees of freedom."""
+    keep = (a + b) > 0
+    a, b = a[keep], b[keep]
+    na, nb = a.sum(), b.sum()
+    ea, eb = (a + b) * na / (na + nb), (a + b) * nb / (na + nb)
+    return float(((a - ea) ** 2 / ea + (b - eb) ** 2 / eb).sum()), int(keep.sum()) - 1
+
+
+def _chi2_limit(dof: int) -> float:
+    """About the 1 - 1e-6 quantile of chi-square(dof) (Wilson-Hilferty, z = 4.75)."""
+    z = 4.75
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def _assert_same_distribution(views_a, views_b):
+    la, ha = _byte_histograms(views_a)
+    lb, hb = _byte_histograms(views_b)
+    for name, x, y in (("low byte", la, lb), ("high byte", ha, hb)):
+        stat, dof = _chi2_two_sample(x, y)
+        assert stat < _chi2_limit(dof), f"{name}: chi2 {stat:.0f} on {dof} dof"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return from_hf(_tiny("BertForSequenceClassification", seed=11, num_hidden_layers=1))
+
+
+def test_server_view_is_independent_of_the_text(model):
+    arch, params = model
+    a = torch.full((1, 6), 5, dtype=torch.int64)  # one token repeated
+    b = torch.tensor([[2, 97, 13, 61, 88, 40]])  # all different
+    views_a = [_received(Role.SERVER, a, params, arch) for _ in range(RUNS)]
+    views_b = [_received(Role.SERVER, b, params, arch) for _ in range(RUNS)]
+    assert sum(t.numel() for t in views_a[0]) > 10_000
+    _assert_same_distribution(views_a, views_b)
+    # the check has power: the one-hot text in the clear, sent once among everything else, fails it
+    leak = FixedPoint(16).encode(torch.nn.functional.one_hot(b, arch.vocab).double()).reshape(-1)
+    with pytest.raises(AssertionError):
+        _assert_same_distribution(views_a, views_b + [[leak]])
+
+
+def test_client_view_is_independent_of_the_weights(model):
+    arch, params = model
+    other = {k: (-3 * v if v.dtype.is_floating_point else v) for k, v in params.items()}
+    ids = torch.tensor([[2, 97, 13, 61, 88, 40]])
+    views_a = [_received(Role.CLIENT, ids, params, arch) for _ in range(RUNS)]
+    views_b = [_received(Role.CLIENT, ids, other, arch) for _ in range(RUNS)]
+    _assert_same_distribution(views_a, views_b)
+
+
+def test_flood_leakage_matches_sigma():
+    """The server's flooded share x - R, R ~ U[F, 2F): for x in [lo, hi] its distributions differ by a
+    total-variation distance of (x_b - x_a)/F <= hi/F = 2^-sigma.  Measured from 40,000 samples each."""
+    fp = FixedPoint(16)
+    lo, hi, n = 1.0, 9.0, 40_000
+
+    def server_shares(x: float, flood: float) -> torch.Tensor:
+        def job(s):
+            xs = s.share(torch.full((n,), x, dtype=torch.float64) if s.is_client else None, owner=Role.CLIENT,
+                         shape=(n,))
+            r = flood_share((n,), flood, fp) if s.is_client else None
+            return P.reshare(xs, r).data
+
+        return fp.decode(run_local(job)[1])
+
+    for sigma in (3.0, 40.0):
+        F = hi * 2**sigma
+        a, b = server_shares(lo, F), server_shares(hi, F)
+        edges = torch.linspace(float(torch.minimum(a.min(), b.min())), float(torch.maximum(a.max(), b.max())), 65,
+                               dtype=torch.float64)
+        pa = torch.histogram(a, edges).hist / n
+        pb = torch.histogram(b, edges).hist / n
+        tv = 0.5 * float((pa - pb).abs().sum())
+        expected = (hi - lo) / F
+        noise = 0.5 * math.sqrt(64 / n) * 2  # generous: sampling noise of a 64-bin TV estimate
+        assert tv <= 2**-sigma + noise, (sigma, tv)
+        assert abs(tv - expected) < noise, (sigma, tv, expected)
+    # every flooded call site reports its sigma
+    for site in ("smu", "softmax_sum", "layernorm_var"):
+        assert site_spec(site, guess="comet", sigma=40).describe()["sigma"] == pytest.approx(40)
+        assert site_spec(site, guess="constant").describe()["sigma"] is None
+
+
+def _calls(tree: ast.AST) -> set[str]:
+    """Dotted names used in the module (attributes and imports)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            parts, cur = [node.attr], node.value
+            while isinstance(cur, ast.Attribute):
+                parts.append(cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name):
+                names.add(".".join([cur.id, *reversed(parts)]))
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+FORBIDDEN = re.compile(r"^(random(\.|$)|numpy\.random|np\.random|torch\.(rand|randn|randint|randperm|manual_seed|"
+                       r"Generator|normal|bernoulli|multinomial)\b|secrets\.(randbelow|choice))")
+
+
+def test_protocol_randomness_is_csprng_only():
+    bad = {}
+    for rel in PROTOCOL_MODULES:
+        names = _calls(ast.parse((SRC / rel).read_text()))
+        hits = sorted(n for n in names if FORBIDDEN.search(n))
+        if hits:
+            bad[rel] = hits
+    assert not bad, f"non-CSPRNG randomness in protocol modules: {bad}"
+    ring = _calls(ast.parse((SRC / "ring.py").read_text()))
+    assert "secrets.token_bytes" in ring and any("Cipher" in n or "algorithms.AES" in n for n in ring)
+
+
+def test_no_pickle_anywhere():
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        names = _calls(ast.parse(text))
+        if any(n.split(".")[0] in ("pickle", "cPickle", "dill", "marshal") for n in names) or "torch.load" in names \
+                or re.search(r"allow_pickle\s*=\s*True", text):
+            offenders.append(str(path.relative_to(SRC)))
+    assert not offenders, offenders
