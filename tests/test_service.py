@@ -94,3 +94,94 @@ def test_python_api_several_queries_and_pinned_hash(tiny_bert_dir):
             PrivateClient(f"127.0.0.1:{port}", daddr, model_hash="0" * 16)
     finally:
         dealer.stop()
+
+
+@pytest.fixture
+def model_service(tiny_bert_dir):
+    """A dealer and a model server (3 concurrent sessions) as processes; yields their addresses."""
+    dealer, daddr = spawn(["dealer", "--port", "0"])
+    server = None
+    try:
+        server, saddr = spawn(["serve", "--model", str(tiny_bert_dir), "--port", "0", "--dealer", daddr,
+                               "--guess", "constant", "--workers", "3", "--timeout", "20"], timeout=60)
+        yield saddr, daddr, server
+    finally:
+        if server is not None:
+            stop(server)
+        stop(dealer)
+
+
+TEXTS = ["a gorgeous, witty, seductive movie.", "dull, lifeless and far too long.", "meh.",
+         "the actors try hard, but the script gives them nothing to do", "brilliant", "an ugly, shrill mess"]
+
+
+def _plaintext_logits(tiny_bert_dir, texts):
+    from cometpi.data import minilm_path
+
+    tok = transformers.BertTokenizerFast.from_pretrained(minilm_path())
+    arch, params = from_hf(str(tiny_bert_dir))
+    out = []
+    for t in texts:
+        enc = tok([t], return_tensors="pt")
+        out.append(plaintext_forward(arch, params, enc["input_ids"], enc["attention_mask"],
+                                     ApproxConfig(guess="constant"))[0])
+    return out
+
+
+def test_concurrent_and_sequential_clients_get_their_own_results(tiny_bert_dir, model_service):
+    import threading
+    import time
+
+    from cometpi.service import PrivateClient
+
+    saddr, daddr, server = model_service
+    got: dict[int, list] = {}
+    errors: list = []
+
+    def client(i):
+        try:
+            with PrivateClient(saddr, daddr, timeout=120) as c:
+                got[i] = c.classify([TEXTS[i]])[0]["logits"]
+        except Exception as e:  # noqa: BLE001
+            errors.append((i, e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(5)]  # 5 clients, 3 served at once
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    concurrent_s = time.perf_counter() - t0
+    client(5)  # and one more afterwards, alone
+    assert not errors, errors
+    want = _plaintext_logits(tiny_bert_dir, TEXTS)
+    for i in range(6):  # each session computed its own client's text (isolated sessions)
+        assert float((torch.tensor(got[i], dtype=torch.float64) - want[i]).abs().max()) < 40 * 1e-3, i
+    assert server.poll() is None and concurrent_s < 180
+
+
+def test_bad_queries_get_a_named_error_and_the_server_keeps_serving(tiny_bert_dir, model_service):
+    from cometpi.service import PrivateClient
+    from cometpi.transport import RemoteError
+
+    saddr, daddr, server = model_service
+    bad = [({"op": "infer", "batch": 1, "length": 10_000, "mask": None}, "length must be"),
+           ({"op": "infer", "batch": 0, "length": 4, "mask": None}, "batch must be"),
+           ({"op": "infer", "batch": 1, "length": 4, "mask": [[1, 1]]}, "attention mask must be"),
+           ({"op": "infer", "batch": 1, "length": 2, "mask": [[0, 0]]}, "at least one real token"),
+           ({"op": "infer", "batch": 1, "length": 2, "mask": "x"}, "malformed attention mask")]
+    for query, named in bad:
+        c = PrivateClient(saddr, daddr, timeout=30)
+        try:
+            c.sess.peer.send_json(query, "query")
+            with pytest.raises(RemoteError, match=named):
+                c.sess.peer.recv("anything")
+        finally:
+            c.sess.close()
+    with PrivateClient(saddr, daddr, timeout=60) as c:
+        with pytest.raises(ValueError, match="beyond the model's vocabulary|model's 64 positions"):
+            c.classify(["x"], pad_to=1000)  # over-long: refused on the client before anything is sent
+        long_text = " ".join(["great"] * 500)  # truncated to the model's positions, unknown words become [UNK]
+        r = c.classify([long_text, "zxqv\u2603 \U0001f600 qwrtzp"], max_length=1000)
+        assert len(r) == 2 and all(0 <= x["confidence"] <= 1 for x in r)
+    assert server.poll() is None

@@ -115,7 +115,8 @@ def cmd_serve(args) -> int:
           f"softmax={ap.softmax} guess={ap.guess} sigma={ap.sigma:g}; loaded in {time.time() - t0:.1f} s",
           flush=True)
     serve_forever(server.handle, host=args.host, port=args.port, dealer=args.dealer, config=_config(args),
-                  timeout=args.timeout, extra=server.card, once=args.once, banner="model server", net=_net(args))
+                  timeout=args.timeout, extra=server.card, once=args.once, banner="model server", net=_net(args),
+                  workers=args.workers)
     return 0
 
 
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dealer", required=True, help="dealer HOST:PORT")
     sv.add_argument("--once", action="store_true", help="exit after one client")
     sv.add_argument("--layers", type=int, default=None, help="serve only the first N layers (benchmarks)")
+    sv.add_argument("--workers", type=int, default=1, help="sessions served at once (threads; default 1: clients "
+                                                           "are served one after another)")
     _add_config(sv)
     _add_approx(sv)
     sv.set_defaults(fn=cmd_serve)

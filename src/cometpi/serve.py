@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +31,20 @@ log = logging.getLogger("cometpi.serve")
 
 def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, dealer: str, config: Config,
                   timeout: float, extra: dict | None = None, once: bool = False, banner: str = "server",
-                  net=None) -> None:
-    """Accept clients one after another; a failing client is logged and the next one is served."""
+                  net=None, workers: int = 1) -> None:
+    """Accept clients and serve each in its own session; up to ``workers`` at once (threads sharing
+    only read-only state such as the weights), later ones wait in the listen backlog.  A failing
+    client is logged and the others go on.  ``once``: exit after the first client."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     sock = listen(host, port)
     h, p = sock.getsockname()[:2]
-    print(f"cometpi {banner} listening on {h}:{p}", flush=True)
-    while True:
-        conn, addr = sock.accept()
+    many = f" ({workers} concurrent sessions)" if workers > 1 else ""
+    print(f"cometpi {banner}{many} listening on {h}:{p}", flush=True)
+    slots = threading.BoundedSemaphore(workers)
+    running: list[threading.Thread] = []
+
+    def serve_one(conn, addr) -> None:
         sess = None
         try:
             sess = accept_server(conn, dealer, config, timeout=timeout, extra=extra, net=net)
@@ -45,12 +53,37 @@ def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, d
         except (TransportError, ValueError, RuntimeError) as e:
             log.error("client %s:%s failed: %s", addr[0], addr[1], e)
             print(f"error serving {addr[0]}:{addr[1]}: {e}", file=sys.stderr, flush=True)
+            if sess is not None and not isinstance(e, TransportError):
+                sess.peer.send_error(e)  # a bad query: tell the client what was wrong
+        except Exception as e:  # noqa: BLE001 - a bug in one session must not stop the server
+            log.exception("client %s:%s crashed the session", addr[0], addr[1])
+            print(f"error serving {addr[0]}:{addr[1]}: internal error {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)
+            if sess is not None:
+                sess.peer.send_error(f"internal server error ({type(e).__name__})")
         finally:
             if sess is not None:
                 sess.close()
-        if once:
-            break
-    sock.close()
+            else:
+                conn.close()
+            slots.release()
+
+    try:
+        while True:
+            slots.acquire()
+            conn, addr = sock.accept()
+            if workers == 1:
+                serve_one(conn, addr)
+            else:
+                t = threading.Thread(target=serve_one, args=(conn, addr), name=f"session-{addr[1]}", daemon=True)
+                t.start()
+                running[:] = [x for x in running if x.is_alive()] + [t]
+            if once:
+                break
+    finally:
+        for t in running:
+            t.join(timeout)
+        sock.close()
 
 
 def spawn(args: list[str], *, ready: str = "listening on", timeout: float = 30.0, env=None):

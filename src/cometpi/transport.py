@@ -64,7 +64,12 @@ class PeerTimeout(TransportError):
     """No message from the peer within the receive timeout."""
 
 
+class RemoteError(TransportError):
+    """The peer gave up on the session and said why (an ``error`` frame)."""
+
+
 _TAG_NAMES: dict[int, str] = {}
+ERROR_TAG = "error"
 
 
 def tag_id(name: str) -> int:
@@ -364,6 +369,12 @@ class Channel:
         h = parse_header(fixed, self.max_frame, self._read)
         payload = bytearray(self._read(h.nbytes)) if h.nbytes else bytearray()
         tags = (tag,) if isinstance(tag, str) else tuple(tag)
+        if h.tag == tag_id(ERROR_TAG) and ERROR_TAG not in tags:
+            try:
+                why = json.loads(bytes(payload)).get("error", "?")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                why = "(unreadable reason)"
+            raise RemoteError(f"the {self.peer_name} ended the session: {str(why)[:500]}")
         if h.tag not in {tag_id(t) for t in tags}:
             raise ProtocolError(
                 f"expected message '{'/'.join(tags)}' from {self.peer_name}, got '{tag_name(h.tag)}'"
@@ -407,6 +418,13 @@ class Channel:
         """Both parties send their tensors and receive the peer's (same shapes): one round."""
         self.send_many(tensors, tag)
         return self.recv_many([tuple(t.shape) for t in tensors], tag)
+
+    def send_error(self, error: BaseException | str) -> None:
+        """Tell the peer why this side ends the session (best effort: the link may be gone)."""
+        try:
+            self.send_json({"error": str(error)}, ERROR_TAG)
+        except Exception:  # noqa: BLE001
+            pass
 
     def close(self) -> None:
         self._close()

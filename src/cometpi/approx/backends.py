@@ -41,9 +41,9 @@ class _Additive:
 class FloatOps(_Additive):
     """Plain float arithmetic; ``dtype`` float64 for analysis, float32 for training.
 
-    ``ideal``: rsqrt is computed exactly instead of by its guess and Newton steps (fine-tuning trains
-    the functions Comet approximates; the protocol's Newton error, <= the target, is measured at
-    evaluation by the plaintext simulation, which runs with ``ideal`` off).
+    ``ideal``: rsqrt (and 2Quad's reciprocal, the pooler's tanh) are computed exactly instead of by
+    their guesses and Newton steps: fine-tuning trains the functions the protocols approximate; the
+    protocols' own error is measured at evaluation by the plaintext simulation (``ideal`` off).
     """
 
     name = "float"
