@@ -32,6 +32,7 @@ from .transport import DEFAULT_TIMEOUT, Traffic
 
 log = logging.getLogger("cometpi.service")
 MAX_BATCH = 64
+IDLE_TIMEOUT = 300.0  # how long a session may sit between queries (the protocol's own waits use --timeout)
 
 
 def resolve_model_dir(model: str) -> str:
@@ -62,7 +63,7 @@ class ModelServer:
     """Holds one model (converted once) and serves private inferences on it."""
 
     def __init__(self, model: str | tuple, approx: ApproxConfig | dict | None = None, config: Config | None = None,
-                 layers: int | None = None):
+                 layers: int | None = None, idle_timeout: float = IDLE_TIMEOUT):
         """``approx``: a config, or a dict of fields overriding the checkpoint's own (``cometpi.json``
         of a fine-tuned model; Comet's defaults for a plain HF checkpoint or an exact one)."""
         trained = None
@@ -88,6 +89,7 @@ class ModelServer:
             raise ValueError("the approximations ask for a trained per-channel SMU mu, but the model has none "
                              f"({checkpoint.MU_FILE} missing)")
         self.approx = approx
+        self.idle_timeout = idle_timeout
         self.config = config or Config()
         self.params = prepare_params(self.arch, params)
         self.card = {"arch": self.arch.to_dict(), "model_hash": params_hash(params),
@@ -98,7 +100,8 @@ class ModelServer:
         model = ShareModel(sess, self.arch, self.params)
         plans: dict = {}  # dealer plans of earlier queries, by shape: replayed ahead of the next one
         while True:
-            q = sess.peer.recv_json("query")
+            with sess.peer.waiting(max(self.idle_timeout, sess.peer.timeout)):  # a client may think between queries
+                q = sess.peer.recv_json("query")
             if not isinstance(q, dict) or q.get("op") == "bye":
                 return
             if q.get("op") == "stats":  # the server's own costs and peak memory (benchmarks)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import socket
 import struct
@@ -303,6 +304,21 @@ def _decode_payload(h: Header, buf: bytearray):
 # --------------------------------------------------------------------------------------------------
 
 
+#: Fault injection for the crash tests (docs/robustness.md): with COMETPI_FAULT_EXIT_AFTER_SENDS=N in its
+#: environment, a process dies abruptly (os._exit, no cleanup, like kill -9) right after sending its N-th frame.
+FAULT_EXIT_CODE = 86
+_fault_lock = threading.Lock()
+_fault_left = int(os.environ.get("COMETPI_FAULT_EXIT_AFTER_SENDS", "0") or 0)
+
+
+def _fault_point() -> None:
+    global _fault_left
+    with _fault_lock:
+        _fault_left -= 1
+        if _fault_left == 0:
+            os._exit(FAULT_EXIT_CODE)
+
+
 class Channel:
     """A framed, counted, bidirectional message channel to one peer.
 
@@ -353,6 +369,8 @@ class Channel:
                 self._write(payload)
             self.meter.add(self.link, phase, bytes_sent=len(payload), header_bytes_sent=len(header),
                            msgs_sent=1, rounds=self._tick())
+        if _fault_left > 0:
+            _fault_point()
 
     def send_json(self, obj, tag: str) -> None:
         self.send(json.dumps(obj, separators=(",", ":")).encode(), tag)
@@ -426,6 +444,19 @@ class Channel:
         except Exception:  # noqa: BLE001
             pass
 
+    @contextmanager
+    def waiting(self, seconds: float):
+        """Use another receive timeout inside the block (e.g. a server idling between queries)."""
+        old = self.timeout
+        self._set_timeout(seconds)
+        try:
+            yield self
+        finally:
+            self._set_timeout(old)
+
+    def _set_timeout(self, seconds: float) -> None:
+        self.timeout = seconds
+
     def close(self) -> None:
         self._close()
 
@@ -488,6 +519,10 @@ class TcpChannel(Channel):
         if not self._writer.is_alive():
             raise PeerDisconnected(f"connection to {self.peer_name} is closed")
         self._wq.put(data)
+
+    def _set_timeout(self, seconds: float) -> None:
+        self.timeout = seconds
+        self.sock.settimeout(seconds)
 
     def _read(self, n: int) -> bytes:
         buf = bytearray(n)
