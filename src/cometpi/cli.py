@@ -358,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     bm = bsub.add_parser("model", help="whole private models over TCP: bytes, rounds, time, memory by layer type")
     model_bench.add_arguments(bm)
     bm.set_defaults(fn=cmd_bench)
+    from .bench import load as load_bench
+
+    bl = bsub.add_parser("load", help="one model server, N clients at once: throughput, latency, peak memory")
+    load_bench.add_arguments(bl)
+    bl.set_defaults(fn=cmd_bench)
     from .bench import accuracy
 
     ba = bsub.add_parser("accuracy", help="fine-tune every variant, accuracy in plaintext and private; table, plot")
