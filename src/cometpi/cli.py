@@ -348,34 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     bo.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     bo.add_argument("--out", default="bench/results/ops.jsonl")
     bo.set_defaults(fn=cmd_bench)
-    from .bench import nonlinear
+    from importlib import import_module
 
-    bn = bsub.add_parser("nonlinear", help="nonlinear methods: error, bytes, rounds, seconds, sigma; plots")
-    nonlinear.add_arguments(bn)
-    bn.set_defaults(fn=cmd_bench)
-    from .bench import model as model_bench
-
-    bm = bsub.add_parser("model", help="whole private models over TCP: bytes, rounds, time, memory by layer type")
-    model_bench.add_arguments(bm)
-    bm.set_defaults(fn=cmd_bench)
-    from .bench import load as load_bench
-
-    bl = bsub.add_parser("load", help="one model server, N clients at once: throughput, latency, peak memory")
-    load_bench.add_arguments(bl)
-    bl.set_defaults(fn=cmd_bench)
-    from .bench import accuracy
-
-    ba = bsub.add_parser("accuracy", help="fine-tune every variant, accuracy in plaintext and private; table, plot")
-    accuracy.add_arguments(ba)
-    ba.set_defaults(fn=cmd_bench)
-    try:
-        from .bench import ranges
-    except ImportError:  # needs transformers
-        ranges = None
-    if ranges is not None:
-        br = bsub.add_parser("ranges", help="rsqrt input ranges measured in MiniLM-L6 on real sentences")
-        ranges.add_arguments(br)
-        br.set_defaults(fn=cmd_bench)
+    for what, help_ in (
+        ("nonlinear", "nonlinear methods: error, bytes, rounds, seconds, sigma; plots"),
+        ("model", "whole private models over TCP: bytes, rounds, time, memory by layer type"),
+        ("load", "one model server, N clients at once: throughput, latency, peak memory"),
+        ("accuracy", "fine-tune every variant, accuracy in plaintext and private; table, plot"),
+        ("ranges", "rsqrt input ranges measured in MiniLM-L6 on real sentences"),
+    ):
+        sp = bsub.add_parser(what, help=help_)
+        import_module(f"cometpi.bench.{what}").add_arguments(sp)
+        sp.set_defaults(fn=cmd_bench)
 
     bw = sub.add_parser("bench-worker", help=argparse.SUPPRESS)
     bw.add_argument("--dealer", required=True)
