@@ -98,7 +98,7 @@ def main(args) -> int:
             n, online = len(texts), on["bytes_sent"] + on["bytes_recv"]
             print(f"\n[demo] cost of the private inference ({n} x {ids.shape[1]} tokens): online "
                   f"{format_bytes(online)} ({format_bytes(online / n)} per sentence) in {on['rounds']:,} rounds, "
-                  f"offline (dealer) {format_bytes(off['bytes_sent'] + off['bytes_recv'])}, {st['seconds']:.1f} s",
+                  f"client-dealer traffic {format_bytes(off['bytes_sent'] + off['bytes_recv'])}, {st['seconds']:.1f} s",
                   flush=True)
         server.wait(60)
     finally:
