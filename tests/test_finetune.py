@@ -152,6 +152,18 @@ def test_eval_private_agrees_and_resumes(trained, table, tmp_path):
     assert again["private"] == res["private"] and rec.read_text().splitlines() == lines
     with pytest.raises(ValueError, match="another model"):
         evaluate(str(root / "comet"), **{**kw, "approx_overrides": {}})
+    # the results file, its table and plot
+    from cometpi.bench.accuracy import report
+    from cometpi.evaluate import save_result
+
+    out = tmp_path / "accuracy.json"
+    save_result(res, out)
+    save_result({**res, "plaintext": {"exact": 0.5}}, out)  # upsert by name: one row
+    report(out)
+    assert len(json.loads(out.read_text())) == 1
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n") == 3 and "100.00%" in table and "| 50.00 |" in table
+    assert (tmp_path / "accuracy_vs_online_bytes.png").stat().st_size > 1000
 
 
 def test_demo_classifies_with_three_processes(trained):
