@@ -28,7 +28,7 @@ def run(model: str, clients: int, workers: int, guess: str, texts: list[str]) ->
     from .. import checkpoint
     from ..nn import ApproxConfig, plaintext_forward
     from ..serve import spawn, stop
-    from ..service import PrivateClient, peak_rss_mb, reset_peak_rss
+    from ..service import PrivateClient, peak_rss_mb, reset_peak_rss, resolve_model_dir
 
     reset_peak_rss()
     dealer, daddr = spawn(["dealer", "--port", "0"])
@@ -63,11 +63,7 @@ def run(model: str, clients: int, workers: int, guess: str, texts: list[str]) ->
         if server is not None:
             stop(server)
         stop(dealer)
-    resolved = model
-    if model == "minilm":
-        from ..data import minilm_path
-
-        resolved = minilm_path()
+    resolved = resolve_model_dir(model)
     arch, params, meta = checkpoint.load(resolved)
     approx = dataclasses.replace(checkpoint.approx_of(meta) or ApproxConfig(), guess=guess)
     correct = 0
