@@ -158,12 +158,18 @@ def test_eval_private_agrees_and_resumes(trained, table, tmp_path):
 
     out = tmp_path / "accuracy.json"
     save_result(res, out)
-    save_result({**res, "plaintext": {"exact": 0.5}}, out)  # upsert by name: one row
+    save_result({**res, "plaintext": {**res["plaintext"], "exact": 0.5}}, out)  # upsert by name: one row
     report(out)
     assert len(json.loads(out.read_text())) == 1
     table = out.with_suffix(".md").read_text()
     assert table.count("\n") == 3 and "100.00%" in table and "| 50.00 |" in table
+    assert f"| {res['epochs']:g} ep, " in table  # the recipe's epochs and the measured training time
     assert (tmp_path / "accuracy_vs_online_bytes.png").stat().st_size > 1000
+    plain = tmp_path / "plain" / "accuracy.json"  # no private run yet: a table, and an empty plot
+    plain.parent.mkdir()
+    save_result({**res, "private": None}, plain)
+    report(plain)
+    assert "| - | - | - |" in plain.with_suffix(".md").read_text()
 
 
 def test_demo_classifies_with_three_processes(trained):

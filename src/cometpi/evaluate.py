@@ -76,7 +76,8 @@ def run_private(model_dir: str, approx_overrides: dict, enc, y, subset: list[int
     from .service import PrivateClient
 
     done = _read_records(records, header)
-    todo = sorted((i for i in subset if i not in done), key=lambda i: len(enc["input_ids"][i]))
+    # longest first: the progress bar's ETA then errs long rather than short
+    todo = sorted((i for i in subset if i not in done), key=lambda i: -len(enc["input_ids"][i]))
     if todo:
         records.parent.mkdir(parents=True, exist_ok=True)
         if not done:
@@ -162,7 +163,8 @@ def evaluate(model_dir: str, *, name: str | None = None, data: str = "rt", text_
         "approx": None if approx is None else approx.to_dict(), "model_hash": params_hash(params),
         "data": data_name, "split": "test", "n_test": len(test), "plaintext": plain,
         "plaintext_seconds": round(time.perf_counter() - t0, 1), "dev_accuracy": meta.get("dev_accuracy"),
-        "train_seconds": meta.get("train_seconds"), "git": git_sha(), "threads": torch.get_num_threads(),
+        "train_seconds": meta.get("train_seconds"), "epochs": (meta.get("config") or {}).get("epochs"),
+        "git": git_sha(), "threads": torch.get_num_threads(),
     }
     log(f"{result['name']}: plaintext " + ", ".join(f"{k} {v:.4f}" for k, v in plain.items()) + f" on {len(test)}")
     if private:
