@@ -57,7 +57,7 @@ def add_arguments(p) -> None:
 def markdown(rows: list[dict]) -> str:
     head = ("| variant | KD | GeLU / softmax | plaintext exact | plaintext approx (trained) | plaintext simulated "
             "| private | agreement | private rows | online / example | seconds / example | training |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         a, pt, pv = r.get("approx") or {}, r["plaintext"], r.get("private")
         fn = "GeLU / softmax" if not a else f"{a['gelu']} / {a['softmax']}" + (
@@ -106,7 +106,8 @@ def plot(rows: list[dict], path: Path) -> None:
                        edgecolors=dot.get_facecolor()[0], zorder=3)
         a = r["approx"]
         guess = f"comet guess, σ={a['sigma']:g}" if a["guess"] == "comet" else f"{a['guess']} guess"
-        ax.annotate(f"{r['name'].split('-64-')[0]}, {guess}", (x, y), textcoords="offset points",
+        variant = r["variant"] + ("-kd" if r.get("kd") else "")
+        ax.annotate(f"{variant}, {guess}", (x, y), textcoords="offset points",
                     xytext=(6, (6, -12, 18)[k % 3]), fontsize=8)
     exact = next((r for r in rows if r["name"] == "exact"), None)
     if exact:
