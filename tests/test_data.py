@@ -82,3 +82,29 @@ def test_minilm_tokenizer_offline():
     assert tok.vocab_size == 30_522
     cfg = AutoConfig.from_pretrained(path)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (6, 384, 1536)
+
+
+def test_load_table_refuses_empty_text_or_label(tmp_path):
+    """Issue 15: an empty text was trained on, an empty label became a third class; both are refused with
+    the file and row (line) number, by the loader and by ``finetune.load_dataset``."""
+    from cometpi.finetune import load_dataset
+
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\ngood,pos\n,neg\nbad,neg\n")
+    with pytest.raises(ValueError, match=r"t\.csv:3: empty text in column 'text'"):
+        load_table(p)
+    p.write_text("text,label\ngood,pos\nbad,neg\nmeh,\n")
+    with pytest.raises(ValueError, match=r"t\.csv:4: empty label in column 'label'.*class of its own"):
+        load_table(p)
+    with pytest.raises(ValueError, match=r"t\.csv:4: empty label"):
+        load_dataset(str(p))
+    p.write_text("text,label\ngood,pos\n   ,neg\n")  # blank counts as empty
+    with pytest.raises(ValueError, match=r"t\.csv:3: empty text"):
+        load_table(p)
+    j = tmp_path / "t.jsonl"
+    j.write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": " "}\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:3: empty label in column 'label'"):
+        load_table(j)
+    j.write_text('{"text": "", "label": 0}\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:1: empty text"):
+        load_dataset(str(j))

@@ -186,3 +186,67 @@ def test_demo_classifies_with_three_processes(trained):
         if "private:" in line:
             assert line.split()[1] == line.split("plaintext:")[1].split()[0]
     assert "dealer and server stopped" in out
+
+
+def test_teacher_must_be_an_existing_exact_checkpoint(trained, tiny_dir, table, tmp_path, capsys):
+    """Issue 15: a mistyped --teacher failed with Hugging Face's 'Repo id must be in the form ...', and a
+    checkpoint fine-tuned for Comet's replacements was accepted as the KD teacher."""
+    from cometpi.cli import main
+
+    root, _, _ = trained
+    typo = tmp_path / "runs" / "exatc"
+    assert main(["finetune", "--kd", "--teacher", str(typo), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint exists at {typo}" in err and "Repo id" not in err
+    from cometpi.finetune import check_teacher
+
+    with pytest.raises(ValueError, match="no config.json"):
+        check_teacher(str(tmp_path))
+    assert main(["finetune", "--kd", "--teacher", str(root / "comet"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "the KD teacher must be the exact model" in err and "gelu=smu softmax=relu" in err
+    with pytest.raises(ValueError, match="KD teacher must be the exact model"):  # the Python API too
+        _train(tiny_dir, table, tmp_path / "y", variant="mpcformer", kd=True, teacher=str(root / "comet"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    check_teacher(str(root / "exact"))  # the documented teacher passes
+
+
+def test_eval_reuses_or_skips_the_plaintext_run(trained, table, tmp_path, capsys, monkeypatch):
+    """Issue 15: ``eval --private N`` re-ran the plaintext accuracies on the whole test split every time.
+    They are cached by model hash, approximations, tokenized test split, max length and code, and reused
+    (said so); ``--skip-plaintext`` simulates only the private rows."""
+    from cometpi import evaluate as E
+    from cometpi.cli import main
+
+    root, _, _ = trained
+    cache = tmp_path / "plain.json"
+    logs: list[str] = []
+    kw = dict(data=table, text_col="review", label_col="stars", approx_overrides={"guess": "constant"},
+              log=logs.append)
+    first = evaluate(str(root / "comet"), plaintext_cache=cache, **kw)
+    assert set(first["plaintext"]) == {"exact", "trained", "simulated"} and "plaintext_reused_from" not in first
+    (entry,) = json.loads(cache.read_text())
+    assert entry["key"]["max_length"] == 64 and entry["key"]["split"] == "test" and len(entry["simulated_pred"]) == 8
+
+    def boom(*a, **k):
+        raise AssertionError("the plaintext run was repeated")
+
+    monkeypatch.setattr(E, "plaintext", boom)
+    args = ["eval", "--model", str(root / "comet"), "--data", table, "--text-col", "review", "--label-col", "stars",
+            "--guess", "constant", "--plaintext-cache", str(cache)]
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"reusing the plaintext accuracies in {cache}" in out
+    assert f"simulated {first['plaintext']['simulated']:.4f}" in out
+    with pytest.raises(AssertionError, match="repeated"):  # another max length is another key
+        evaluate(str(root / "comet"), plaintext_cache=cache, max_length=16, **kw)
+    # --skip-plaintext: no cache, only the private rows simulated; the private run still agrees
+    res = evaluate(str(root / "comet"), private=2, batch=2, records=str(tmp_path / "rec.jsonl"), skip_plaintext=True,
+                   **kw)
+    assert res["plaintext"] == {} and res["plaintext_skipped"] and any("--skip-plaintext" in x for x in logs)
+    assert res["private"]["n"] == 2 and res["private"]["agreement_with_simulated"] == 1.0
+    with pytest.raises(ValueError, match="nothing to evaluate without --private"):
+        evaluate(str(root / "comet"), skip_plaintext=True, **kw)
+    assert main([*args, "--private", "2", "--skip-plaintext", "--out", str(tmp_path / "acc.json")]) == 2
+    assert "--skip-plaintext writes no plaintext accuracies" in capsys.readouterr().err

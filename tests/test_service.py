@@ -96,6 +96,47 @@ def test_python_api_several_queries_and_pinned_hash(tiny_bert_dir):
         dealer.stop()
 
 
+def test_infer_says_when_a_text_was_truncated(tiny_bert_dir, tmp_path, capsys):
+    """Issue 15: a long text was cut to --max-length silently, its whole text echoed beside the label.
+    The line for that text now says '(truncated to K of N tokens)'; the API rows carry the counts."""
+    import threading
+
+    from cometpi.cli import main
+    from cometpi.dealer import DealerServer
+    from cometpi.serve import serve_forever
+    from cometpi.service import ModelServer, PrivateClient
+    from cometpi.transport import listen
+
+    dealer = DealerServer().start()
+    daddr = f"{dealer.address[0]}:{dealer.address[1]}"
+    server = ModelServer(str(tiny_bert_dir), ApproxConfig(guess="constant", gelu="quad", softmax="quad2"))
+    sock = listen()
+    port = sock.getsockname()[1]
+    sock.close()
+    threading.Thread(target=serve_forever, args=(server.handle,), daemon=True,
+                     kwargs=dict(host="127.0.0.1", port=port, dealer=daddr, config=server.config, timeout=60,
+                                 extra=server.card)).start()
+    long_text, short = " ".join(["great"] * 100), "dull"  # 102 and 3 tokens with [CLS] and [SEP]
+    try:
+        capsys.readouterr()
+        rc = main(["infer", "--server", f"127.0.0.1:{port}", "--dealer", daddr, "--max-length", "16",
+                   "--json", str(tmp_path / "out.json"), long_text, short])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        lines = out.splitlines()
+        long_line = next(x for x in lines if long_text in x)
+        assert "\t(truncated to 16 of 102 tokens) great great" in long_line
+        assert next(x for x in lines if x.endswith(f"\t{short}")).count("truncated") == 0
+        assert "note: 1 of 2 text(s) truncated to 16 tokens" in out and "--max-length (up to 64" in out
+        rows = json.loads((tmp_path / "out.json").read_text())["results"]
+        assert [(r["tokens"], r["tokens_used"], r["truncated"]) for r in rows] == [(102, 16, True), (3, 3, False)]
+        with PrivateClient(f"127.0.0.1:{port}", daddr) as c:  # the default 128 is capped by the model's 64
+            (r,) = c.classify([long_text])
+            assert (r["tokens"], r["tokens_used"], r["truncated"]) == (102, 64, True)
+    finally:
+        dealer.stop()
+
+
 @pytest.fixture
 def model_service(tiny_bert_dir):
     """A dealer and a model server (3 concurrent sessions) as processes; yields their addresses."""

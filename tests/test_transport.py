@@ -163,6 +163,25 @@ def test_truncated_frame_and_disconnect():
         b.recv("x")
 
 
+def test_cannot_connect_names_the_address_once():
+    """Issue 15: 'cannot connect to server at A at A' printed the address twice."""
+    from cometpi.core import Config
+    from cometpi.party import connect_client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    where = f"127.0.0.1:{free}"
+    for name, want in ((f"server at {where}", f"cannot connect to server at {where}: "),
+                       ("dealer", f"cannot connect to dealer at {where}: ")):
+        with pytest.raises(PeerDisconnected) as e:
+            TcpChannel.connect("127.0.0.1", free, meter=Meter(), peer_name=name)
+        assert str(e.value).startswith(want) and str(e.value).count(where) == 1, str(e.value)
+    with pytest.raises(PeerDisconnected) as e:  # the client's own path (cometpi infer, linear query)
+        connect_client(where, where, Config(), timeout=5)
+    assert str(e.value).startswith(f"cannot connect to server at {where}: ") and str(e.value).count(where) == 1
+
+
 @pytest.mark.parametrize("make", [pair, tcp_pair])
 def test_silent_peer_times_out(make):
     a, b = make(timeout=0.5)

@@ -34,15 +34,7 @@ def load(model_dir: str | Path) -> tuple[Arch, dict[str, torch.Tensor], dict]:
 
     model_dir = Path(model_dir)
     arch, params = from_hf(model_dir)
-    meta: dict = {}
-    meta_path = model_dir / META_FILE
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path}: expected a JSON object")
+    meta = read_meta(model_dir)
     mu_path = model_dir / MU_FILE
     if mu_path.is_file():
         mus = load_file(str(mu_path))
@@ -54,6 +46,20 @@ def load(model_dir: str | Path) -> tuple[Arch, dict[str, torch.Tensor], dict]:
                 raise ValueError(f"{mu_path}: {k} has shape {tuple(v.shape)}, expected ({arch.ffn},)")
             params[k] = v.to(torch.float64)
     return arch, params, meta
+
+
+def read_meta(model_dir: str | Path) -> dict:
+    """The ``cometpi.json`` of a checkpoint directory ({} if it has none), without loading the weights."""
+    meta_path = Path(model_dir) / META_FILE
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object")
+    return meta
 
 
 def approx_of(meta: dict):

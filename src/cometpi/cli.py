@@ -20,13 +20,15 @@ def _config(args):
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits f (default 16)")
+    p.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits f (default %(default)s)")
     p.add_argument("--trunc", choices=["exact", "local"], default="exact",
                    help="truncation after products: exact (wrap-corrected, 1 round) or local "
-                        "(SecureML, 0 rounds, rare large errors); default exact")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for any peer message")
+                        "(SecureML, 0 rounds, rare large errors); default %(default)s")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for any peer message (default %(default)g)")
     p.add_argument("--net", choices=["lan", "wan", "bolt-wan"], default=None,
-                   help="emulate this network on the peer link (bandwidth and one-way delay, felt in wall time)")
+                   help="emulate this network on the peer link (bandwidth and one-way delay, felt in wall time; "
+                        "default: none)")
 
 
 def _net(args):
@@ -122,7 +124,7 @@ def cmd_serve(args) -> int:
 
 def cmd_infer(args) -> int:
     from .serve import save_json
-    from .service import PrivateClient, format_bytes
+    from .service import PrivateClient, format_bytes, truncation_note
 
     with PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
                        model_hash=args.model_hash, timeout=args.timeout, net=_net(args)) as client:
@@ -135,16 +137,28 @@ def cmd_infer(args) -> int:
                                    hide_length=args.hide_length)
             st = rows[0]["batch_stats"]
             for r in rows:
-                print(f"{r['label']}\t{r['confidence']:.3f}\t{r['text']}")
+                print(f"{r['label']}\t{r['confidence']:.3f}\t{_with_note(r)}")
         else:
             ids, mask = client.encode(args.texts, max_length=args.max_length, pad_to=args.pad_to)
+            counts = client.token_counts(args.texts, mask)
             out, st = client.infer_ids(ids, mask, hide_length=args.hide_length)
-            rows = [{"text": t, "output": out[i].tolist()} for i, t in enumerate(args.texts)]
+            rows = [{"text": t, "output": out[i].tolist(), **counts[i]} for i, t in enumerate(args.texts)]
             if a.head == "lm":
-                for i, t in enumerate(args.texts):
-                    print(f"next token id {int(out[i].argmax())}\t{t}")
+                for i, r in enumerate(rows):
+                    print(f"next token id {int(out[i].argmax())}\t{_with_note(r)}")
             else:
                 print(f"hidden states {tuple(out.shape)}")
+                for i, r in enumerate(rows):
+                    if r["truncated"]:
+                        print(f"text {i + 1} {truncation_note(r)}")
+        cut = sum(r["truncated"] for r in rows)
+        if cut:
+            limit = a.max_positions - a.position_offset
+            flag, cap = ("--pad-to", args.pad_to) if args.pad_to else ("--max-length", args.max_length)
+            more = (f"a larger {flag} (up to {limit}, the model's positions) keeps more" if cap < limit
+                    else f"the model takes at most {limit} tokens")
+            print(f"note: {cut} of {len(rows)} text(s) truncated to {min(cap, limit)} tokens, the model saw only "
+                  f"their beginning; {more}")
         on, off = st["online"], st["offline"]
         print(f"online {format_bytes(on['bytes_sent'] + on['bytes_recv'])} in {on['rounds']} rounds, offline "
               f"{format_bytes(off['bytes_sent'] + off['bytes_recv'])}, {st['seconds']:.1f} s")
@@ -153,21 +167,31 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def _with_note(row: dict) -> str:
+    """The echoed text of an ``infer`` result, after '(truncated to K of N tokens)' if it was cut."""
+    from .service import truncation_note
+
+    note = truncation_note(row)
+    return f"{note} {row['text']}" if note else row["text"]
+
+
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="rt", help="rt (Rotten Tomatoes, bundled) or a CSV/TSV/JSONL file; split "
-                                                "80/10/10 with a seeded hash (docs/finetune.md)")
-    p.add_argument("--text-col", default="text", help="text column of --data FILE")
-    p.add_argument("--label-col", default="label", help="label column of --data FILE")
+                                                "80/10/10 with a seeded hash (docs/finetune.md); default %(default)s")
+    p.add_argument("--text-col", default="text", help="text column of --data FILE (default %(default)s)")
+    p.add_argument("--label-col", default="label", help="label column of --data FILE (default %(default)s)")
 
 
 def cmd_finetune(args) -> int:
     import torch
 
-    from .finetune import FinetuneConfig, finetune, load_dataset
+    from .finetune import FinetuneConfig, check_teacher, finetune, load_dataset
     from .service import resolve_model_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.teacher:
+        check_teacher(args.teacher)  # before the data and the base model are loaded
     cfg = FinetuneConfig(variant=args.variant, kd=args.kd, teacher=args.teacher, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                          train_limit=args.train_limit, seed=args.seed)
@@ -187,11 +211,15 @@ def cmd_eval(args) -> int:
 
     from .evaluate import evaluate, save_result
 
+    if args.skip_plaintext and args.out:
+        raise ValueError("--skip-plaintext writes no plaintext accuracies, which the results in --out need; drop "
+                         "one of them (the plaintext run is reused from --plaintext-cache when it was done before)")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = evaluate(args.model, name=args.name, data=args.data, text_col=args.text_col, label_col=args.label_col,
                       private=args.private, batch=args.batch, seed=args.seed, approx_overrides=_approx_overrides(args),
-                      records=args.records, max_length=args.max_length, timeout=args.timeout)
+                      records=args.records, max_length=args.max_length, timeout=args.timeout,
+                      skip_plaintext=args.skip_plaintext, plaintext_cache=args.plaintext_cache or None)
     if args.out:
         save_result(result, Path(args.out))
         print(f"wrote {args.out}")
@@ -274,12 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     inf = sub.add_parser("infer", help="classify text privately against a model server")
     inf.add_argument("texts", nargs="+", help="one or more sentences (one batch)")
-    inf.add_argument("--server", required=True)
-    inf.add_argument("--dealer", required=True)
+    inf.add_argument("--server", required=True, help="model server HOST:PORT")
+    inf.add_argument("--dealer", required=True, help="dealer HOST:PORT")
     inf.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MiniLM's for BERT vocab)")
     inf.add_argument("--model-hash", default=None, help="refuse a server whose model hash differs")
-    inf.add_argument("--max-length", type=int, default=128)
-    inf.add_argument("--pad-to", type=int, default=None, help="pad every text to this many tokens")
+    inf.add_argument("--max-length", type=int, default=128,
+                     help="tokens per text, at most the model's positions; longer texts are truncated and marked "
+                          "'(truncated to K of N tokens)' (default %(default)s)")
+    inf.add_argument("--pad-to", type=int, default=None, help="pad (or truncate) every text to this many tokens "
+                                                              "(default: pad to the longest text)")
     inf.add_argument("--hide-length", action="store_true", help="share the padding mask: the server learns "
                      "only the padded length")
     inf.add_argument("--json", default=None, help="write results and costs to this JSON file")
@@ -291,17 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exact (GeLU/softmax), comet (SMU with trained mu + ReLU-softmax; default), mpcformer "
                          "(Quad + 2Quad)")
     ft.add_argument("--kd", action="store_true", help="distil from --teacher (the exact fine-tuned model)")
-    ft.add_argument("--teacher", default=None, help="exact fine-tuned checkpoint: KD teacher and starting point")
+    ft.add_argument("--teacher", default=None, help="exact fine-tuned checkpoint (finetune --variant exact): KD "
+                                                    "teacher and starting point; one trained for approximations "
+                                                    "is refused")
     ft.add_argument("--base", default="minilm", help="pretrained checkpoint to start from (default: bundled MiniLM)")
     ft.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the base checkpoint's)")
     _add_data(ft)
-    ft.add_argument("--epochs", type=float, default=1.0)
-    ft.add_argument("--batch-size", type=int, default=32)
-    ft.add_argument("--lr", type=float, default=5e-5)
-    ft.add_argument("--max-length", type=int, default=64, help="tokens per text (longer ones are truncated)")
-    ft.add_argument("--train-limit", type=int, default=None, help="train on N seeded rows of the train split")
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ft.add_argument("--epochs", type=float, default=1.0, help="passes over the train split (default %(default)g)")
+    ft.add_argument("--batch-size", type=int, default=32, help="texts per step (default %(default)s)")
+    ft.add_argument("--lr", type=float, default=5e-5, help="learning rate of the encoder (default %(default)g)")
+    ft.add_argument("--max-length", type=int, default=64,
+                    help="tokens per text, longer ones are truncated (default %(default)s)")
+    ft.add_argument("--train-limit", type=int, default=None,
+                    help="train on N seeded rows of the train split (default: all)")
+    ft.add_argument("--seed", type=int, default=0, help="seed of the classifier init and data order "
+                                                        "(default %(default)s)")
+    ft.add_argument("--threads", type=int, default=0, help="torch threads (default %(default)s: torch's default)")
     ft.add_argument("--out", required=True, help="checkpoint directory to write (replaced atomically)")
     ft.set_defaults(fn=cmd_finetune)
 
@@ -310,13 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--name", default=None, help="row name in the results (default: the directory's name)")
     _add_data(ev)
     ev.add_argument("--private", type=int, default=0, metavar="N",
-                    help="also classify N seeded test rows privately (dealer, server, client processes)")
-    ev.add_argument("--batch", type=int, default=8, help="texts per private query (similar lengths)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the private subset")
-    ev.add_argument("--records", default=None, help="JSONL of per-example private results (resumed if present)")
-    ev.add_argument("--max-length", type=int, default=64)
-    ev.add_argument("--timeout", type=float, default=600.0)
-    ev.add_argument("--threads", type=int, default=0)
+                    help="also classify N seeded test rows privately (dealer, server, client processes; "
+                         "default %(default)s: plaintext only)")
+    ev.add_argument("--batch", type=int, default=8,
+                    help="texts per private query (similar lengths; default %(default)s)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the private subset (default %(default)s)")
+    ev.add_argument("--records", default=None, help="JSONL of per-example private results, resumed if present "
+                                                    "(default: runs/eval-NAME-GUESS-HASH.jsonl)")
+    ev.add_argument("--max-length", type=int, default=64,
+                    help="tokens per text, longer ones are truncated (default %(default)s)")
+    ev.add_argument("--skip-plaintext", action="store_true",
+                    help="with --private N: skip the plaintext accuracies on the whole test split (unless cached) "
+                         "and simulate only the N private rows, for the agreement; not with --out")
+    ev.add_argument("--plaintext-cache", default="runs/eval-plaintext.json", metavar="FILE",
+                    help="reuse the plaintext accuracies stored here for the same model hash, approximations, "
+                         "test split and --max-length, else compute and store them ('' to disable; "
+                         "default %(default)s)")
+    ev.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds to wait for any peer message (default %(default)g)")
+    ev.add_argument("--threads", type=int, default=0, help="torch threads (default %(default)s: torch's default)")
     ev.add_argument("--out", default=None, help="upsert the result into this JSON list "
                                                 "(e.g. bench/results/accuracy.json)")
     _add_approx(ev)

@@ -90,7 +90,7 @@ def load_table(path: str | Path, text_col: str = "text", label_col: str = "label
     A ``.bz2`` or ``.gz`` suffix after those is decompressed.  Labels are ints when every label is an
     integer (or a string of one), else strings.  Raises FileNotFoundError for a missing file and
     ValueError naming the problem for an unknown format, a missing column, an empty table, a non-string
-    text, or a line that does not parse (with its line number).
+    text, an empty (or blank) text or label, or a line that does not parse (with its line number).
     """
     path = Path(path)
     if not path.is_file():
@@ -111,6 +111,11 @@ def load_table(path: str | Path, text_col: str = "text", label_col: str = "label
             raise ValueError(f"{path}:{line}: column {text_col!r} is {type(text).__name__}, expected a string")
         if label is None or isinstance(label, dict | list):
             raise ValueError(f"{path}:{line}: column {label_col!r} has no usable label: {label!r}")
+        if not text.strip():
+            raise ValueError(f"{path}:{line}: empty text in column {text_col!r}; fill it in or remove the row")
+        if not str(label).strip():
+            raise ValueError(f"{path}:{line}: empty label in column {label_col!r} (it would become a class of its "
+                             "own); fill it in or remove the row")
         out.append((text, str(label)))
     return _int_labels(out)
 

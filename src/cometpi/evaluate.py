@@ -8,6 +8,11 @@ Three plaintext accuracies on the whole test split:
 * ``simulated`` -- the protocol's own math in float64: rsqrt by its initial guess (Comet's on
   simulated flooded shares, or the constant) and Newton steps, CrypTen's tanh in the pooler.
 
+These cost minutes (the simulated guess most), so they can be reused from a cache file keyed by the
+model hash, the approximations, the tokenized test split and the max length (``plaintext_cache``;
+``cometpi eval --plaintext-cache``), or skipped before a private run (``skip_plaintext``: only the
+private rows are simulated, for the agreement).
+
 The private run classifies a seeded subset of the test split (``_order`` ranks; the same subset on
 every machine), in batches of similar length (the padded length of each batch is public), and
 compares each private prediction with the simulated one (agreement).  Per-example records go to a
@@ -17,6 +22,7 @@ JSONL file as they arrive, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -45,6 +51,41 @@ def plaintext(arch, params, approx: ApproxConfig | None, enc, y) -> dict:
         out["simulated"] = _acc(sim, y)
         out["simulated_pred"] = sim.argmax(-1)
     return out
+
+
+def plaintext_key(model_hash: str, approx: ApproxConfig | None, data_name: str, enc, y, max_length: int) -> dict:
+    """What the plaintext accuracies depend on: the weights, the approximations, the test split as
+    tokenized (so the data file's rows, the tokenizer and ``max_length`` are all in the hash) and the
+    code that computes them."""
+    h = hashlib.sha256(json.dumps([list(map(list, enc["input_ids"])), y.tolist()]).encode()).hexdigest()[:16]
+    return {"model_hash": model_hash, "approx": None if approx is None else approx.to_dict(), "data": data_name,
+            "split": "test", "n_test": len(y), "max_length": max_length, "test_hash": h, "code_hash": _code_hash()}
+
+
+def _code_hash() -> str:
+    """Hash of the sources of the float model and the approximations (a change there recomputes)."""
+    pkg = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in [pkg / "nn.py", *sorted((pkg / "approx").glob("*.py"))]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cached_plaintext(path: Path, key: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        entries = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); remove it or pass another --plaintext-cache") from None
+    return next((e for e in entries if isinstance(e, dict) and e.get("key") == key), None)
+
+
+def _store_plaintext(path: Path, entry: dict) -> None:
+    from .serve import save_json
+
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    save_json(str(path), [e for e in entries if e.get("key") != entry["key"]] + [entry])
 
 
 def private_subset(n_test: int, n: int, seed: int) -> list[int]:
@@ -135,8 +176,14 @@ def summarize_private(recs: list[dict]) -> dict:
 def evaluate(model_dir: str, *, name: str | None = None, data: str = "rt", text_col: str = "text",
              label_col: str = "label", private: int = 0, batch: int = 8, seed: int = 0,
              approx_overrides: dict | None = None, records: str | None = None, max_length: int = 64,
-             timeout: float = 600.0, log=print) -> dict:
-    """Plaintext accuracies on the test split and, with ``private`` > 0, the private run on that many."""
+             timeout: float = 600.0, skip_plaintext: bool = False, plaintext_cache: str | Path | None = None,
+             log=print) -> dict:
+    """Plaintext accuracies on the test split and, with ``private`` > 0, the private run on that many.
+
+    ``plaintext_cache``: a JSON file of earlier plaintext results; one with the same key
+    (:func:`plaintext_key`) is reused (and said so), else the new one is stored there.
+    ``skip_plaintext`` (with ``private``): no plaintext accuracies unless cached; the simulated
+    predictions are computed for the private rows only."""
     from transformers import AutoTokenizer
 
     from .bench.ops import git_sha
@@ -155,21 +202,52 @@ def evaluate(model_dir: str, *, name: str | None = None, data: str = "rt", text_
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     enc = tok([t for t, _ in test], truncation=True, max_length=max_length)
     y = torch.tensor([lab for _, lab in test])
+    if skip_plaintext and not private:
+        raise ValueError("--skip-plaintext leaves nothing to evaluate without --private N")
+    if private and (approx is None or approx.is_exact):  # before minutes of plaintext work
+        raise ValueError("the private run needs approximations (this checkpoint is exact: pass --gelu/--softmax)")
+    model_hash = params_hash(params)
+    key = plaintext_key(model_hash, approx, data_name, enc, y, max_length)
+    cache = Path(plaintext_cache) if plaintext_cache else None
+    cached = _cached_plaintext(cache, key) if cache else None
     t0 = time.perf_counter()
-    plain = plaintext(arch, params, approx, enc, y)
-    sim_pred = plain.pop("simulated_pred", None)
+    extra: dict = {}
+    if cached is not None:
+        plain, sim_pred = dict(cached["plaintext"]), cached.get("simulated_pred")
+        sim_pred = None if sim_pred is None else torch.tensor(sim_pred)
+        seconds = cached["plaintext_seconds"]
+        extra["plaintext_reused_from"] = str(cache)
+        log(f"reusing the plaintext accuracies in {cache} (same model hash {model_hash}, approximations, test split, "
+            f"--max-length {max_length} and code; computed at git {cached.get('git')}, {seconds:g} s)")
+    elif skip_plaintext:
+        subset = private_subset(len(test), private, seed)
+        sub = {"input_ids": [enc["input_ids"][i] for i in subset]}
+        sim = predict(arch, params, approx, sub, ideal=False, dtype=torch.float64, desc="approx (simulated)")
+        sim_pred = torch.full((len(test),), -1, dtype=torch.int64)
+        sim_pred[subset] = sim.argmax(-1)
+        plain, seconds = {}, round(time.perf_counter() - t0, 1)
+        extra["plaintext_skipped"] = True
+        log(f"skipped the plaintext accuracies on the test split (--skip-plaintext); simulated only the "
+            f"{len(subset)} private rows")
+    else:
+        plain = plaintext(arch, params, approx, enc, y)
+        sim_pred = plain.pop("simulated_pred", None)
+        seconds = round(time.perf_counter() - t0, 1)
+        if cache:
+            _store_plaintext(cache, {"key": key, "plaintext": plain, "plaintext_seconds": seconds, "git": git_sha(),
+                                     "simulated_pred": None if sim_pred is None else sim_pred.tolist()})
     result = {
         "name": name or Path(model_dir).name, "variant": meta.get("variant"), "kd": meta.get("kd"),
-        "approx": None if approx is None else approx.to_dict(), "model_hash": params_hash(params),
-        "data": data_name, "split": "test", "n_test": len(test), "plaintext": plain,
-        "plaintext_seconds": round(time.perf_counter() - t0, 1), "dev_accuracy": meta.get("dev_accuracy"),
+        "approx": None if approx is None else approx.to_dict(), "model_hash": model_hash,
+        "data": data_name, "split": "test", "n_test": len(test), "max_length": max_length, "plaintext": plain,
+        "plaintext_seconds": seconds, **extra, "dev_accuracy": meta.get("dev_accuracy"),
         "train_seconds": meta.get("train_seconds"), "epochs": (meta.get("config") or {}).get("epochs"),
         "git": git_sha(), "threads": torch.get_num_threads(),
     }
-    log(f"{result['name']}: plaintext " + ", ".join(f"{k} {v:.4f}" for k, v in plain.items()) + f" on {len(test)}")
+    if plain:
+        log(f"{result['name']}: plaintext " + ", ".join(f"{k} {v:.4f}" for k, v in plain.items())
+            + f" on {len(test)}")
     if private:
-        if sim_pred is None:
-            raise ValueError("the private run needs approximations (this checkpoint is exact: pass --gelu/--softmax)")
         subset = private_subset(len(test), private, seed)
         header = {"model_hash": result["model_hash"], "approx": result["approx"], "seed": seed, "n": len(subset),
                   "data": data_name, "max_length": max_length, "batch": batch}

@@ -77,6 +77,24 @@ class FinetuneConfig:
             raise ValueError("epochs and batch size must be positive, max length >= 8")
 
 
+def check_teacher(path: str) -> None:
+    """Refuse a ``--teacher`` that is no checkpoint, or one fine-tuned for Comet's (or any) replacements:
+    distillation needs the exact model's logits, and a student starting from approximate weights would
+    learn them twice over."""
+    d = Path(path)
+    if not d.is_dir():
+        raise ValueError(f"--teacher {path}: no checkpoint exists at {path} (give the directory written by "
+                         "`cometpi finetune --variant exact --out DIR`)")
+    if not (d / "config.json").is_file():
+        raise ValueError(f"--teacher {path}: no checkpoint exists at {path} (the directory has no config.json)")
+    meta = checkpoint.read_meta(d)
+    approx = checkpoint.approx_of(meta)
+    if approx is not None and not approx.is_exact:
+        raise ValueError(f"--teacher {path}: this checkpoint was fine-tuned for the replacements gelu={approx.gelu} "
+                         f"softmax={approx.softmax} (variant {meta.get('variant', '?')}); the KD teacher must be the "
+                         "exact model: fine-tune one with `cometpi finetune --variant exact --out DIR` and pass DIR")
+
+
 def _order(n: int, seed: int, epoch: int) -> list[int]:
     """A seeded permutation (hash ranks, like ``data.split``): the same on every machine."""
     return sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{epoch}:{i}".encode()).digest())
@@ -149,6 +167,8 @@ def finetune(cfg: FinetuneConfig, train_rows, dev_rows, out_dir: str, *, base: s
     import transformers
 
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    if cfg.teacher:
+        check_teacher(cfg.teacher)
     start_dir = cfg.teacher or base
     hf = _base_model(start_dir, labels, cfg.seed)
     arch, params64 = from_hf(hf)

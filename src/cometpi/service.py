@@ -222,17 +222,20 @@ class PrivateClient:
 
     def classify(self, texts: list[str], *, max_length: int = 128, pad_to: int | None = None,
                  hide_length: bool = False) -> list[dict]:
-        """Label, confidence and logits per text (one private inference for the batch)."""
+        """Label, confidence and logits per text (one private inference for the batch), and how many
+        tokens each text has (``tokens``), how many the model saw (``tokens_used``: at most
+        ``max_length``, ``pad_to`` or the model's positions) and whether it was cut (``truncated``)."""
         if self.arch.head != "classifier":
             raise ValueError(f"the served model has no classifier head (head {self.arch.head!r})")
         ids, mask = self.encode(texts, max_length=max_length, pad_to=pad_to)
+        counts = self.token_counts(texts, mask)
         logits, stats = self.infer_ids(ids, mask, hide_length=hide_length)
         probs = torch.softmax(logits, -1)
         out = []
         for i, text in enumerate(texts):
             k = int(probs[i].argmax())
             out.append({"text": text, "label": self.labels[k] if self.labels else k, "confidence": float(probs[i, k]),
-                        "logits": logits[i].tolist()})
+                        "logits": logits[i].tolist(), **counts[i]})
         for row in out:
             row["batch_stats"] = stats
         return out
@@ -252,6 +255,14 @@ class PrivateClient:
             raise ValueError(f"the tokenizer produced id {int(ids.max())}, beyond the model's vocabulary "
                              f"({self.arch.vocab}): wrong --tokenizer?")
         return ids, mask
+
+    def token_counts(self, texts: list[str], attention_mask: torch.Tensor) -> list[dict]:
+        """Per text: its tokens without truncation (special tokens included), the tokens the model sees
+        (the mask ``encode`` returned) and whether the text was cut."""
+        full = self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]  # no too-long warning
+        used = attention_mask.sum(1).tolist()
+        return [{"tokens": len(f), "tokens_used": int(u), "truncated": len(f) > u}
+                for f, u in zip(full, used, strict=True)]
 
     def server_stats(self) -> dict:
         """The server's meter report and peak memory (it shares only its own costs)."""
@@ -284,6 +295,13 @@ def load_tokenizer(path: str | None, arch: Arch):
 
         return BertTokenizerFast.from_pretrained(minilm_path(), local_files_only=True)
     raise ValueError(f"no tokenizer known for a {arch.kind} with {arch.vocab} tokens: pass --tokenizer DIR")
+
+
+def truncation_note(row: dict) -> str:
+    """'(truncated to 128 of 2,731 tokens)' for a row of ``classify`` or ``token_counts`` that was cut, else ''."""
+    if not row.get("truncated"):
+        return ""
+    return f"(truncated to {row['tokens_used']:,} of {row['tokens']:,} tokens)"
 
 
 def format_bytes(n: float) -> str:

@@ -497,7 +497,10 @@ class TcpChannel(Channel):
             except (TimeoutError, ConnectionRefusedError, OSError) as e:
                 last = e
                 time.sleep(0.2)
-        raise PeerDisconnected(f"cannot connect to {kw.get('peer_name', 'peer')} at {host}:{port}: {last}")
+        who, where = kw.get("peer_name", "peer"), f"{host}:{port}"
+        if not who.endswith(f" at {where}"):  # party's names carry the address already: "server at HOST:PORT"
+            who = f"{who} at {where}"
+        raise PeerDisconnected(f"cannot connect to {who}: {last}")
 
     def _write_loop(self) -> None:
         while True:
