@@ -346,10 +346,11 @@ def test_composite_costs_match_their_docstrings():
     spec = RsqrtSpec(0.1, 40.0, guess="constant")
     k = spec.n_iterations()
     rs_b, rs_r = 144 * k, 6 * k
-    _, on = on_shares(smu, x, 0.5, spec)  # square + rsqrt + product
-    assert (on.payload_bytes, on.rounds) == (n * (32 + rs_b + 48), 2 + rs_r + 2)
-    _, on = on_shares(crypten_exp, x)  # 8 squarings
-    assert (on.payload_bytes, on.rounds) == (n * 8 * 32, 16)
+    # square (its truncation round also halves x: +16 B) + rsqrt + product (truncated by f + 1)
+    _, on = on_shares(smu, x, 0.5, spec)
+    assert (on.payload_bytes, on.rounds) == (n * (32 + 16 + rs_b + 48), 2 + rs_r + 2)
+    _, on = on_shares(crypten_exp, x)  # an exact truncation by 2^8, then 8 squarings
+    assert (on.payload_bytes, on.rounds) == (n * (16 + 8 * 32), 1 + 16)
     xr = torch.linspace(0.5, 30, 40, dtype=torch.float64)
     _, on = on_shares(reciprocal, xr, spec)  # rsqrt + square
     assert (on.payload_bytes, on.rounds) == (n * (rs_b + 32), rs_r + 2)
@@ -368,9 +369,10 @@ def test_softmax_and_root_costs_match_their_docstrings():
     x = torch.linspace(0.5, 30, 16, dtype=torch.float64)
     _, on = on_shares(sqrt, x, spec)  # rsqrt + 1 product
     assert (on.payload_bytes, on.rounds) == (16 * (144 * k + 48), 6 * k + 2)
-    # 2Quad over rows of 8: square (32 B/elt), a 6-bit local shift, CrypTen's reciprocal on the row
-    # sums (exp: 8 squarings; 10 steps of 2 products), the final product (48 B/elt)
+    # 2Quad over rows of 8: square (32 B/elt), an exact 6-bit truncation of the row sums (16 B/row,
+    # 1 round), CrypTen's reciprocal on them (exp: a truncation and 8 squarings; 10 steps of 2
+    # products), the final product (48 B/elt, its truncation also divides by 64)
     s, mask = softmax_inputs(rows=2, keys=8, valid=8)
     _, on = on_shares(quad2_softmax, s, mask)
-    recip = 8 * 32 + 16 + 10 * 96  # exp, the public product by 3, Newton
-    assert (on.payload_bytes, on.rounds) == (16 * 32 + 2 * recip + 16 * 48, 2 + (16 + 1 + 40) + 2)
+    recip = 16 + 8 * 32 + 16 + 10 * 96  # exp, the public product by 3, Newton
+    assert (on.payload_bytes, on.rounds) == (16 * 32 + 2 * 16 + 2 * recip + 16 * 48, 2 + 1 + (17 + 1 + 40) + 2)

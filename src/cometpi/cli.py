@@ -404,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("load", "one model server, N clients at once: throughput, latency, peak memory"),
         ("accuracy", "fine-tune every variant, accuracy in plaintext and private; table, plot"),
         ("ranges", "rsqrt input ranges measured in MiniLM-L6 on real sentences"),
+        ("sites", "rsqrt call sites at 128-512 tokens on adversarial texts: ranges, headroom, failure odds"),
+        ("soak", "many private inferences of long and adversarial texts against the plaintext model"),
     ):
         sp = bsub.add_parser(what, help=help_)
         import_module(f"cometpi.bench.{what}").add_arguments(sp)

@@ -74,19 +74,39 @@ def trunc_exact(x: AShare, bits: int) -> AShare:
     2. x' = c - r + w 2^64 with the wrap w = msb(r) (1 - msb(c)), linear in the shared bit msb(r).
     3. y = (c >>> bits) - [r >>> bits] + (1 - msb c) 2^(64-bits) [msb r] - 2^(62-bits); the dropped
        borrow of the low bits makes y = floor(x / 2^bits) or one more: error below 1 ulp, never large.
+    The result does not depend on how x is shared (unlike ``trunc_local``): for |x| < 2^62 it never
+    fails.  Outside that headroom it is wrong; ``RingOps`` checks the same bound in simulation.
     Cost: 1 round, 16 B/element.  Offline: 16 B/element dealer -> server.
     Ref: Escudero et al., "Improved primitives for MPC over mixed arithmetic-binary circuits"
     (CRYPTO 2020), probabilistic truncation with a known-range input.
     """
-    s = x.session
-    r, r_shift, r_msb = s.provider.get("trunc", shape=list(x.shape), f=bits)
-    mine = x.data + r + (_OFFSET if s.role == Role.CLIENT else 0)
-    c = mine + s.peer.exchange([mine], "trunc-open")[0].to(mine.device)
-    no_wrap_c = 1 - msb(c)
-    y = -r_shift + lshift(no_wrap_c * r_msb, RING_BITS - bits)
-    if s.role == Role.CLIENT:
-        y = y + logical_rshift(c, bits) - (_OFFSET >> bits)
-    return x._wrap(y)
+    return truncate_many([(x, bits)], mode=TruncMode.EXACT)[0]
+
+
+def truncate_many(items: list[tuple[AShare, int]], mode: TruncMode | str | None = None) -> list[AShare]:
+    """Several independent truncations (each with its own shift) in one round: in exact mode all
+    openings travel in one message each way.  Same Cost per element as ``trunc_exact``
+    (``trunc_local`` in local mode: 0 rounds)."""
+    s = _same_session(*[x for x, _ in items])
+    mode = TruncMode(mode or s.config.trunc)
+    if mode == TruncMode.LOCAL:
+        return [trunc_local(x, b) if b else x for x, b in items]
+    todo = [(i, x, b) for i, (x, b) in enumerate(items) if b]
+    out = [x for x, _ in items]
+    if not todo:
+        return out
+    with s.span("trunc"):
+        keys = [s.provider.get("trunc", shape=list(x.shape), f=b) for _, x, b in todo]
+        mine = [x.data + r + (_OFFSET if s.role == Role.CLIENT else 0) for (_, x, _), (r, _, _) in zip(todo, keys,
+                                                                                                     strict=True)]
+        theirs = s.peer.exchange(mine, "trunc-open")
+        for (i, x, b), (_, r_shift, r_msb), m, t in zip(todo, keys, mine, theirs, strict=True):
+            c = m + t.to(m.device)
+            y = -r_shift + lshift((1 - msb(c)) * r_msb, RING_BITS - b)
+            if s.role == Role.CLIENT:
+                y = y + logical_rshift(c, b) - (_OFFSET >> b)
+            out[i] = x._wrap(y)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,10 +185,10 @@ def mul_private_pair(mine: torch.Tensor, session: Session, *, trunc_bits: int | 
         return truncate(AShare(s, z), s.fp.frac_bits if trunc_bits is None else trunc_bits)
 
 
-def square(x: AShare, *, truncate_result: bool = True) -> AShare:
+def square(x: AShare, *, truncate_result: bool = True, extra_bits: int = 0) -> AShare:
     """Element-wise square with a dealer pair (a, c = a^2).
 
-    1. Open e = x - a.  2. [x^2] = [c] + 2e[a] + e^2 (party 0).  3. Truncate by f.
+    1. Open e = x - a.  2. [x^2] = [c] + 2e[a] + e^2 (party 0).  3. Truncate by f + extra_bits.
     Cost: 1 round, 16 B/element (plus truncation).  Offline: 8 B/element dealer -> server.
     Ref: standard Beaver squaring (e.g. CrypTen ``square``).
     """
@@ -182,7 +202,7 @@ def square(x: AShare, *, truncate_result: bool = True) -> AShare:
         if s.role == Role.CLIENT:
             z = z + e * e
         out = x._wrap(z)
-        return truncate(out) if truncate_result else out
+        return truncate(out, s.fp.frac_bits + extra_bits) if truncate_result else out
 
 
 def matmul(x: AShare, y: AShare, *, truncate_result: bool = True) -> AShare:

@@ -12,6 +12,7 @@ float tensors.  Only the methods below are used by ``approx``.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -68,8 +69,12 @@ class FloatOps(_Additive):
     def mul(self, a, b, extra: int = 0):
         return a * b * 2.0**-extra if extra else a * b
 
-    def square(self, a):
-        return a * a
+    def square(self, a, extra: int = 0):
+        return a * a * 2.0**-extra if extra else a * a
+
+    def square_and_halve(self, a):
+        """(a^2, a/2): on shares both truncations share one round."""
+        return a * a, a * 0.5
 
     def const_like(self, a, c):
         return torch.full_like(a, float(c))
@@ -138,13 +143,16 @@ class RingOps(_Additive):
 
     def mul_const(self, a, c):
         enc, bits = self.fp.encode_const(c)
-        return (a * enc) >> bits
+        return _checked_product(a, enc) >> bits
 
     def mul(self, a, b, extra: int = 0):
-        return (a * b) >> (self.fp.frac_bits + extra)
+        return _checked_product(a, b) >> (self.fp.frac_bits + extra)
 
-    def square(self, a):
-        return self._trunc(a * a)
+    def square(self, a, extra: int = 0):
+        return _checked_product(a, a) >> (self.fp.frac_bits + extra)
+
+    def square_and_halve(self, a):
+        return self.square(a), a >> 1
 
     def const_like(self, a, c):
         return torch.full_like(a, int(self.fp.encode(float(c))))
@@ -186,6 +194,31 @@ class RingOps(_Additive):
     def select(self, d, a, b):
         """d ? a : b for d in {0, 1} (as from ``drelu``)."""
         return b + d * (a - b)
+
+
+#: The exact truncation (``protocols.trunc_exact``) is correct only for |v| < 2^62 before truncation.
+TRUNC_HEADROOM = 1 << 62
+
+
+class HeadroomError(OverflowError):
+    """A value would leave the ring's headroom: the secure path would silently compute garbage here."""
+
+
+def _checked_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b in the ring, raising ``HeadroomError`` where the product before truncation reaches 2^62
+    (int64 products wrap silently; so would the secure protocol).  A cheap bound first: only when
+    max|a| max|b| reaches 2^62 are the products checked one by one, in float64."""
+    b = torch.as_tensor(b, dtype=DTYPE)
+    if a.numel() and b.numel():
+        bound = float(a.abs().max()) * float(b.abs().max())
+        if bound >= TRUNC_HEADROOM:
+            top = float((a.to(torch.float64) * b.to(torch.float64)).abs().max())
+            if top >= TRUNC_HEADROOM:
+                raise HeadroomError(
+                    f"a fixed-point product reaches 2^{math.log2(top):.1f} before truncation, beyond the "
+                    f"2^62 headroom of the exact truncation: the secure path would return a wrong value here "
+                    f"(an input outside the declared domains)")
+    return a * b
 
 
 #: The two local factors g_j ~ |s_j|^(-1/4) are encoded with this many extra fractional bits, so a
@@ -233,15 +266,22 @@ class ShareOps(_Additive):
     def mul(self, a, b, extra: int = 0):
         return P.mul(a, b, extra_bits=extra)
 
-    def square(self, a):
-        return P.square(a)
+    def square(self, a, extra: int = 0):
+        return P.square(a, extra_bits=extra)
+
+    def square_and_halve(self, a):
+        """(a^2, a/2) with both truncations in one round.  Cost: as ``square`` plus 16 B/element."""
+        sq = P.square(a, truncate_result=False)
+        return tuple(P.truncate_many([(sq, self.fp.frac_bits), (a, 1)]))
 
     def const_like(self, a, c):
         return self.s.zeros(a.shape) + float(c)
 
     def scale_pow2(self, a, k):
-        """a / 2^k by local shifts: fails with probability |a|/2^64 (below 2^-40 for |a| < 2^8 at f=16)."""
-        return P.trunc_local(a, k)
+        """a / 2^k in the session's truncation mode (exact by default: 1 round, 16 B/element).  Local
+        shifts would fail with probability |a|/2^64 per element, which is not negligible at the scale
+        of a Transformer (issue 15); call sites fold their halvings into products where they can."""
+        return P.truncate(a, k)
 
     def truncate(self, a, k):
         """a / 2^k in the session's truncation mode."""

@@ -38,18 +38,22 @@ def smu(ops, x, mu, spec: RsqrtSpec, alpha: float = 0.0, add_mu2=None):
     ``mu`` is a number or a per-channel tensor (last dimension); z = ((1-a)x)^2 + mu^2 >= mu^2 is
     the rsqrt call site, so spec's domain must cover [min mu^2, max z].  ``add_mu2`` (instead of
     ``mu``) adds a private mu^2: the secure model's server adds its trained per-channel mu^2 locally.
-    Cost: 1 square + rsqrt + 1 product (+1 public product if alpha != 0).
+    Every halving is folded into a product's exact truncation (no local shift: issue 15).
+    Cost: 1 square (its truncation round also halves x: +16 B/element) + rsqrt + 1 product
+    (+1 public product if alpha != 0).
     """
     with ops.span("smu"):
-        u = x if alpha == 0 else ops.mul_const(x, 1 - alpha)
+        if alpha == 0:  # x^2 and x/2 in one truncation round
+            sq, lin_half = ops.square_and_halve(x)
+        else:
+            sq, lin_half = ops.square(ops.mul_const(x, 1 - alpha)), ops.mul_const(x, (1 + alpha) / 2)
         if add_mu2 is not None:
-            z = add_mu2(ops.square(u))
+            z = add_mu2(sq)
         else:
             mu2 = mu * mu if isinstance(mu, torch.Tensor) else float(mu) ** 2
-            z = ops.add_const(ops.square(u), mu2)
-        root = ops.mul(z, rsqrt(ops, z, spec))
-        lin = x if alpha == 0 else ops.mul_const(x, 1 + alpha)
-        return ops.scale_pow2(ops.add(lin, root), 1)
+            z = ops.add_const(sq, mu2)
+        root_half = ops.mul(z, rsqrt(ops, z, spec), 1)  # the halving folded into the exact truncation
+        return ops.add(lin_half, root_half)
 
 
 def smooth_relu(ops, x, spec: RsqrtSpec, mu: float = 0.1):
@@ -67,7 +71,8 @@ def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float =
     Cost: relu + rsqrt on the row sums + 1 square + 1 product.
     """
     with ops.span("relu_softmax"):
-        r = ops.relu(s) if exact_relu else smooth_relu(ops, s, spec.with_(lo=min(spec.lo, mu * mu / 2)), mu)
+        r = ops.relu(s) if exact_relu else smooth_relu(
+            ops, s, spec.with_(lo=min(spec.lo, mu * mu / 2), site="softmax_relu" if spec.site else ""), mu)
         if mask is not None:
             r = ops.mask(r, mask)
         total = ops.add_const(ops.sum(r, -1, keepdim=True), eps)
@@ -90,7 +95,8 @@ def layernorm(ops, x, spec: RsqrtSpec, gamma=None, beta=None, eps: float = 1e-12
         c = ops.mul_pow2(ops.sub(x, mean), var_bits)
         var = ops.mul_const(ops.sum(ops.square(c), -1, keepdim=True), 1.0 / d)
         k = 4.0**var_bits
-        y = ops.mul(c, rsqrt(ops, ops.add_const(var, eps * k), spec.with_(lo=spec.lo * k, hi=spec.hi * k)))
+        y = ops.mul(c, rsqrt(ops, ops.add_const(var, eps * k), spec.with_(lo=spec.lo * k, hi=spec.hi * k,
+                                                                            unit=spec.unit * k)))
         if gamma is not None:
             y = ops.mul_const(y, gamma)
         if beta is not None:
@@ -109,9 +115,9 @@ def _shape(v):
 
 def crypten_exp(ops, x, n: int = 8):
     """CrypTen's exp: (1 + x/2^n)^(2^n).  Accurate for x in about [-8, 2] (error grows with |x|).
-    Cost: n squarings (exact truncation: 2n rounds, 32n B/element)."""
+    Cost: 1 truncation + n squarings (exact truncation: 2n + 1 rounds, 32n + 16 B/element)."""
     with ops.span("exp"):
-        y = ops.add_const(ops.scale_pow2(x, n), 1.0)
+        y = ops.add_const(ops.truncate(x, n), 1.0)
         for _ in range(n):
             y = ops.square(y)
         return y
@@ -146,21 +152,23 @@ def crypten_softmax(ops, s, mask=None):
 
 def quad_gelu(ops, x):
     """MPCFormer's Quad GeLU: 0.125 x^2 + 0.25 x + 0.5 (a trained-in replacement, not an
-    approximation of GeLU).  Cost: 1 square."""
+    approximation of GeLU), computed as 0.125 (x + 1)^2 + 0.375: the 1/8 is folded into the square's
+    exact truncation.  Cost: 1 square."""
     with ops.span("quad_gelu"):
-        return ops.add_const(ops.add(ops.scale_pow2(ops.square(x), 3), ops.scale_pow2(x, 2)), 0.5)
+        return ops.add_const(ops.square(ops.add_const(x, 1.0), 3), 0.375)
 
 
 def quad2_softmax(ops, s, mask=None, c: float = 5.0, recip_iterations: int = 10):
     """MPCFormer's 2Quad softmax: (s + c)^2 / sum (s + c)^2 (1/sum by CrypTen's reciprocal, on sums
-    scaled by 1/64 to keep it in its domain).  Cost: 1 square + reciprocal + 1 product."""
+    scaled by 1/64 to keep it in its domain).  Cost: 1 square + 1 truncation of the row sums +
+    reciprocal + 1 product (its truncation also divides by 64)."""
     with ops.span("quad2_softmax"):
         q = ops.square(ops.add_const(s, c))
         if mask is not None:
             q = ops.mask(q, mask)
-        total = ops.scale_pow2(ops.sum(q, -1, keepdim=True), 6)
+        total = ops.truncate(ops.sum(q, -1, keepdim=True), 6)
         inv = 1.0 / total if getattr(ops, "ideal", False) else crypten_reciprocal(ops, total, recip_iterations)
-        return ops.scale_pow2(ops.mul(q, inv), 6)
+        return ops.mul(q, inv, 6)
 
 
 def gelu_erf(ops, x, terms: int = 8):
@@ -175,7 +183,7 @@ def gelu_erf(ops, x, terms: int = 8):
             term = ops.mul(term, u2)  # u^(2k+1)
             acc = ops.add(acc, ops.mul_const(term, (-1) ** k / (math.factorial(k) * (2 * k + 1))))
         erf = ops.mul_const(acc, 2 / math.sqrt(math.pi))
-        return ops.scale_pow2(ops.mul(x, ops.add_const(erf, 1.0)), 1)
+        return ops.mul(x, ops.add_const(erf, 1.0), 1)
 
 
 def crypten_sigmoid(ops, v, recip_iterations: int = 10):

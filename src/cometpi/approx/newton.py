@@ -68,6 +68,8 @@ class RsqrtSpec:
     target: float = 1e-3
     form: NewtonForm = NewtonForm.THREE_MUL
     bit_trick: bool = True
+    site: str = ""  # the call site's name (``approx.sites``), for range reports
+    unit: float = 1.0  # the call site's own values are x / unit (LayerNorm runs rsqrt on scaled variances)
 
     def __post_init__(self):
         object.__setattr__(self, "guess", Guess(self.guess))
@@ -156,10 +158,58 @@ class RsqrtSpec:
             raise OverflowError(f"flood F = {F:.3g} (sigma = {self.security_bits():.1f}) is too large for the ring")
         return k + (k % 2)
 
+    def headroom_max(self, frac_bits: int = 16) -> float:
+        """The largest x whose Newton products stay below the exact truncation's 2^62 headroom.
+
+        Newton runs on Y = y 2^m with t = y sqrt(x) <= max(1, t0_max), so the largest product
+        before truncation is x Y ~ t sqrt(x) 2^(m + 2f): x < (2^(62 - m - 2f) / t_max)^2.  Beyond
+        it the secure result is garbage (``RingOps`` raises ``HeadroomError`` there); between ``hi``
+        and this bound Newton only converges less (the result undershoots, it never wraps).
+        """
+        m = self.guess_scale(frac_bits)
+        t_max = max(1.0, self.t0_bounds()[1])
+        by_newton = (2.0 ** (62 - m - 2 * frac_bits) / t_max) ** 2
+        cap = 2.0 ** (62 - frac_bits - 1)
+        F = self.flood_size()
+        return min(by_newton, cap, F if F is not None else cap)
+
     def describe(self) -> dict:
         return {"guess": self.guess.value, "domain": [self.lo, self.hi], "sigma": self.security_bits(),
                 "flood": self.flood_size(), "iterations": self.n_iterations(), "form": self.form.value,
                 "target": self.target, "bit_trick": self.bit_trick}
+
+
+class DomainMonitor:
+    """Set as ``ops.monitor`` on a plaintext backend (``FloatOps``/``RingOps``): records, per rsqrt
+    call site, the range of inputs and how many fall outside the declared domain, so a simulation
+    can say where the private path would drift (or wrap) instead of hiding it."""
+
+    def __init__(self):
+        self.sites: dict[str, dict] = {}
+
+    def __call__(self, spec: RsqrtSpec, x) -> None:
+        v = torch.as_tensor(x).detach().to(torch.float64).reshape(-1) / spec.unit
+        if not v.numel():
+            return
+        lo, hi = spec.lo / spec.unit, spec.hi / spec.unit
+        r = self.sites.setdefault(spec.site or f"[{lo:g}, {hi:g}]", {
+            "domain": [lo, hi], "headroom_max": spec.headroom_max() / spec.unit, "n": 0, "below": 0, "above": 0,
+            "min": math.inf, "max": -math.inf, "guess_scale": spec.guess_scale(16), "sum_inv_sqrt": 0.0})
+        r["n"] += v.numel()
+        # Y = y 2^(m+f) ring units: a local shift of it would fail with probability Y / 2^64
+        r["sum_inv_sqrt"] += float((v * spec.unit).clamp_min(1e-300).rsqrt().sum())
+        r["below"] += int((v < lo).sum())
+        r["above"] += int((v > hi).sum())
+        r["min"], r["max"] = min(r["min"], float(v.min())), max(r["max"], float(v.max()))
+
+    def local_shift_failures(self, frac_bits: int = 16) -> float:
+        """Expected number of wrong elements had Newton's 2^-m rescale been a local shift (the defect
+        of issue 15): sum over rsqrt outputs of y 2^(m+f) / 2^64."""
+        return sum(r["sum_inv_sqrt"] * 2.0 ** (r["guess_scale"] + frac_bits - 64) for r in self.sites.values())
+
+    def outside(self) -> dict[str, dict]:
+        """The sites where some input left the domain."""
+        return {k: r for k, r in self.sites.items() if r["below"] or r["above"]}
 
 
 def initial_guess(ops, x, spec: RsqrtSpec, scale: int = 0):
@@ -180,19 +230,26 @@ def initial_guess(ops, x, spec: RsqrtSpec, scale: int = 0):
     return ops.flood_guess(x, spec.flood_size() / 2**k, spec.bit_trick, scale - k // 2)
 
 
-def newton_step(ops, x, y, form: NewtonForm, scale: int = 0):
-    """One step y <- y (3 - x y^2)/2 on Y = y 2^m (m = ``scale``).
+def newton_step(ops, x, y, form: NewtonForm, scale: int = 0, out_shift: int = 0):
+    """One step y <- y (3 - x y^2)/2 on Y = y 2^m (m = ``scale``); the result is divided by
+    2^out_shift inside its last product's truncation (the final step of ``rsqrt`` drops the scale
+    there, for free).
 
-    three_mul: a = x Y 2^-m, t^2 = a Y 2^-m, Y' = Y (1.5 - t^2/2).  While t << 1, a underflows to 0
-    and the step is Y' = 1.5 Y, which is what Newton does there anyway.
-    two_round: (x Y 2^-m, Y^2 2^-m) in one round, b = their product = t^2 Y, Y' = (3Y - b)/2.
+    three_mul: a = x Y 2^-m, h = t^2/2 = a Y 2^-(m+1), Y' = Y (1.5 - h).  While t << 1, a underflows
+    to 0 and the step is Y' = 1.5 Y, which is what Newton does there anyway.
+    two_round: (x Y 2^-m, Y^2 2^-m) in one round, b = their product = t^2 Y (not truncated), and
+    Y' = (3 Y 2^f - b) / 2^(f+1) in one exact truncation.
+    Every division is folded into a product's (exact) truncation: no local shift, whose failure
+    probability |v|/2^64 per element is not negligible for Y ~ 2^40 (issue 15).
     """
     if form == NewtonForm.THREE_MUL:
-        t2 = ops.mul(ops.mul(x, y, scale), y, scale)
-        return ops.mul(y, ops.add_const(ops.neg(ops.scale_pow2(t2, 1)), 1.5))
+        h = ops.mul(ops.mul(x, y, scale), y, scale + 1)
+        return ops.mul(y, ops.add_const(ops.neg(h), 1.5), out_shift)
+    f = getattr(ops, "frac_bits", 16)
     xy, yy = ops.mul_many([(x, y), (y, y)], scale)
-    b = ops.mul(xy, yy)
-    return ops.sub(ops.add(y, ops.scale_pow2(y, 1)), ops.scale_pow2(b, 1))
+    b_raw = ops.mul(xy, yy, -f)  # t^2 Y 2^f, untruncated
+    three_y = ops.add(y, ops.mul_pow2(y, 1))
+    return ops.truncate(ops.sub(ops.mul_pow2(three_y, f), b_raw), f + 1 + out_shift)
 
 
 def rsqrt(ops, x, spec: RsqrtSpec):
@@ -200,14 +257,23 @@ def rsqrt(ops, x, spec: RsqrtSpec):
 
     Error: relative error <= spec.target over the domain in exact arithmetic, plus the fixed-point
     rounding of a few ulp (measured by ``bench nonlinear``, asserted by the tests).
+    Outside the domain (docs/ranges.md): below ``lo`` or above ``hi`` Newton starts further from
+    the root and may not reach the target in the derived iteration count (the result undershoots
+    1/sqrt(x), it never diverges below the flood F); products stay within the ring's headroom for
+    x < ``spec.headroom_max(f)``, beyond which ``RingOps`` raises ``HeadroomError``.
     Cost (shares, exact truncation): guess + n steps of 3 products (6 rounds, 144 B/element each);
-    guesses: comet 3 rounds, 40 B/element; constant 0; crypten 8 squarings (16 rounds, 256 B/element).
+    guesses: comet 3 rounds, 40 B/element; constant 0; crypten 8 squarings (16 rounds, 256 B/element)
+    plus 2 truncations (2 rounds, 32 B/element).
     """
     if getattr(ops, "ideal", False):  # FloatOps(ideal=True): the exact function (fine-tuning)
         return torch.rsqrt(x)
     with ops.span("rsqrt"):
+        monitor = getattr(ops, "monitor", None)
+        if monitor is not None:
+            monitor(spec, ops.output(x))
         m = spec.guess_scale(getattr(ops, "frac_bits", 16))
         y = initial_guess(ops, x, spec, m)
-        for _ in range(spec.n_iterations()):
-            y = newton_step(ops, x, y, spec.form, m)
-        return ops.scale_pow2(y, m) if m else y
+        n = spec.n_iterations()
+        for i in range(n):
+            y = newton_step(ops, x, y, spec.form, m, m if i == n - 1 else 0)
+        return ops.truncate(y, m) if m and not n else y

@@ -33,4 +33,4 @@ def site_spec(site: str, **kw) -> RsqrtSpec:
     if site not in DOMAINS:
         raise ValueError(f"unknown rsqrt call site {site!r}; known: {sorted(DOMAINS)}")
     lo, hi = DOMAINS[site]
-    return RsqrtSpec(lo, hi, **kw)
+    return RsqrtSpec(lo, hi, site=site, **kw)
