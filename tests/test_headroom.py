@@ -181,3 +181,41 @@ def test_ring_forward_matches_plaintext_on_the_tiny_bert():
     ids, mask = _inputs("bert", "right")
     ref = plaintext_forward(arch, params, ids, mask, ApproxConfig())
     assert (ring_forward(arch, params, ids, mask, ApproxConfig()) - ref).abs().max() < 5e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Long real inputs, privately (make test-slow)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length,guess", [(128, "comet"), (512, "constant")])
+def test_minilm_private_matches_plaintext_on_long_adversarial_inputs(length, guess):
+    """MiniLM-L6 (real weights) at 128 tokens (Comet's sigma = 40 guess) and at its maximum, 512
+    tokens (the public constant, to keep the run to minutes): a repeated complaint and real reviews
+    joined to full length.  Hidden states O(1), a few channels near 10: 1e-2 is ~650 ulp after 6
+    layers.  The ring simulation must not raise (no value leaves the headroom)."""
+    from transformers import BertTokenizerFast
+
+    from cometpi.bench.inputs import make_text
+    from cometpi.convert import from_hf
+    from cometpi.data import minilm_path, rotten_tomatoes
+
+    arch, params = from_hf(minilm_path())
+    tok = BertTokenizerFast.from_pretrained(minilm_path())
+    sents = [t for t, _ in rotten_tomatoes()[:200]]
+    texts = [make_text("complaint_repeated", 0, 2 * length), make_text("real_long", 0, 2 * length, sentences=sents)]
+    enc = tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    cfg = ApproxConfig(guess=guess)
+    ref = plaintext_forward(arch, params, ids, mask, cfg)
+    ring_forward(arch, params, ids, mask, cfg)  # raises HeadroomError if a product would wrap
+
+    def job(s):
+        kw = dict(shape=tuple(ids.shape), attention_mask=mask)
+        if s.is_client:
+            return secure_forward(s, arch, cfg, input_ids=ids, **kw)
+        return secure_forward(s, arch, cfg, params=params, **kw)
+
+    out = run_local(job)[0]
+    assert float((out - ref).abs().max()) < 1e-2

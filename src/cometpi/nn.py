@@ -73,6 +73,8 @@ class ApproxConfig:
         if site == "smu":
             lo = self.smu_lo if self.smu_lo is not None else float(self.smu_mu) ** 2 * 0.999
             spec = spec.with_(lo=lo)
+        if site == "softmax_relu":
+            spec = spec.with_(lo=min(spec.lo, self.relu_mu**2 / 2))
         return spec
 
     def to_dict(self) -> dict:
@@ -305,7 +307,8 @@ def _softmax(ops, s, mask, cfg: ApproxConfig):
             return torch.softmax(s.masked_fill(mask == 0, float("-inf")), -1).nan_to_num(0.0)
         spec = cfg.spec("softmax_sum")
         if cfg.softmax == "relu":
-            return relu_softmax(ops, s, mask, spec, mu=cfg.relu_mu, eps=cfg.softmax_eps)
+            return relu_softmax(ops, s, mask, spec, mu=cfg.relu_mu, eps=cfg.softmax_eps,
+                                relu_spec=cfg.spec("softmax_relu"))
         if cfg.softmax == "relu2":
             return relu2_softmax(ops, s, mask, spec, eps=cfg.softmax_eps)
         if cfg.softmax == "quad2":

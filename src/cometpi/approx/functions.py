@@ -62,17 +62,20 @@ def smooth_relu(ops, x, spec: RsqrtSpec, mu: float = 0.1):
     return smu(ops, x, mu, spec)
 
 
-def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float = 1e-2, exact_relu=False):
+def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float = 1e-2, exact_relu=False,
+                 relu_spec: RsqrtSpec | None = None):
     """ReLU normalisation along the last dim: r_i / (sum_j r_j + eps), r = ReLU(s) * mask.
 
     ReLU is SMU(alpha=0, mu) (no comparison) unless ``exact_relu`` (the 2ReLU baseline, by the
     secure comparison).  ``mask`` (public 0/1, broadcastable) zeroes padded keys; eps guards rows
-    whose scores are all negative.  1/S = rsqrt(S)^2 with S in [eps, spec.hi].
+    whose scores are all negative.  1/S = rsqrt(S)^2 with S in [eps, spec.hi].  ``relu_spec`` is the
+    smooth ReLU's rsqrt domain (z = s^2 + mu^2; default: ``spec`` with lo lowered to mu^2/2).
     Cost: relu + rsqrt on the row sums + 1 square + 1 product.
     """
     with ops.span("relu_softmax"):
-        r = ops.relu(s) if exact_relu else smooth_relu(
-            ops, s, spec.with_(lo=min(spec.lo, mu * mu / 2), site="softmax_relu" if spec.site else ""), mu)
+        if relu_spec is None:
+            relu_spec = spec.with_(lo=min(spec.lo, mu * mu / 2), site="softmax_relu" if spec.site else "")
+        r = ops.relu(s) if exact_relu else smooth_relu(ops, s, relu_spec, mu)
         if mask is not None:
             r = ops.mask(r, mask)
         total = ops.add_const(ops.sum(r, -1, keepdim=True), eps)

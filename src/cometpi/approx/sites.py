@@ -1,15 +1,21 @@
-"""Default domains of the rsqrt call sites, chosen from measured activations.
+"""Default domains of the rsqrt call sites, chosen from measured activations at full length.
 
-``cometpi bench ranges`` ran all-MiniLM-L6-v2 (real weights) on 512 real sentences
-(bench/results/ranges.json, docs/ranges.md).  Measured, over all layers:
+``cometpi bench sites`` (bench/results/sites.md, docs/ranges.md) ran the fine-tuned demo model
+(MiniLM-L6 with SMU and ReLU-softmax) and a random-weight BERT-base on real sentences and on long
+and adversarial texts (a complaint repeated, one token repeated, punctuation, very long words,
+random word pieces, digits) at 128, 256 and 512 tokens.  Largest inputs measured:
 
-* SMU (GeLU's replacement) sees z = x^2 + mu^2: with mu = 0.363, z in [0.1318, 622.1]
-  (p99.9 = 29.8): domain [mu^2, 1024].
-* ReLU-softmax sees the row sums S = sum_j relu(s_ij) in [0, 532.8] (p0.1 = 0.95; all-negative rows
-  give 0): with the guard eps = 0.01, domain [0.01, 1024].
-* LayerNorm sees var + eps in [0.0032, 132.4]: domain [1e-3, 256].
+* SMU z = x^2 + mu^2: 631 (real sentences), 554 (adversarial, 128-512 tokens): domain [mu^2, 2048].
+* the smooth ReLU inside ReLU-softmax, z = s^2 + mu_relu^2: 9,533 on real sentences, 12,960 at 512
+  adversarial tokens (attention scores up to |s| ~ 114): domain [mu_relu^2 / 2, 2^15].
+* the ReLU-softmax row sums S + eps: 418 (real), 1,250 / 4,307 / 8,089 at 128 / 256 / 512 adversarial
+  tokens: domain [0.01, 2^14].
+* LayerNorm var + eps: 133 (MiniLM), 1.4 (random BERT-base): domain [1e-3, 256].
 
-Each domain keeps a margin of about 1.6-2x above the largest value measured.
+The first sweep (512 short sentences, the base model) had set 1024 for all three of the first;
+longer inputs exceeded it (issue 15).  Each domain now keeps a margin of about 2x above the
+largest value measured; an input beyond it is not corrupted (Newton undershoots) until
+``RsqrtSpec.headroom_max``, which ``RingOps`` enforces in simulation.
 """
 
 from __future__ import annotations
@@ -17,18 +23,20 @@ from __future__ import annotations
 from .newton import RsqrtSpec
 
 SMU_MU = 0.363  # the first author's prototype's initial mu
+RELU_MU = 0.1  # the smooth ReLU of ReLU-softmax
 SOFTMAX_EPS = 1e-2
 LAYERNORM_EPS = 1e-12  # BERT's
 
 DOMAINS = {
-    "smu": (SMU_MU**2 * 0.999, 1024.0),
-    "softmax_sum": (SOFTMAX_EPS, 1024.0),
+    "smu": (SMU_MU**2 * 0.999, 2048.0),
+    "softmax_relu": (RELU_MU**2 / 2, 2.0**15),
+    "softmax_sum": (SOFTMAX_EPS, 2.0**14),
     "layernorm_var": (1e-3, 256.0),
 }
 
 
 def site_spec(site: str, **kw) -> RsqrtSpec:
-    """The rsqrt spec of a call site (``smu``, ``softmax_sum``, ``layernorm_var``); keywords override
+    """The rsqrt spec of a call site (``smu``, ``softmax_relu``, ``softmax_sum``, ``layernorm_var``); keywords override
     the guess (default comet, sigma 40), target (1e-3), form or iterations."""
     if site not in DOMAINS:
         raise ValueError(f"unknown rsqrt call site {site!r}; known: {sorted(DOMAINS)}")
