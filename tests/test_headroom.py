@@ -219,3 +219,94 @@ def test_minilm_private_matches_plaintext_on_long_adversarial_inputs(length, gue
 
     out = run_local(job)[0]
     assert float((out - ref).abs().max()) < 1e-2
+
+
+def test_ring_simulation_counts_the_odds_a_local_shift_would_fail():
+    """The simulation sums |v|/2^64 over every truncated element: with --trunc local that is the
+    expected number of wrong elements.  One product of 2^40 (ring) by 2^16: 2^56 / 2^64 = 2^-8."""
+    ops = RingOps()
+    a = torch.tensor([2**40], dtype=torch.int64)
+    ops.mul(a, torch.tensor([2**16], dtype=torch.int64))
+    assert ops.local_trunc_failures == pytest.approx(2.0**-8)
+
+
+def test_ring_matmul_headroom_is_checked():
+    from cometpi.approx.backends import checked_matmul
+
+    a = torch.full((1, 4), 2**30, dtype=torch.int64)
+    assert int(checked_matmul(a, torch.full((4, 1), 2**20, dtype=torch.int64))[0, 0]) == 2**52
+    with pytest.raises(HeadroomError, match="matrix product"):
+        checked_matmul(a, torch.full((4, 1), 2**31, dtype=torch.int64))
+
+
+def test_worst_case_bounds_dominate_what_the_model_computes():
+    """The provable bounds (from the weights alone) must hold on real activations of a tiny BERT,
+    including adversarially large token embeddings."""
+    from cometpi.bounds import worst_case
+    from cometpi.nn import FloatModel, forward, prepare_params
+
+    arch, params = _tiny_bert()
+    params = dict(params)
+    params["embeddings.word"] = params["embeddings.word"] * 50  # large embeddings: LN must still bound them
+    ids, mask = _inputs("bert", "right")
+    cfg = ApproxConfig(guess="constant")
+    ops = FloatModel(prepare_params(arch, params))
+    ops.monitor = DomainMonitor()
+    B, T = ids.shape
+    forward(ops, arch, cfg, batch=B, length=T, input_ids=ids, attention_mask=mask)
+    bound = worst_case(arch, params, length=T, smu_mu=cfg.smu_mu, relu_mu=cfg.relu_mu, softmax_eps=cfg.softmax_eps)
+    for site in ("smu", "softmax_relu", "softmax_sum"):
+        assert ops.monitor.sites[site]["max"] <= bound[site] * (1 + 1e-9), site
+    assert ops.monitor.sites["layernorm_var"]["max"] <= bound["layernorm_var"] + 1e-12
+    assert ops.monitor.values["layernorm_centred"]["max"] <= bound["layernorm_centred"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Large dealer plans (found by the soak: a batch of 8 x 128 tokens failed after a fixed 60 s wait)
+# --------------------------------------------------------------------------------------------------
+
+
+class _SlowDealerChannel:
+    """A dealer link that delivers one correction every ``gap`` seconds (``stall_after``: then none)."""
+
+    def __init__(self, timeout, gap, stall_after=None):
+        self.timeout, self.gap, self.stall_after, self.sent = timeout, gap, stall_after, 0
+
+    def send_json(self, obj, tag):
+        pass
+
+    def recv(self, tags):
+        import time
+
+        if self.stall_after is not None and self.sent >= self.stall_after:
+            time.sleep(self.timeout * 3)
+        time.sleep(self.gap)
+        self.sent += 1
+        return torch.zeros(1, dtype=torch.int64)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("stall", [False, True])
+def test_prefetch_waits_while_the_dealer_makes_progress_and_fails_when_it_stalls(stall):
+    import threading
+    import time
+
+    from cometpi.dealer import DealerClient
+    from cometpi.transport import PeerTimeout
+
+    ch = _SlowDealerChannel(timeout=0.5, gap=0.15, stall_after=2 if stall else None)
+    link = DealerClient(ch)
+    link._reader = threading.Thread(target=link._read_loop, daemon=True)
+    link._reader.start()
+    link.request([[i, "mul", {"shape": [1]}] for i in range(8)])  # 8 x 0.15 s = 1.2 s > the 0.5 s timeout
+    t0 = time.perf_counter()
+    if stall:
+        with pytest.raises(PeerTimeout, match="stalled"):
+            link.wait_idle()
+        assert time.perf_counter() - t0 < 2.0
+    else:
+        link.wait_idle()
+        assert not link._pending
+    link._closing = True

@@ -388,14 +388,22 @@ class DealerClient:
             assert not ok
             raise PeerTimeout(f"no answer from the dealer within {self.ch.timeout:g} s for request {idx}")
 
-    def wait_idle(self, timeout: float) -> None:
-        """Wait until no requested correction is outstanding."""
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait until no requested correction is outstanding.  ``timeout`` (default: the channel's)
+        bounds a *stall*: the wait fails only when no correction arrives for that long, so a large
+        plan on a busy machine (gigabytes of corrections) is not cut off while the dealer works."""
+        timeout = self.ch.timeout if timeout is None else timeout
         with self._cond:
-            ok = self._cond.wait_for(lambda: not self._pending or self._error is not None, timeout)
-            if self._error is not None:
-                raise DealerError(f"dealer link failed: {self._error}")
-            if not ok:
-                raise PeerTimeout(f"prefetch from the dealer not done within {timeout:g} s")
+            while True:
+                left = len(self._pending)
+                ok = self._cond.wait_for(lambda: len(self._pending) < left or self._error is not None, timeout)
+                if self._error is not None:
+                    raise DealerError(f"dealer link failed: {self._error}")
+                if not self._pending:
+                    return
+                if not ok:
+                    raise PeerTimeout(f"prefetch from the dealer stalled: no correction for {timeout:g} s "
+                                      f"({len(self._pending)} outstanding)")
 
     def close(self) -> None:
         with self._cond:
@@ -458,8 +466,9 @@ class Provider:
         """``prefetch`` a relative plan (from ``plan_since``) for the requests starting now."""
         return self.prefetch([[self.index + i, k, p] for i, k, p in plan])
 
-    def wait_prefetched(self, timeout: float = 60.0) -> None:
-        """Block until every prefetched correction has arrived (ends the offline phase)."""
+    def wait_prefetched(self, timeout: float | None = None) -> None:
+        """Block until every prefetched correction has arrived (ends the offline phase); fails if the
+        dealer stalls for ``timeout`` seconds (default: the dealer channel's timeout)."""
         if self.link is not None:
             self.link.wait_idle(timeout)
 

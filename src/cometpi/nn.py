@@ -29,9 +29,10 @@ from .approx import (
     relu_softmax,
     smu,
 )
+from .approx.backends import checked_matmul, checked_product
 from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
 from .core import Role, Session
-from .ring import FixedPoint, ring_matmul
+from .ring import FixedPoint
 
 PER_CHANNEL = "per-channel"
 GELUS = ("smu", "quad", "erf", "tanh", "exact")
@@ -149,11 +150,11 @@ class RingModel(RingOps):
         self.p = {k: self.fp.encode(v) for k, v in params.items()}
 
     def linear(self, x, name, bias=True):
-        y = ring_matmul(x, self.p[name + ".weight"]) >> self.fp.frac_bits
+        y = self.shift(checked_matmul(x, self.p[name + ".weight"]), self.fp.frac_bits)
         return y + self.p[name + ".bias"] if bias else y
 
     def scale_param(self, x, name):
-        return (x * self.p[name]) >> self.fp.frac_bits
+        return self.shift(checked_product(x, self.p[name]), self.fp.frac_bits)
 
     def add_param(self, x, name, index=None):
         t = self.p[name]
@@ -163,7 +164,7 @@ class RingModel(RingOps):
         return self.p["embeddings.word"][ids.reshape(-1)]
 
     def matmul(self, a, b):
-        return ring_matmul(a, b) >> self.fp.frac_bits
+        return self.shift(checked_matmul(a, b), self.fp.frac_bits)
 
     def reveal(self, x):
         return self.fp.decode(x)

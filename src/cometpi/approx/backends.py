@@ -19,7 +19,7 @@ import torch
 
 from .. import protocols as P
 from ..core import AShare, Role, Session
-from ..ring import DTYPE, FixedPoint, random_ring, uniform01
+from ..ring import DTYPE, FixedPoint, random_ring, ring_matmul, uniform01
 from .guess import local_quarter_factor
 
 
@@ -128,6 +128,14 @@ class RingOps(_Additive):
     def __init__(self, fp: FixedPoint | None = None):
         self.fp = fp or FixedPoint(16)
         self.frac_bits = self.fp.frac_bits
+        #: sum over every truncated element of |v| / 2^64: the expected number of wrong elements had
+        #: each truncation been a local shift (``--trunc local``); exact truncation never fails.
+        self.local_trunc_failures = 0.0
+
+    def shift(self, v, k):
+        """v / 2^k by floor, as every truncation of the simulation, counting its local-shift odds."""
+        self.local_trunc_failures += float(v.abs().to(torch.float64).sum()) * 2.0**-64
+        return v >> k
 
     def input(self, x):
         return self.fp.encode(x)
@@ -136,32 +144,32 @@ class RingOps(_Additive):
         return self.fp.decode(v)
 
     def _trunc(self, v):
-        return v >> self.fp.frac_bits
+        return self.shift(v, self.fp.frac_bits)
 
     def add_const(self, a, c):
         return a + self.fp.encode(c)
 
     def mul_const(self, a, c):
         enc, bits = self.fp.encode_const(c)
-        return _checked_product(a, enc) >> bits
+        return self.shift(checked_product(a, enc), bits)
 
     def mul(self, a, b, extra: int = 0):
-        return _checked_product(a, b) >> (self.fp.frac_bits + extra)
+        return self.shift(checked_product(a, b), self.fp.frac_bits + extra)
 
     def square(self, a, extra: int = 0):
-        return _checked_product(a, a) >> (self.fp.frac_bits + extra)
+        return self.shift(checked_product(a, a), self.fp.frac_bits + extra)
 
     def square_and_halve(self, a):
-        return self.square(a), a >> 1
+        return self.square(a), self.shift(a, 1)
 
     def const_like(self, a, c):
         return torch.full_like(a, int(self.fp.encode(float(c))))
 
     def scale_pow2(self, a, k):
-        return a >> k
+        return self.shift(a, k)
 
     def truncate(self, a, k):
-        return a >> k
+        return self.shift(a, k)
 
     def mul_pow2(self, a, k):
         return a * (1 << k)
@@ -180,7 +188,7 @@ class RingOps(_Additive):
         gp = FixedPoint(self.fp.frac_bits + GUESS_EXTRA_BITS)
         g0 = gp.encode(local_quarter_factor(self.fp.decode(r), bit_trick))
         g1 = gp.encode(local_quarter_factor(self.fp.decode(x - r), bit_trick))
-        return (g0 * g1) >> guess_shift(self.fp, scale)
+        return self.shift(g0 * g1, guess_shift(self.fp, scale))
 
     def drelu(self, a):
         return (a >= 0).to(DTYPE)
@@ -204,7 +212,25 @@ class HeadroomError(OverflowError):
     """A value would leave the ring's headroom: the secure path would silently compute garbage here."""
 
 
-def _checked_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _headroom_error(top: float, what: str) -> HeadroomError:
+    return HeadroomError(
+        f"a fixed-point {what} reaches 2^{math.log2(top):.1f} before truncation, beyond the 2^62 headroom of the "
+        f"exact truncation: the secure path would return a wrong value here (an input outside the declared domains)")
+
+
+def checked_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``ring_matmul(a, b)``, raising ``HeadroomError`` where an output before truncation could reach
+    2^62: a bound max|a| max_j sum_i |b_ij| first, the outputs in float64 only when it is exceeded."""
+    if a.numel() and b.numel():
+        bound = float(a.abs().max()) * float(b.abs().to(torch.float64).sum(-2).max())
+        if bound >= TRUNC_HEADROOM:
+            top = float(torch.matmul(a.to(torch.float64), b.to(torch.float64)).abs().max())
+            if top >= TRUNC_HEADROOM:
+                raise _headroom_error(top, "matrix product")
+    return ring_matmul(a, b)
+
+
+def checked_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a * b in the ring, raising ``HeadroomError`` where the product before truncation reaches 2^62
     (int64 products wrap silently; so would the secure protocol).  A cheap bound first: only when
     max|a| max|b| reaches 2^62 are the products checked one by one, in float64."""
@@ -214,10 +240,7 @@ def _checked_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if bound >= TRUNC_HEADROOM:
             top = float((a.to(torch.float64) * b.to(torch.float64)).abs().max())
             if top >= TRUNC_HEADROOM:
-                raise HeadroomError(
-                    f"a fixed-point product reaches 2^{math.log2(top):.1f} before truncation, beyond the "
-                    f"2^62 headroom of the exact truncation: the secure path would return a wrong value here "
-                    f"(an input outside the declared domains)")
+                raise _headroom_error(top, "product")
     return a * b
 
 

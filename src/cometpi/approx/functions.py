@@ -96,6 +96,10 @@ def layernorm(ops, x, spec: RsqrtSpec, gamma=None, beta=None, eps: float = 1e-12
         d = _shape(x)[-1]
         mean = ops.mul_const(ops.sum(x, -1, keepdim=True), 1.0 / d)
         c = ops.mul_pow2(ops.sub(x, mean), var_bits)
+        monitor = getattr(ops, "monitor", None)
+        if monitor is not None:  # squaring c needs |c| 2^f < 2^31 (the exact truncation's 2^62)
+            monitor.value("layernorm_centred", ops.output(ops.sub(x, mean)),
+                          2.0 ** (31 - var_bits - getattr(ops, "frac_bits", 16)))
         var = ops.mul_const(ops.sum(ops.square(c), -1, keepdim=True), 1.0 / d)
         k = 4.0**var_bits
         y = ops.mul(c, rsqrt(ops, ops.add_const(var, eps * k), spec.with_(lo=spec.lo * k, hi=spec.hi * k,

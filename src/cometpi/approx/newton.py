@@ -186,6 +186,7 @@ class DomainMonitor:
 
     def __init__(self):
         self.sites: dict[str, dict] = {}
+        self.values: dict[str, dict] = {}
 
     def __call__(self, spec: RsqrtSpec, x) -> None:
         v = torch.as_tensor(x).detach().to(torch.float64).reshape(-1) / spec.unit
@@ -201,6 +202,13 @@ class DomainMonitor:
         r["below"] += int((v < lo).sum())
         r["above"] += int((v > hi).sum())
         r["min"], r["max"] = min(r["min"], float(v.min())), max(r["max"], float(v.max()))
+
+    def value(self, name: str, v, bound: float) -> None:
+        """Record max |v| of a headroom-limited intermediate (not an rsqrt input) against its bound."""
+        top = float(torch.as_tensor(v).detach().abs().max()) if torch.as_tensor(v).numel() else 0.0
+        r = self.values.setdefault(name, {"bound": bound, "max": 0.0, "above": 0})
+        r["max"] = max(r["max"], top)
+        r["above"] += int(top >= bound)
 
     def local_shift_failures(self, frac_bits: int = 16) -> float:
         """Expected number of wrong elements had Newton's 2^-m rescale been a local shift (the defect

@@ -60,7 +60,7 @@ def measure(name, arch, params, approx, tok, sentences, lengths, per_kind, real,
             _forward(arch, params, approx, enc["input_ids"], enc["attention_mask"], mon)
         rows.append({"model": name, "case": case, "tokens": int(enc["input_ids"].shape[1]), "texts": len(batch),
                      "kinds": list(KINDS) if length else ["real test sentences"], "approx": approx.to_dict(),
-                     "sites": mon.sites, "outside": sorted(mon.outside()),
+                     "sites": mon.sites, "values": mon.values, "outside": sorted(mon.outside()),
                      "local_rescale_failures_per_inference": mon.local_shift_failures() / len(batch),
                      "seconds": time.perf_counter() - t0})
         log(f"[sites] {name} {case} {rows[-1]['tokens']} tokens x {len(batch)}: outside {rows[-1]['outside']}, "
@@ -68,10 +68,38 @@ def measure(name, arch, params, approx, tok, sentences, lengths, per_kind, real,
     return rows
 
 
+def local_mode_odds(name, arch, params, approx, tok, sentences, length: int) -> dict:
+    """One inference of a real review joined to ``length`` tokens on the ring simulation: the expected
+    number of wrong elements had every truncation been local (``--trunc local``)."""
+    from ..nn import RingModel, forward, prepare_params
+    from .inputs import make_text
+
+    enc = tok([make_text("real_long", 0, 2 * length, sentences=sentences)], padding="max_length", truncation=True,
+              max_length=length, return_tensors="pt")
+    ops = RingModel(prepare_params(arch, params))
+    t0 = time.perf_counter()
+    forward(ops, arch, approx, batch=1, length=length, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    return {"model": name, "case": "local truncation odds", "tokens": length, "texts": 1,
+            "local_trunc_failures_per_inference": ops.local_trunc_failures, "approx": approx.to_dict(),
+            "seconds": time.perf_counter() - t0}
+
+
+def provable(name, arch, params, approx, length: int) -> dict:
+    from ..approx.sites import SMU_MU
+    from ..bounds import worst_case
+
+    mu = SMU_MU if isinstance(approx.smu_mu, str) else approx.smu_mu
+    return {"model": name, "case": "provable worst case", "tokens": length,
+            "bounds": worst_case(arch, params, length=length, smu_mu=mu, relu_mu=approx.relu_mu,
+                                 softmax_eps=approx.softmax_eps)}
+
+
 def markdown(rows: list[dict]) -> str:
     out = ["| model | inputs | tokens | site | domain | min | max | outside | headroom bound | "
            "old local-rescale failures / inference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "sites" not in r:
+            continue
         first = True
         for site, s in r["sites"].items():
             fails = f"{r['local_rescale_failures_per_inference']:.2g}" if first else ""
@@ -80,6 +108,17 @@ def markdown(rows: list[dict]) -> str:
                        f"{s['min']:.3g} | {s['max']:.4g} | {s['below'] + s['above']:,} of {s['n']:,} | "
                        f"{s['headroom_max']:.3g} | {fails} |")
             first = False
+        for v, rec in r.get("values", {}).items():
+            out.append(f"| | | | {v} | |x - mean| < {rec['bound']:g} | | {rec['max']:.4g} | {rec['above']} | "
+                       f"{rec['bound']:g} | |")
+    extra = [r for r in rows if r["case"] in ("local truncation odds", "provable worst case")]
+    if extra:
+        out += ["", "| model | what | tokens | value |", "|---|---|---|---|"]
+        for r in extra:
+            val = (f"{r['local_trunc_failures_per_inference']:.3g} expected wrong elements per inference with "
+                   f"--trunc local (exact: 0)" if "bounds" not in r else
+                   ", ".join(f"{k} <= {v:.3g}" for k, v in r["bounds"].items()))
+            out.append(f"| {r['model']} | {r['case']} | {r['tokens']} | {val} |")
     return "\n".join(out)
 
 
@@ -101,13 +140,18 @@ def main(args) -> int:
     approx = checkpoint.approx_of(meta) if meta else ApproxConfig()
     tok = AutoTokenizer.from_pretrained(model if Path(model, "tokenizer.json").is_file() or Path(model, "vocab.txt")
                                         .is_file() else minilm_path(), local_files_only=True)
-    rows = measure(Path(model).name, arch, params, approx, tok, sentences, args.lengths, args.per_kind, args.real)
+    name = Path(model).name
+    rows = measure(name, arch, params, approx, tok, sentences, args.lengths, args.per_kind, args.real)
+    rows.append(local_mode_odds(name, arch, params, approx, tok, sentences, 128))
+    rows.append(provable(name, arch, params, approx, max(args.lengths)))
     if args.bert_base:
         torch.manual_seed(0)  # the random bert-base's weights: public, not a protocol's randomness
         hf = BertForSequenceClassification(BertConfig(attn_implementation="eager")).eval()
         barch, bparams = from_hf(hf)
-        rows += measure("bert-base (random weights)", barch, bparams, ApproxConfig(), tok, sentences, [128],
-                        args.per_kind, args.real)
+        bname = "bert-base (random weights)"
+        rows += measure(bname, barch, bparams, ApproxConfig(), tok, sentences, [128], args.per_kind, args.real)
+        rows.append(local_mode_odds(bname, barch, bparams, ApproxConfig(), tok, sentences, 128))
+        rows.append(provable(bname, barch, bparams, ApproxConfig(), 512))
     sha = git_sha()
     for r in rows:
         r["git_sha"] = sha
