@@ -43,7 +43,7 @@ def _add_approx(p: argparse.ArgumentParser) -> None:
                    help=f"GeLU replacement ({src} smu: Comet)")
     p.add_argument("--softmax", default=None, choices=["relu", "relu2", "quad2", "crypten"],
                    help=f"softmax replacement ({src} relu: Comet's ReLU normalisation)")
-    p.add_argument("--guess", default=None, choices=["comet", "constant", "crypten"],
+    p.add_argument("--guess", default=None, choices=["thermometer", "comet", "constant", "crypten"],
                    help=f"rsqrt initial guess ({src} comet: flooded shares)")
     p.add_argument("--sigma", type=float, default=None,
                    help=f"statistical security of Comet's flood in bits ({src} 40)")
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "fine-tuned on first use)")
     dm.add_argument("-n", type=int, default=4, help="how many test-split snippets to classify (default 4)")
     dm.add_argument("--train-rows", type=int, default=4000, help="training rows for the demo model (first use)")
-    dm.add_argument("--guess", default=None, choices=["comet", "constant"],
+    dm.add_argument("--guess", default=None, choices=["thermometer", "comet", "constant"],
                     help="rsqrt initial guess (default: the checkpoint's, comet)")
     dm.set_defaults(fn=cmd_demo)
 

@@ -28,6 +28,8 @@ wmask       B (server only, the weight mask)             nobody      0
 mulpriv     client: A, C0; server: C1; A @ B = C0 + C1   client      |C|
             (or A * B for a weight vector; 64- or 32-bit ring)
 lift        r < 2^bits; 64-bit shares of r and msb(r)    server      2n
+cmpn        r mod 2^(k+1), bit k of r and one-time       server      n (1 + 2 C 2^4) bits
+            truth tables of r's 4-bit chunks (XOR)
 ==========  ===========================================  ==========  ===================
 """
 
@@ -304,9 +306,64 @@ class _Lift:
         return r1.reshape(own[0].shape), m1.reshape(own[0].shape)
 
 
+#: Chunk width of the narrow comparison's one-time truth tables (2^CMP_CHUNK entries per chunk).
+CMP_CHUNK = 4
+
+
+def cmp_chunks(k: int, m: int = CMP_CHUNK) -> int:
+    return -(-k // m)
+
+
+class _NarrowCompare:
+    """For comparisons of |x| < 2^k opened modulo 2^n, n = k + 1: r mod 2^n (additive shares, no
+    correction), XOR shares of r's bit k, and for each m-bit chunk of r's low k bits the one-time
+    truth tables lt[v] = [v < chunk] and eq[v] = [v == chunk] for all v < 2^m (XOR-shared).
+    Correction to the server: 1 + 2 C 2^m bits per element, packed (C = ceil(k/m) chunks)."""
+
+    receiver = Role.SERVER
+
+    @staticmethod
+    def _k(p) -> int:
+        k = int(p.get("k", 0))
+        if not 1 <= k <= 61:
+            raise DealerError(f"narrow comparison width k must be in 1..61, got {k}")
+        return k
+
+    def _width(self, p) -> int:
+        return 1 + 2 * cmp_chunks(self._k(p)) * (1 << CMP_CHUNK)
+
+    def own(self, role, prg, idx, p):
+        s = _shape(p["shape"], "cmpn")
+        (r,) = prg.ring(idx, s)
+        if role == Role.SERVER:
+            return [r]
+        n = math.prod(s)
+        (bits,) = _bits(prg, idx + (1 << 61), (n, self._width(p)))
+        return [r, bits]
+
+    def correct(self, own0, own1, p):
+        (r0, bits0), (r1,) = own0, own1
+        k = self._k(p)
+        r = ((r0 + r1) & ((1 << (k + 1)) - 1)).reshape(-1)
+        v = torch.arange(1 << CMP_CHUNK, dtype=torch.int64)
+        parts = [((r >> k) & 1).to(torch.uint8)[:, None]]
+        for ch in range(cmp_chunks(k)):
+            rc = (((r & ((1 << k) - 1)) >> (CMP_CHUNK * ch)) & ((1 << CMP_CHUNK) - 1))[:, None]
+            parts += [(v[None] < rc).to(torch.uint8), (v[None] == rc).to(torch.uint8)]
+        truth = torch.cat(parts, 1)
+        return torch.from_numpy(np.packbits((truth ^ bits0).numpy()))
+
+    def finish(self, role, own, corr, p):
+        if role == Role.CLIENT:
+            return own[0], own[1]
+        n = own[0].numel()
+        w = self._width(p)
+        return own[0], torch.from_numpy(np.unpackbits(corr.numpy(), count=n * w)).reshape(n, w)
+
+
 KINDS = {"mul": _Mul(), "pmul": _PrivateMul(), "square": _Square(), "matmul": _Matmul(), "trunc": _Trunc(),
          "wmask": _WeightMask(), "mulpriv": _MulPriv(), "band": _AndTriple(), "cmp": _Compare(),
-         "b2a": _BitToArith(), "lift": _Lift()}
+         "b2a": _BitToArith(), "lift": _Lift(), "cmpn": _NarrowCompare()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,7 +453,8 @@ class DealerClient:
         with self._cond:
             while True:
                 left = len(self._pending)
-                ok = self._cond.wait_for(lambda: len(self._pending) < left or self._error is not None, timeout)
+                ok = self._cond.wait_for(lambda left=left: len(self._pending) < left or self._error is not None,
+                                         timeout)
                 if self._error is not None:
                     raise DealerError(f"dealer link failed: {self._error}")
                 if not self._pending:

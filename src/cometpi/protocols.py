@@ -553,3 +553,86 @@ def argmax_onehot(x: AShare, dim: int = -1) -> AShare:
     """
     with x.session.span("argmax"):
         return drelu(x - maximum(x, dim))
+
+
+# --------------------------------------------------------------------------------------------------
+# Narrow comparison: one small-ring opening, one-time truth tables, a short AND tree
+# --------------------------------------------------------------------------------------------------
+
+
+def _combine_chunks(s: Session, lt: torch.Tensor, eq: torch.Tensor) -> torch.Tensor:
+    """[a < b] from per-chunk (lt, eq) XOR shares ordered least significant first (last axis): pairs
+    (lo, hi) combine as lt = lt_hi ^ (eq_hi & lt_lo), eq = eq_hi & eq_lo; an odd top chunk passes
+    through; the last level computes lt only.  ceil(log2 C) rounds, one message each."""
+    while lt.shape[-1] > 1:
+        c = lt.shape[-1]
+        h = c // 2
+        lo_lt, hi_lt, lo_eq, hi_eq = lt[..., 0:2 * h:2], lt[..., 1:2 * h:2], eq[..., 0:2 * h:2], eq[..., 1:2 * h:2]
+        if c > 2:
+            both = and_bits(s, torch.cat([hi_eq, hi_eq], -1), torch.cat([lo_lt, lo_eq], -1))
+            new_lt, new_eq = hi_lt ^ both[..., :h], both[..., h:]
+        else:
+            new_lt, new_eq = hi_lt ^ and_bits(s, hi_eq, lo_lt), None
+        if c % 2:
+            new_lt = torch.cat([new_lt, lt[..., -1:]], -1)
+            new_eq = torch.cat([new_eq, eq[..., -1:]], -1)
+        lt, eq = new_lt, new_eq
+    return lt[..., 0]
+
+
+def compare_many(x: AShare, k: int, thresholds) -> AShare:
+    """[x >= t] for each public ring integer t (a 1-D list or tensor of them), as arithmetic 0/1
+    shares of shape (*x.shape, len(thresholds)); valid while every |x - t| < 2^k.
+
+    1. x' = x - t + 2^k lies in [0, 2^(k+1)) for every t.  Dealer (``cmpn``): r uniform mod 2^n,
+       n = k + 1, XOR shares of r's bit k and one-time truth tables of r's 4-bit chunks.  Each
+       party sends its share of x + 2^k + r reduced mod 2^n: c is uniform mod 2^n, so nothing leaks
+       however small x is (the full-ring trap of Curl/SHAFT is avoided by reducing first).
+    2. For each t, c_t = c - t mod 2^n = x' + r mod 2^n, and bit k of x' is
+       c_t[k] ^ r[k] ^ [c_t mod 2^k < r mod 2^k].  The borrow's per-chunk (lt, eq) bits are table
+       lookups at the public chunks of c_t (local); one r serves every threshold.
+    3. Chunks combine in an AND tree (``_combine_chunks``), then b2a.
+    Outside the domain (some |x - t| >= 2^k) the opened value wraps modulo 2^n and the bit is that of
+    x - t + 2^k reduced mod 2^(k+1): wrong, never a leak; ``RingOps`` raises ``HeadroomError`` there.
+    Cost: 2 + ceil(log2 C) rounds (C = ceil(k/4) chunks); online per element 2 x 4 B for the
+    opening (n <= 32; 2 x 8 B above), plus per threshold 4 bits per AND (2C - 3 ANDs for C >= 2,
+    from the tree) and 2 bits of b2a.  Offline: (1 + 32 C) bits + 1 bit per AND + 8 B per threshold
+    (b2a), dealer -> server.
+    Ref: small-ring opening with a known-range input (../shared/FAST-PROTOCOLS.md); one-time truth
+    tables (Ishai et al., TCC 2013); comparison tree as in ``drelu``.
+    """
+    s = x.session
+    if not 1 <= k <= 61:
+        raise ValueError(f"comparison width k must be in 1..61, got {k}")
+    thr = torch.as_tensor(thresholds, dtype=DTYPE).reshape(-1)
+    n_bits = k + 1
+    mask = (1 << n_bits) - 1
+    with s.span("compare"):
+        shape, n, t = x.shape, math.prod(x.shape), thr.numel()
+        r, tables = s.provider.get("cmpn", shape=[n], k=k)
+        mine = (x.data.reshape(-1) + r + ((1 << k) if s.role == Role.CLIENT else 0)) & mask
+        wire = mine.to(torch.int32) if n_bits <= 32 else mine
+        c = (mine + s.peer.exchange_wire(wire, "cmp-open").to(DTYPE)) & mask
+        ct = (c[:, None] - thr[None, :]) & mask  # (n, t)
+        low = ct & ((1 << k) - 1)
+        chunks = -(-k // 4)
+        width = 1 << 4
+        tab = tables[:, 1:].reshape(n, chunks, 2, width)
+        idx = torch.stack([(low >> (4 * j)) & (width - 1) for j in range(chunks)], -1)  # (n, t, C)
+        lt = torch.gather(tab[:, None, :, 0, :].expand(n, t, chunks, width), 3, idx[..., None])[..., 0]
+        eq = torch.gather(tab[:, None, :, 1, :].expand(n, t, chunks, width), 3, idx[..., None])[..., 0]
+        borrow = _combine_chunks(s, lt, eq)  # (n, t)
+        bit = borrow ^ tables[:, :1]
+        if s.role == Role.CLIENT:
+            bit = bit ^ ((ct >> k) & 1).to(torch.uint8)
+        return b2a(s, bit).reshape(*shape, t)
+
+
+def drelu_narrow(x: AShare, k: int) -> AShare:
+    """[x >= 0] for |x| < 2^k (ring integers) by ``compare_many`` with the single threshold 0.
+
+    Cost: as ``compare_many`` with one threshold; at k = 24: 5 rounds, 8 B + 9 ANDs (36 bits) +
+    2 bits = 12.75 B/element (against ``drelu``'s 78.75 B and 8 rounds over the full ring).
+    """
+    with x.session.span("drelu"):
+        return compare_many(x, k, [0])[..., 0]

@@ -109,6 +109,14 @@ class FloatOps(_Additive):
     def drelu(self, a):
         return (a >= 0).to(a.dtype)
 
+    def compare_thresholds(self, a, thresholds, k):
+        """[a >= t] for public reals t, stacked on a new last axis (0/1)."""
+        return (a.detach()[..., None] >= torch.as_tensor(thresholds, dtype=a.dtype)).to(a.dtype)
+
+    def weighted_bits(self, bits, weights):
+        """sum_i bits_i w_i over the last axis, for 0/1 bits and public real weights."""
+        return (bits * torch.as_tensor(weights, dtype=bits.dtype)).sum(-1)
+
     def relu(self, a):
         return torch.relu(a)
 
@@ -192,6 +200,19 @@ class RingOps(_Additive):
 
     def drelu(self, a):
         return (a >= 0).to(DTYPE)
+
+    def compare_thresholds(self, a, thresholds, k):
+        """As ``protocols.compare_many`` (integer 0/1), raising ``HeadroomError`` where some
+        |a - t| >= 2^k: the secure comparison would wrap there."""
+        thr = self.fp.encode(torch.as_tensor(thresholds, dtype=torch.float64))
+        diff = a[..., None] - thr
+        if diff.numel() and int(diff.abs().max()) >= 1 << k:
+            raise HeadroomError(f"a comparison input reaches 2^{math.log2(int(diff.abs().max())):.1f} ring units, "
+                                f"beyond its 2^{k} range: the secure comparison would return a wrong bit here")
+        return (diff >= 0).to(DTYPE)
+
+    def weighted_bits(self, bits, weights):
+        return (bits * self.fp.encode(torch.as_tensor(weights, dtype=torch.float64))).sum(-1)
 
     def relu(self, a):
         return torch.where(a >= 0, a, torch.zeros_like(a))
@@ -343,6 +364,15 @@ class ShareOps(_Additive):
 
     def drelu(self, a):
         return P.drelu(a)
+
+    def compare_thresholds(self, a, thresholds, k):
+        """``protocols.compare_many`` against the encoded thresholds."""
+        return P.compare_many(a, k, self.fp.encode(torch.as_tensor(thresholds, dtype=torch.float64)))
+
+    def weighted_bits(self, bits, weights):
+        """Local: integer 0/1 shares times public encoded weights, summed."""
+        enc = self.fp.encode(torch.as_tensor(weights, dtype=torch.float64))
+        return bits.mul_int(torch.broadcast_to(enc, bits.shape).contiguous()).sum(-1)
 
     def relu(self, a):
         return P.relu(a)

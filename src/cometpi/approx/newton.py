@@ -8,6 +8,11 @@ The guess strategies (``Guess``):
   distance |x - x'|/F <= 2^-sigma of the one for any other x' in the domain.
 * ``constant``: the public guess 1/sqrt(2 x_max): no round, no leak.
 * ``crypten``: CrypTen's y0 = 2.2 exp(-(x/2 + 0.2)) + 0.2 - x/1024 (exp by the limit, 8 squarings).
+* ``thermometer``: a secure *informative* guess: the octave of x from one narrow comparison opening
+  against every power of two 2^i of the domain (``protocols.compare_many``: one small-ring opening,
+  one-time truth tables, a short AND tree per threshold), then y0 = 2^(-(e + 1/2)/2) as a public
+  linear combination of the thermometer bits.  t0 lies in [2^(-1/4), 2^(1/4)], so 3 Newton steps
+  reach 1e-3.  Nothing is opened but uniform values: no leakage, no sigma.
 * ``insecure_comet_small_flood``: Comet's guess with the prototype's small flood (F = 50 by default),
   which converges in a few steps because the guess then depends on x: it leaks x's magnitude.
   Reproduction only; it warns once and reports its (tiny or negative) sigma.
@@ -43,6 +48,7 @@ class Guess(enum.StrEnum):
     COMET = "comet"
     CONSTANT = "constant"
     CRYPTEN = "crypten"
+    THERMOMETER = "thermometer"
     INSECURE_COMET_SMALL_FLOOD = "insecure_comet_small_flood"
 
 
@@ -96,9 +102,27 @@ class RsqrtSpec:
         F = self.flood_size()
         return None if F is None else math.log2(F / self.hi)
 
+    def octaves(self) -> tuple[int, int]:
+        """(e_min, e_max) of the thermometer guess: thresholds 2^i for i = e_min + 1 .. e_max, so the
+        guess is informative on [2^e_min, 2^(e_max + 1)), which covers [lo, hi] with a margin."""
+        return math.floor(math.log2(self.lo)), math.ceil(math.log2(self.hi))
+
+    def thermometer(self, frac_bits: int = 16) -> tuple[list[float], list[float], float, int]:
+        """(thresholds, weights, base, k): y0 = base + sum_i [x >= thresholds_i] weights_i, and the
+        comparisons' width k (|x - t| < 2^k for 0 <= x < 2^(e_max + 1))."""
+        e_min, e_max = self.octaves()
+        w = [2.0 ** (-(e + 0.5) / 2) for e in range(e_min, e_max + 1)]
+        thresholds = [2.0**i for i in range(e_min + 1, e_max + 1)]
+        weights = [w[j + 1] - w[j] for j in range(len(thresholds))]
+        return thresholds, weights, w[0], e_max + 1 + frac_bits
+
     def t0_bounds(self) -> tuple[float, float]:
         """The smallest and largest t0 = y0 sqrt(x) over the domain (and the flood's range)."""
         lo, hi = self.lo, self.hi
+        if self.guess == Guess.THERMOMETER:
+            e_min, _ = self.octaves()
+            low = 2.0**-0.25 * min(1.0, math.sqrt(lo / 2.0**e_min))
+            return low, 2.0**0.25
         if self.guess == Guess.CONSTANT:
             return math.sqrt(lo / (2 * hi)), math.sqrt(0.5)
         if self.guess == Guess.CRYPTEN:
@@ -171,6 +195,8 @@ class RsqrtSpec:
         by_newton = (2.0 ** (62 - m - 2 * frac_bits) / t_max) ** 2
         cap = 2.0 ** (62 - frac_bits - 1)
         F = self.flood_size()
+        if self.guess == Guess.THERMOMETER:  # the comparisons' width
+            cap = min(cap, 2.0 ** (self.octaves()[1] + 1))
         return min(by_newton, cap, F if F is not None else cap)
 
     def describe(self) -> dict:
@@ -224,6 +250,10 @@ def initial_guess(ops, x, spec: RsqrtSpec, scale: int = 0):
     """y0 * 2^scale for 1/sqrt(x) on any backend (only flooded guesses use a scale)."""
     if spec.guess == Guess.CONSTANT:
         return ops.const_like(x, 1 / math.sqrt(2 * spec.hi))
+    if spec.guess == Guess.THERMOMETER:
+        thresholds, weights, base, k = spec.thermometer(getattr(ops, "frac_bits", 16))
+        with ops.span("thermometer_guess"):
+            return ops.add_const(ops.weighted_bits(ops.compare_thresholds(x, thresholds, k), weights), base)
     if spec.guess == Guess.CRYPTEN:
         from .functions import crypten_exp
 
@@ -271,7 +301,8 @@ def rsqrt(ops, x, spec: RsqrtSpec):
     x < ``spec.headroom_max(f)``, beyond which ``RingOps`` raises ``HeadroomError``.
     Cost (shares, exact truncation): guess + n steps of 3 products (6 rounds, 144 B/element each);
     guesses: comet 3 rounds, 40 B/element; constant 0; crypten 8 squarings (16 rounds, 256 B/element)
-    plus 2 truncations (2 rounds, 32 B/element).
+    plus 2 truncations (2 rounds, 32 B/element); thermometer one ``compare_many`` with
+    e_max - e_min thresholds (2 + ceil(log2 ceil(k/4)) rounds).
     """
     if getattr(ops, "ideal", False):  # FloatOps(ideal=True): the exact function (fine-tuning)
         return torch.rsqrt(x)

@@ -47,7 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--private", type=int, default=None,
                    help="seeded test rows classified privately, for every row that has a private run "
                         "(default: EVALS, 32-500; 0: plaintext only)")
-    p.add_argument("--guess", default=None, choices=["comet", "constant"],
+    p.add_argument("--guess", default=None, choices=["thermometer", "comet", "constant"],
                    help="rsqrt guess for every private run (default: EVALS)")
     p.add_argument("--batch", type=int, default=16, help="texts per private query")
     p.add_argument("--out", default="bench/results/accuracy.json")

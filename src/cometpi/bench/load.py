@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="minilm", help="checkpoint directory or 'minilm'")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
-    p.add_argument("--guess", default="constant", choices=["comet", "constant"])
+    p.add_argument("--guess", default="constant", choices=["thermometer", "comet", "constant"])
     p.add_argument("--out", default="bench/results/load.jsonl")
 
 

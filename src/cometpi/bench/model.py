@@ -132,7 +132,8 @@ def markdown(rows: list[dict]) -> str:
            "loopback s | LAN s | WAN s | how |", "|" + "---|" * 12]
     for r in rows:
         a = r["approx"]
-        how = "measured" if "extrapolated_from_layers" not in r else "1+2 layers measured, ×12 exact bytes"
+        how = ("measured" if "extrapolated_from_layers" not in r else "1+2 layers measured, ×12 exact bytes")
+        how += f", {r['arch']['layers']} layers" if "extrapolated_from_layers" not in r else ""
         out.append(f"| {r['model']} | {r['seq']} | {r['batch']} | {a['gelu']}/{a['softmax']}/{a['guess']} "
                    f"({a['sigma']:g}) | {r['bytes_online'] / 1e9:.2f} GB | {r['bytes_offline'] / 1e9:.2f} GB | "
                    f"{r['bytes_offline_per_session'] / 1e6:.0f} MB | {r['rounds']:,} | {r['seconds']:.0f} | "
@@ -165,9 +166,33 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+THERMOMETER = {"gelu": "smu", "softmax": "relu", "guess": "thermometer", "sigma": 40}
+
+
 def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="one tiny case (smoke run)")
+    p.add_argument("--model", choices=["bert-base", "minilm"], default=None,
+                   help="run one case only (with --seq, --batch, --guess, ...) and upsert its row into --out")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--gelu", default="smu")
+    p.add_argument("--softmax", default="relu")
+    p.add_argument("--guess", default="thermometer")
+    p.add_argument("--sigma", type=float, default=40.0)
+    p.add_argument("--layers", type=int, default=None,
+                   help="layers to run whole (default: all); 0: BERT-base's 1+2-layer extrapolation to 12")
     p.add_argument("--out", default="bench/results/model.jsonl")
+
+
+def _key(r: dict) -> tuple:
+    return (r["model"], r["seq"], r["batch"], json.dumps(r["approx"], sort_keys=True),
+            "extrapolated_from_layers" in r, r["arch"]["layers"])
+
+
+def _upsert(out: Path, new: list[dict]) -> list[dict]:
+    old = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.is_file() else []
+    keys = {_key(r) for r in new}
+    return [r for r in old if _key(r) not in keys] + new
 
 
 def main(args) -> int:
@@ -181,17 +206,29 @@ def main(args) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="cometpi-bench-") as tmp:
             dirs = {"bert-base": bert_base_dir(Path(tmp)), "minilm": resolve_model_dir("minilm")}
-            for case in tqdm(cases(args.quick), desc="bench model"):
+            if args.model:
+                approx = {"gelu": args.gelu, "softmax": args.softmax, "guess": args.guess, "sigma": args.sigma}
+                todo = [dict(model=args.model, seq=args.seq, batch=args.batch, approx=approx,
+                             layers=[1, 2] if args.layers == 0 else None, whole_layers=args.layers or None,
+                             repeat=True)]
+            else:
+                todo = cases(args.quick)
+            for case in tqdm(todo, desc="bench model"):
                 t0 = time.time()
                 if case["layers"]:
                     one = run_case(dirs[case["model"]], case, 1, daddr)
                     two = run_case(dirs[case["model"]], case, 2, daddr)
                     rec = extrapolate(one, two, 12)
                 else:
-                    rec = run_case(dirs[case["model"]], case, None, daddr)
+                    rec = run_case(dirs[case["model"]], case, case.get("whole_layers"), daddr)
                 total = rec["bytes_online"] + rec["header_bytes_online"]
                 rec.update({"model": case["model"], "seq": case["seq"], "batch": case["batch"],
                             "approx": case["approx"], "f": 16, "trunc": "exact", "git_sha": sha,
+                            "command": "cometpi bench model" + (
+                                f" --model {args.model} --seq {args.seq} --batch {args.batch} --gelu {args.gelu} "
+                                f"--softmax {args.softmax} --guess {args.guess} --sigma {args.sigma:g}"
+                                + (f" --layers {args.layers}" if args.layers is not None else "")
+                                if args.model else (" --quick" if args.quick else "")),
                             "bench_seconds": time.time() - t0,
                             "projected_seconds": {k: n.project(rec["seconds"], total, rec["rounds"])
                                                   for k, n in NETWORKS.items()}})
@@ -200,6 +237,8 @@ def main(args) -> int:
                       flush=True)
     finally:
         stop(dealer)
+    if args.model:
+        rows = _upsert(out, rows)
     md = markdown(rows)
     write_results(out, rows, md)
     plot(rows, out.parent / "model_bytes_by_layer_type.png")

@@ -1,0 +1,203 @@
+"""The narrow comparison (``protocols.compare_many``, ``drelu_narrow``) and the secure informative
+rsqrt guess built on it (``thermometer``): against plaintext over their domains, their Cost lines
+against the counters, out-of-range behaviour, and what a party receives.
+
+Tolerances: rsqrt |y - ref| <= 1.1e-3 |ref| + 64 ulp (ulp = 2^-16), as the other guesses."""
+
+import math
+
+import pytest
+import torch
+
+from cometpi import protocols as P
+from cometpi.approx import FloatOps, RingOps, ShareOps, rsqrt, smu
+from cometpi.approx.backends import HeadroomError
+from cometpi.approx.sites import DOMAINS, SMU_MU, site_spec
+from cometpi.core import Role
+from cometpi.party import run_local
+from cometpi.transport import Traffic
+
+ULP = 2.0**-16
+
+
+def _online(s, fn):
+    before = s.meter.snapshot()
+    out = fn()
+    after = s.meter.snapshot()
+    return out, sum((after[k] - before[k] for k in after if k[1] == "online"), Traffic())
+
+
+def _compare(x: torch.Tensor, k: int, thresholds):
+    def job(s):
+        xs = s.share(x if s.is_client else None, owner=Role.CLIENT, shape=x.shape, encoded=True)
+        out, on = _online(s, lambda: P.compare_many(xs, k, thresholds))
+        return s.open(out), on
+
+    return run_local(job)[0]
+
+
+def _ands(k: int) -> int:
+    c = math.ceil(k / 4)
+    return max(0, 2 * c - 3)
+
+
+@pytest.mark.parametrize("k", [3, 5, 12, 24, 25, 27, 31, 32, 40, 61])
+def test_compare_many_is_exact_over_its_domain(k):
+    top = (1 << k) - 1
+    thr = torch.tensor([0, 1, -1, top // 3, -(top // 5)])
+    # edges: |x - t| up to 2^k - 1 for every threshold
+    x = torch.cat([torch.tensor([0, 1, -1, top // 3, top // 3 - 1, -(top // 5), -(top // 5) - 1]),
+                   torch.linspace(-(top // 2), top // 2, 200).round().to(torch.int64)])
+    x = x[((x[:, None] - thr[None]).abs() <= top).all(1)]
+    got, _ = _compare(x, k, thr)
+    assert torch.equal(got, (x[:, None] >= thr[None]).to(torch.int64))
+
+
+def test_drelu_narrow_meets_its_cost_line():
+    """k = 24: 5 rounds, 8 B opening + 9 ANDs (36 bits) + 2 bits b2a = 12.75 B/element."""
+    x = torch.arange(-4000, 4000, 3, dtype=torch.int64) * 1000
+    n = x.numel()
+
+    def job(s):
+        xs = s.share(x if s.is_client else None, owner=Role.CLIENT, shape=x.shape, encoded=True)
+        out, on = _online(s, lambda: P.drelu_narrow(xs, 24))
+        return s.open(out), on
+
+    d, on = run_local(job)[0]
+    assert torch.equal(d, (x >= 0).to(torch.int64))
+    assert "12.75 B/element" in P.drelu_narrow.__doc__
+    assert on.rounds == 5
+    packing = 3 * 2  # the AND-tree and b2a messages round up to whole bytes, each way
+    assert n * 12.75 <= on.payload_bytes <= n * 12.75 + packing
+
+
+@pytest.mark.parametrize("k,t", [(12, 1), (24, 3), (33, 5), (61, 2)])
+def test_compare_many_cost_line(k, t):
+    """2 + ceil(log2 C) rounds; 2 x 4 B opening (8 B above 32 bits), per threshold (2C - 3) ANDs of
+    4 bits and 2 bits of b2a."""
+    x = torch.arange(-300, 300, dtype=torch.int64)
+    n, c = x.numel(), math.ceil(k / 4)
+    _, on = _compare(x, k, list(range(t)))
+    assert on.rounds == 2 + math.ceil(math.log2(c))
+    bits = n * t * (4 * _ands(k) + 2)
+    opening = n * (8 if k + 1 <= 32 else 16)
+    messages = on.rounds - 1
+    assert opening + bits / 8 <= on.payload_bytes <= opening + bits / 8 + 2 * messages
+
+
+def test_out_of_range_wraps_as_documented_and_the_simulation_raises():
+    """|x - t| >= 2^k: the bit is that of x - t + 2^k reduced mod 2^(k+1): wrong, and predictable."""
+    k = 10
+    x = torch.tensor([1 << 10, 3000, -(1 << 10) - 1, -3000], dtype=torch.int64)
+    got, _ = _compare(x, k, [0])
+    wrapped = (((x + (1 << k)) % (1 << (k + 1))) >= (1 << k)).to(torch.int64)
+    assert torch.equal(got[:, 0], wrapped)
+    assert not torch.equal(got[:, 0], (x >= 0).to(torch.int64))
+    ops = RingOps()
+    with pytest.raises(HeadroomError, match="comparison"):
+        ops.compare_thresholds(x, [0.0], k)
+
+
+def test_what_the_server_receives_does_not_depend_on_x():
+    """The opening is uniform modulo 2^n and the AND/b2a openings are masked by fresh triples: the
+    server's bytes for x = 0 and for x spread over the domain have the same distribution."""
+    n = 20_000
+
+    def server_bytes(x):
+        got = []
+
+        def job(s):
+            if s.role == Role.SERVER:
+                recv, ex = s.peer.recv, s.peer.exchange_wire
+
+                def rec(*a, **kw):
+                    out = recv(*a, **kw)
+                    got.append(out.reshape(-1).clone())
+                    return out
+
+                def rec_wire(t, tag):
+                    out = ex(t, tag)
+                    got.append(out.reshape(-1).clone())
+                    return out
+
+                s.peer.recv, s.peer.exchange_wire = rec, rec_wire
+            xs = s.share(x if s.is_client else None, owner=Role.CLIENT, shape=x.shape, encoded=True)
+            P.compare_many(xs, 24, [0, 1 << 20])
+
+        run_local(job)
+        return got
+
+    a = server_bytes(torch.zeros(n, dtype=torch.int64))
+    b = server_bytes(torch.linspace(-(2**22), 2**22, n).to(torch.int64))
+    assert len(a) == len(b) >= 3
+    for ta, tb in zip(a, b, strict=True):
+        ha = torch.bincount((ta.to(torch.int64) & 0xFF), minlength=256).double()
+        hb = torch.bincount((tb.to(torch.int64) & 0xFF), minlength=256).double()
+        if ta.dtype == torch.int32:  # the opening: also its top byte within the 25-bit ring
+            ha = torch.cat([ha, torch.bincount((ta.to(torch.int64) >> 17) & 0xFF, minlength=256).double()])
+            hb = torch.cat([hb, torch.bincount((tb.to(torch.int64) >> 17) & 0xFF, minlength=256).double()])
+        keep = (ha + hb) > 0
+        ea = (ha + hb)[keep] / 2
+        stat = float((((ha[keep] - ea) ** 2 + (hb[keep] - ea) ** 2) / ea).sum())
+        dof = int(keep.sum()) - 1
+        limit = dof * (1 - 2 / (9 * dof) + 4.75 * math.sqrt(2 / (9 * dof))) ** 3
+        assert stat < limit, (ta.dtype, stat, limit)
+
+
+# --------------------------------------------------------------------------------------------------
+# The thermometer guess
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("site", sorted(DOMAINS))
+def test_thermometer_rsqrt_over_each_site_domain(site):
+    spec = site_spec(site, guess="thermometer")
+    if site == "layernorm_var":  # as layernorm() calls it: on variances scaled by 4^4 (f = 16 resolution)
+        spec = spec.with_(lo=spec.lo * 256, hi=spec.hi * 256, unit=256.0)
+    assert spec.n_iterations() == 3 and spec.describe()["sigma"] is None
+    x = torch.logspace(math.log10(spec.lo), math.log10(spec.hi), 300, dtype=torch.float64)
+    ref = x.rsqrt()
+    ops = RingOps()
+    for y in (ops.output(rsqrt(ops, ops.input(x), spec)), rsqrt(FloatOps(), x, spec)):
+        assert ((y - ref).abs() <= 1.1e-3 * ref + 64 * ULP).all()
+
+    def job(s):
+        xs = s.share(x if s.is_client else None, owner=Role.CLIENT, shape=x.shape)
+        y, on = _online(s, lambda: rsqrt(ShareOps(s), xs, spec))
+        return s.reveal_float(y, Role.CLIENT), on
+
+    y, on = run_local(job)[0]
+    assert ((y - ref).abs() <= 1.1e-3 * ref + 64 * ULP).all()
+    thresholds, _, _, k = spec.thermometer()
+    c = math.ceil(k / 4)
+    assert on.rounds == (2 + math.ceil(math.log2(c))) + 6 * 3
+    guess_bytes = (8 if k < 32 else 16) + len(thresholds) * (4 * _ands(k) + 2) / 8
+    assert 0 <= on.payload_bytes / x.numel() - (guess_bytes + 3 * 144) <= 0.1
+
+
+def test_thermometer_guess_beyond_the_domain():
+    """Below lo the guess undershoots (still converging, with more error); up to 2^(e_max+1) it is as
+    good as inside; beyond, the comparisons wrap: the simulation raises."""
+    spec = site_spec("smu", guess="thermometer")
+    top = spec.headroom_max()
+    x = torch.tensor([spec.hi * 1.5, top * 0.99], dtype=torch.float64)
+    ops = RingOps()
+    y = ops.output(rsqrt(ops, ops.input(x), spec))
+    assert ((y - x.rsqrt()).abs() <= 1.1e-3 * x.rsqrt() + 64 * ULP).all()
+    with pytest.raises(HeadroomError):
+        rsqrt(ops, ops.input(torch.tensor([top * 1.01])), spec)
+
+
+def test_smu_with_the_thermometer_guess_on_shares():
+    x = torch.linspace(-20, 20, 81, dtype=torch.float64)
+    spec = site_spec("smu", guess="thermometer")
+
+    def job(s):
+        xs = s.share(x if s.is_client else None, owner=Role.CLIENT, shape=x.shape)
+        return s.reveal_float(smu(ShareOps(s), xs, SMU_MU, spec), Role.CLIENT)
+
+    y = run_local(job)[0]
+    root = (x * x + SMU_MU**2).sqrt()
+    ref = (x + root) / 2
+    # rsqrt's relative error reaches the output through sqrt(z)/2 (which cancels x/2 for x < 0)
+    assert ((y - ref).abs() <= 1.1e-3 * root / 2 + 64 * ULP).all()
