@@ -310,3 +310,36 @@ def test_prefetch_waits_while_the_dealer_makes_progress_and_fails_when_it_stalls
         link.wait_idle()
         assert not link._pending
     link._closing = True
+
+
+def test_prefetch_holds_at_most_its_buffer_and_streams_the_rest():
+    """A plan larger than the buffer (found by the soak: 8 x 128 tokens held 18 GB and the server was
+    killed for memory): the wait ends when the buffer is full; the rest arrives as it is consumed."""
+    import threading
+
+    from cometpi.dealer import DealerClient
+
+    link = DealerClient(_SlowDealerChannel(timeout=5.0, gap=0.0), buffer_bytes=3 * 8)
+    link._reader = threading.Thread(target=link._read_loop, daemon=True)
+    link._reader.start()
+    link.request([[i, "mul", {"shape": [1]}] for i in range(10)])
+    link.wait_idle()
+    assert len(link._cache) == 3 and len(link._pending) == 7
+    for i in range(10):
+        assert link.fetch(i, "mul", {"shape": [1]}).numel() == 1
+        assert link._cached_bytes <= 3 * 8 + 8
+    assert not link._pending and not link._cache
+    link._closing = True
+
+
+def test_local_truncation_is_refused_with_comets_guess_and_warns_otherwise():
+    from cometpi.approx import newton
+    from cometpi.core import ConfigError, TruncMode
+    from cometpi.nn import check_truncation
+
+    with pytest.raises(ConfigError, match="trunc local"):
+        check_truncation(Config(trunc=TruncMode.LOCAL), ApproxConfig(guess="comet"))
+    newton._WARNED.discard("trunc=local")
+    with pytest.warns(UserWarning, match="local truncation"):
+        check_truncation(Config(trunc=TruncMode.LOCAL), ApproxConfig(guess="constant"))
+    check_truncation(Config(), ApproxConfig(guess="comet"))  # exact: fine

@@ -371,17 +371,26 @@ KINDS = {"mul": _Mul(), "pmul": _PrivateMul(), "square": _Square(), "matmul": _M
 # --------------------------------------------------------------------------------------------------
 
 
-class DealerClient:
-    """A party's connection to the dealer: on-demand requests plus background prefetch."""
+#: Prefetched corrections a party holds in memory at most (a BERT-base/128 query with Comet's guess
+#: needs 27 GB of dealer material: the rest streams in while the online phase consumes it).
+DEALER_BUFFER_BYTES = 1 << 31
 
-    def __init__(self, channel: Channel):
+
+class DealerClient:
+    """A party's connection to the dealer: on-demand requests plus background prefetch, holding at
+    most ``buffer_bytes`` of corrections that are not yet consumed (backpressure on the dealer)."""
+
+    def __init__(self, channel: Channel, buffer_bytes: int = DEALER_BUFFER_BYTES):
         self.ch = channel
+        self.buffer_bytes = buffer_bytes
+        self._cached_bytes = 0
         self._cond = threading.Condition()
         self._pending: deque[int] = deque()
         self._pending_set: set[int] = set()
         self._cache: dict[int, torch.Tensor] = {}
         self._error: BaseException | None = None
         self._closing = False
+        self._wanted: int | None = None  # the index a party is blocked on in ``fetch``
         self._reader: threading.Thread | None = None
 
     def hello(self, session_id: str, role: Role, config_hash: str) -> bytes:
@@ -410,7 +419,10 @@ class DealerClient:
         try:
             while True:
                 with self._cond:
-                    self._cond.wait_for(lambda: self._pending or self._closing)
+                    # a full buffer waits for the party to consume (unless the party waits on the head)
+                    self._cond.wait_for(lambda: (self._pending and (self._cached_bytes < self.buffer_bytes
+                                                                    or self._wanted in self._pending_set))
+                                        or self._closing)
                     if self._closing:
                         return
                 t = self.ch.recv(("dealer-corr", "dealer-error"))
@@ -420,6 +432,7 @@ class DealerClient:
                     idx = self._pending.popleft()
                     self._pending_set.discard(idx)
                     self._cache[idx] = t
+                    self._cached_bytes += t.numel() * t.element_size()
                     self._cond.notify_all()
         except BaseException as e:  # noqa: BLE001 - handed to the waiting party thread
             with self._cond:
@@ -433,10 +446,16 @@ class DealerClient:
         if need:
             self.request([[idx, kind, params]])
         with self._cond:
+            self._wanted = idx
+            self._cond.notify_all()
             ok = self._cond.wait_for(lambda: idx in self._cache or self._error is not None,
                                      timeout=self.ch.timeout)
+            self._wanted = None
             if idx in self._cache:
-                return self._cache.pop(idx)
+                t = self._cache.pop(idx)
+                self._cached_bytes -= t.numel() * t.element_size()
+                self._cond.notify_all()
+                return t
             if self._error is not None:
                 err = self._error
                 if isinstance(err, (TransportError, DealerError)):
@@ -446,9 +465,10 @@ class DealerClient:
             raise PeerTimeout(f"no answer from the dealer within {self.ch.timeout:g} s for request {idx}")
 
     def wait_idle(self, timeout: float | None = None) -> None:
-        """Wait until no requested correction is outstanding.  ``timeout`` (default: the channel's)
-        bounds a *stall*: the wait fails only when no correction arrives for that long, so a large
-        plan on a busy machine (gigabytes of corrections) is not cut off while the dealer works."""
+        """Wait until no requested correction is outstanding, or the buffer is full (the rest then
+        streams in while the party consumes).  ``timeout`` (default: the channel's) bounds a *stall*:
+        the wait fails only when no correction arrives for that long, so a large plan on a busy
+        machine (gigabytes of corrections) is not cut off while the dealer works."""
         timeout = self.ch.timeout if timeout is None else timeout
         with self._cond:
             while True:
@@ -457,7 +477,7 @@ class DealerClient:
                                          timeout)
                 if self._error is not None:
                     raise DealerError(f"dealer link failed: {self._error}")
-                if not self._pending:
+                if not self._pending or self._cached_bytes >= self.buffer_bytes:
                     return
                 if not ok:
                     raise PeerTimeout(f"prefetch from the dealer stalled: no correction for {timeout:g} s "

@@ -30,8 +30,9 @@ from .approx import (
     smu,
 )
 from .approx.backends import checked_matmul, checked_product
+from .approx.newton import warn_insecure_once
 from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
-from .core import Role, Session
+from .core import ConfigError, Role, Session
 from .ring import FixedPoint
 
 PER_CHANNEL = "per-channel"
@@ -420,6 +421,22 @@ def ring_forward(arch, params, input_ids, attention_mask=None, cfg: ApproxConfig
                               attention_mask=attention_mask))
 
 
+def check_truncation(config, cfg: ApproxConfig) -> None:
+    """Local (SecureML) truncation fails with probability |v|/2^64 per truncated element, by 2^(64-k):
+    ``bench sites`` measures about 0.1 corrupted elements per MiniLM/128 inference with the constant or
+    thermometer guess, and 6e4 with Comet's flooded guess (whose Newton runs at scale 2^m).  Refuse
+    the latter; warn once for the rest (docs/correctness.md)."""
+    from .core import TruncMode
+
+    if config.trunc != TruncMode.LOCAL:
+        return
+    if "comet" in cfg.guess:
+        raise ConfigError("--trunc local with Comet's flooded guess: Newton runs at scale 2^m, so local shifts of "
+                          "values near 2^56 would corrupt about 6e4 elements per inference; use --trunc exact")
+    warn_insecure_once("trunc=local", "local truncation corrupts an element with probability |v|/2^64: about "
+                       "1 MiniLM/128 inference in 10 returns a wrong answer; use --trunc exact (the default)")
+
+
 def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, input_ids=None, shape=None,
                    attention_mask=None, hide_length: bool = False, model: ShareModel | None = None):
     """One party's side of a private inference; the client gets the output (float), the server None.
@@ -428,6 +445,7 @@ def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, in
     pass ``shape`` (B, T) and the public ``attention_mask`` (or ``hide_length``: the client shares its
     mask and the server sees only the padded length).
     """
+    check_truncation(session.config, cfg)
     model = model or ShareModel(session, arch, None if params is None else prepare_params(arch, params))
     B, T = shape
     secret = None
