@@ -91,3 +91,19 @@ def test_minilm_real_weights_on_real_sentences():
     # hidden states are O(1) with a few channels near 10: 1e-2 is ~650 ulp after 6 layers
     assert float((out - approx)[real].abs().max()) < 1e-2
     assert report["online"]["bytes_sent"] > 0 and report["offline"]["bytes_recv"] > 0
+
+
+def test_forward_reports_each_layer_for_a_progress_bar():
+    arch, params = from_hf(_tiny("BertForSequenceClassification", seed=5))
+    ids, mask = _inputs("bert", "right", seed=6)
+    done = []
+    plaintext = plaintext_forward(arch, params, ids, mask, FAST)
+
+    def job(s):
+        kw = dict(shape=tuple(ids.shape), attention_mask=mask)
+        if s.is_client:
+            return secure_forward(s, arch, FAST, input_ids=ids, on_layer=lambda: done.append(1), **kw)
+        return secure_forward(s, arch, FAST, params=params, **kw)
+
+    out = run_local(job)[0]
+    assert len(done) == arch.layers and float((out - plaintext).abs().max()) < TOL

@@ -212,3 +212,39 @@ def test_header_parser_never_crashes(data):
     except FrameError:
         return
     assert h.nbytes <= 1 << 20
+
+
+def test_a_bounded_send_queue_waits_for_the_reader():
+    """The dealer bounds its links' send queues: send blocks while the peer does not read (instead of
+    the sender's memory filling), and resumes as the peer reads."""
+    import socket
+    import threading
+    import time
+
+    from cometpi.transport import TcpChannel
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(srv.getsockname())
+    b, _ = srv.accept()
+    srv.close()
+    tx, rx = TcpChannel(a, timeout=10.0), TcpChannel(b, timeout=10.0)
+    tx.max_queued_bytes = 1 << 20
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+    payload = torch.zeros(1 << 17, dtype=torch.int64)  # 1 MiB per frame
+    sent = []
+
+    def writer():
+        for _ in range(12):
+            tx.send(payload, "x")
+            sent.append(1)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    assert len(sent) < 12 and tx._queued <= (1 << 20) + payload.numel() * 8  # held back, memory bounded
+    for _ in range(12):
+        assert rx.recv("x", shape=(1 << 17,), dtype=torch.int64).numel() == 1 << 17
+    t.join(10)
+    assert len(sent) == 12
+    tx.close()
+    rx.close()

@@ -134,14 +134,14 @@ def cmd_infer(args) -> int:
               f"(sigma {client.approx.sigma:g}); weights masked in {client.setup_seconds:.1f} s", flush=True)
         if a.head == "classifier":
             rows = client.classify(args.texts, max_length=args.max_length, pad_to=args.pad_to,
-                                   hide_length=args.hide_length)
+                                   hide_length=args.hide_length, progress=True)
             st = rows[0]["batch_stats"]
             for r in rows:
                 print(f"{r['label']}\t{r['confidence']:.3f}\t{_with_note(r)}")
         else:
             ids, mask = client.encode(args.texts, max_length=args.max_length, pad_to=args.pad_to)
             counts = client.token_counts(args.texts, mask)
-            out, st = client.infer_ids(ids, mask, hide_length=args.hide_length)
+            out, st = client.infer_ids(ids, mask, hide_length=args.hide_length, progress=True)
             rows = [{"text": t, "output": out[i].tolist(), **counts[i]} for i, t in enumerate(args.texts)]
             if a.head == "lm":
                 for i, r in enumerate(rows):

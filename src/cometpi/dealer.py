@@ -472,13 +472,13 @@ class DealerClient:
         timeout = self.ch.timeout if timeout is None else timeout
         with self._cond:
             while True:
-                left = len(self._pending)
-                ok = self._cond.wait_for(lambda left=left: len(self._pending) < left or self._error is not None,
-                                         timeout)
                 if self._error is not None:
                     raise DealerError(f"dealer link failed: {self._error}")
                 if not self._pending or self._cached_bytes >= self.buffer_bytes:
                     return
+                left = len(self._pending)
+                ok = self._cond.wait_for(lambda left=left: len(self._pending) < left or self._error is not None,
+                                         timeout)
                 if not ok:
                     raise PeerTimeout(f"prefetch from the dealer stalled: no correction for {timeout:g} s "
                                       f"({len(self._pending)} outstanding)")
@@ -623,9 +623,17 @@ class DealerCore:
             raise DealerError(f"bad parameters for {kind}: {e}") from None
 
 
+#: Corrections the dealer queues per party link before it waits for the party to read.
+DEALER_SEND_QUEUE_BYTES = 1 << 28
+
+
 def serve_connection(core: DealerCore, ch: Channel) -> None:
-    """Serve one party's dealer connection until it closes (runs in its own thread)."""
+    """Serve one party's dealer connection until it closes (runs in its own thread).  The link's send
+    queue is bounded (``DEALER_SEND_QUEUE_BYTES``): a party whose prefetch buffer is full holds the
+    dealer back instead of the dealer's memory filling with its corrections."""
     session = role = None
+    if hasattr(ch, "max_queued_bytes"):
+        ch.max_queued_bytes = DEALER_SEND_QUEUE_BYTES
     try:
         hello = ch.recv_json("dealer-hello")
         if hello.get("version") != PROTOCOL_VERSION:

@@ -85,7 +85,7 @@ def main(args) -> int:
                   f"{client.setup_seconds:.1f} s\n")
             texts = [t for t, _ in rows]
             print(f"[demo] one private inference for {len(texts)} sentences (padded to the longest) ...", flush=True)
-            results = client.classify(texts, max_length=64)
+            results = client.classify(texts, max_length=64, progress=True)
             ids, mask = client.encode(texts, max_length=64)
             plain = torch.softmax(plaintext_forward(arch, params, ids, mask, approx), -1)
             for (text, truth), r, p in zip(rows, results, plain, strict=True):

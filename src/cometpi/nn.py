@@ -353,12 +353,13 @@ def key_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=None,
-            attention_mask: torch.Tensor | None = None, secret_mask=None):
+            attention_mask: torch.Tensor | None = None, secret_mask=None, on_layer=None):
     """Run the model; returns logits (B, labels) / (B, vocab) at the last position / hidden (B, T, d).
 
     ``input_ids`` (B, T) are needed by the party that owns the text (the client; floats: always).
     ``attention_mask`` (B, T) is public (it reveals the lengths); with ``secret_mask`` (an AShare of
     the client's 0/1 key mask (B, 1, 1, T)) the padded length is all the server learns.
+    ``on_layer`` (optional) is called after each layer (a progress bar).
     """
     B, T, d = batch, length, arch.hidden
     if attention_mask is None:
@@ -383,6 +384,8 @@ def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=
                 h = _layernorm(ops, ops.add(h, _attention(ops, h, i, arch, B, T, mask, cfg)), f"layers.{i}.ln1", cfg,
                                arch.ln_eps)
                 h = _layernorm(ops, ops.add(h, _ffn(ops, h, i, arch, cfg)), f"layers.{i}.ln2", cfg, arch.ln_eps)
+        if on_layer is not None:
+            on_layer()
     with ops.span("head"):
         if arch.head == "none":
             return h.reshape(B, T, d)
@@ -438,7 +441,8 @@ def check_truncation(config, cfg: ApproxConfig) -> None:
 
 
 def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, input_ids=None, shape=None,
-                   attention_mask=None, hide_length: bool = False, model: ShareModel | None = None):
+                   attention_mask=None, hide_length: bool = False, model: ShareModel | None = None,
+                   on_layer=None):
     """One party's side of a private inference; the client gets the output (float), the server None.
 
     The server passes ``params`` (or a prepared ``model``), the client ``input_ids`` (B, T); both
@@ -455,5 +459,5 @@ def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, in
             else session.share(None, owner=Role.CLIENT, shape=(B, 1, 1, T))
         attention_mask = None
     out = forward(model, arch, cfg, batch=B, length=T, input_ids=input_ids, attention_mask=attention_mask,
-                  secret_mask=secret)
+                  secret_mask=secret, on_layer=on_layer)
     return model.reveal(out)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import checkpoint
 from .convert import Arch, params_hash
@@ -194,8 +195,9 @@ class PrivateClient:
             raise
 
     def infer_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                  hide_length: bool = False) -> tuple[torch.Tensor, dict]:
-        """Logits (classifier: (B, labels); lm: (B, vocab) at the last real token) or hidden states."""
+                  hide_length: bool = False, progress: bool = False) -> tuple[torch.Tensor, dict]:
+        """Logits (classifier: (B, labels); lm: (B, vocab) at the last real token) or hidden states.
+        ``progress``: a tqdm bar of the layers done (on stderr)."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.int64)
@@ -208,9 +210,15 @@ class PrivateClient:
         key = (B, T, hide_length, None if hide_length else tuple(attention_mask.sum(1).tolist()))
         prefetched = _prefetch(self.sess, self.plans.get(key))
         start, t0 = self.sess.provider.index, time.perf_counter()
-        with self.sess.span("inference"):
-            out = secure_forward(self.sess, self.arch, self.approx, input_ids=input_ids, shape=(B, T),
-                                 attention_mask=attention_mask, hide_length=hide_length, model=self.model)
+        bar = tqdm(total=self.arch.layers, desc="private inference", unit="layer", leave=False) if progress else None
+        try:
+            with self.sess.span("inference"):
+                out = secure_forward(self.sess, self.arch, self.approx, input_ids=input_ids, shape=(B, T),
+                                     attention_mask=attention_mask, hide_length=hide_length, model=self.model,
+                                     on_layer=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
         seconds = time.perf_counter() - t0
         self.plans[key] = self.sess.provider.plan_since(start)
         after = self.sess.meter.snapshot()
@@ -221,7 +229,7 @@ class PrivateClient:
         return out, stats
 
     def classify(self, texts: list[str], *, max_length: int = 128, pad_to: int | None = None,
-                 hide_length: bool = False) -> list[dict]:
+                 hide_length: bool = False, progress: bool = False) -> list[dict]:
         """Label, confidence and logits per text (one private inference for the batch), and how many
         tokens each text has (``tokens``), how many the model saw (``tokens_used``: at most
         ``max_length``, ``pad_to`` or the model's positions) and whether it was cut (``truncated``)."""
@@ -229,7 +237,7 @@ class PrivateClient:
             raise ValueError(f"the served model has no classifier head (head {self.arch.head!r})")
         ids, mask = self.encode(texts, max_length=max_length, pad_to=pad_to)
         counts = self.token_counts(texts, mask)
-        logits, stats = self.infer_ids(ids, mask, hide_length=hide_length)
+        logits, stats = self.infer_ids(ids, mask, hide_length=hide_length, progress=progress)
         probs = torch.softmax(logits, -1)
         out = []
         for i, text in enumerate(texts):

@@ -481,6 +481,12 @@ class TcpChannel(Channel):
         self.sock = sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.timeout)
+        #: Bytes the writer may hold queued before ``send`` blocks (None: unbounded).  The dealer bounds
+        #: its links so that a party that consumes slowly holds the dealer back instead of its memory
+        #: filling up; a party's own links stay unbounded (both peers of an exchange send first).
+        self.max_queued_bytes: int | None = None
+        self._queued = 0
+        self._qcond = threading.Condition()
         self._wq: queue.Queue = queue.Queue()
         self._werr: TransportError | None = None
         self._writer = threading.Thread(target=self._write_loop, name="tcp-writer", daemon=True)
@@ -509,11 +515,16 @@ class TcpChannel(Channel):
                 return
             try:
                 self.sock.sendall(data)
+                with self._qcond:
+                    self._queued -= len(data)
+                    self._qcond.notify_all()
             except TimeoutError:
                 self._werr = PeerTimeout(f"{self.peer_name} did not accept data within {self.timeout:g} s")
-                return
             except OSError as e:
                 self._werr = PeerDisconnected(f"connection to {self.peer_name} lost while sending: {e}")
+            if self._werr is not None:
+                with self._qcond:
+                    self._qcond.notify_all()
                 return
 
     def _write(self, data: bytes) -> None:
@@ -521,6 +532,15 @@ class TcpChannel(Channel):
             raise self._werr
         if not self._writer.is_alive():
             raise PeerDisconnected(f"connection to {self.peer_name} is closed")
+        if self.max_queued_bytes is not None:
+            with self._qcond:
+                room = self._qcond.wait_for(lambda: self._queued == 0 or self._werr is not None
+                                            or self._queued + len(data) <= self.max_queued_bytes, self.timeout)
+                if self._werr is not None:
+                    raise self._werr
+                if not room:
+                    raise PeerTimeout(f"{self.peer_name} did not accept queued data within {self.timeout:g} s")
+                self._queued += len(data)
         self._wq.put(data)
 
     def _set_timeout(self, seconds: float) -> None:

@@ -42,7 +42,8 @@ from ..transport import NETWORKS, Traffic
 from .ops import git_sha, write_results
 
 SITE_SHAPES = {"smu": (128, 3072), "softmax_sum": (12, 128, 1), "layernorm_var": (128, 1)}
-GUESSES = [("comet", {"sigma": 40}), ("comet", {"sigma": 20}), ("comet", {"sigma": 10}), ("constant", {}),
+GUESSES = [("thermometer", {}), ("comet", {"sigma": 40}), ("comet", {"sigma": 20}), ("comet", {"sigma": 10}),
+           ("constant", {}),
            ("crypten", {}), ("insecure_comet_small_flood", {"flood": 50.0}),
            ("insecure_comet_small_flood", {"flood": "2*hi"})]
 GELU_RANGE = (-17.3, 25.0)  # GeLU inputs measured in MiniLM-L6 (bench/results/ranges.json)
