@@ -201,3 +201,29 @@ def test_smu_with_the_thermometer_guess_on_shares():
     ref = (x + root) / 2
     # rsqrt's relative error reaches the output through sqrt(z)/2 (which cancels x/2 for x < 0)
     assert ((y - ref).abs() <= 1.1e-3 * root / 2 + 64 * ULP).all()
+
+
+def test_sigmoid_with_the_unit_interval_reciprocal():
+    """approx.sigmoid (the pooler's tanh): |error| <= 1.2e-3 over |v| <= 256 on every backend (the limit
+    exp's own error, (1 + x/256)^256 against exp(x): 8.6e-4 at v = -2.5; the reciprocal adds < 64 ulp), and its
+    Cost line: drelu (8 rounds, 78.75 B) + 2 selects (2 x (1 round, 32 B)) + exp (17 rounds, 272 B)
+    + 4 reciprocal steps (16 rounds, 384 B)."""
+    from cometpi.approx import sigmoid
+
+    v = torch.cat([torch.linspace(-12, 12, 97, dtype=torch.float64), torch.tensor([-256.0, -40.0, 40.0, 256.0])])
+    ref = torch.sigmoid(v)
+    ops = RingOps()
+    tol = 1.2e-3
+    assert ((ops.output(sigmoid(ops, ops.input(v))) - ref).abs() <= tol).all()
+    assert ((sigmoid(FloatOps(), v) - ref).abs() <= tol).all()
+
+    def job(s):
+        xs = s.share(v if s.is_client else None, owner=Role.CLIENT, shape=v.shape)
+        y, on = _online(s, lambda: sigmoid(ShareOps(s), xs))
+        return s.reveal_float(y, Role.CLIENT), on
+
+    y, on = run_local(job)[0]
+    assert ((y - ref).abs() <= tol).all()
+    assert on.rounds == 8 + 2 + 17 + 16
+    want = v.numel() * (78.75 + 64 + 272 + 384)
+    assert want <= on.payload_bytes <= want + 2 * 8  # drelu's bit-packed messages round up to bytes

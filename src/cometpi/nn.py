@@ -18,7 +18,6 @@ from .approx import (
     FloatOps,
     RingOps,
     ShareOps,
-    crypten_sigmoid,
     crypten_softmax,
     gelu_erf,
     gelu_tanh,
@@ -27,6 +26,7 @@ from .approx import (
     quad_gelu,
     relu2_softmax,
     relu_softmax,
+    sigmoid,
     smu,
 )
 from .approx.backends import checked_matmul, checked_product
@@ -42,20 +42,21 @@ SOFTMAXES = ("relu", "relu2", "quad2", "crypten", "exact")
 
 @dataclass(frozen=True)
 class ApproxConfig:
-    """Which approximation each layer type uses, and how rsqrt is computed.  Comet's by default:
-    SMU for GeLU, ReLU normalisation (smooth ReLU) for softmax, Newton LayerNorm, Comet's flooded
-    guess at sigma = 40.  ``exact`` is for plaintext references only."""
+    """Which approximation each layer type uses, and how rsqrt is computed.  Comet's model by
+    default: SMU for GeLU, ReLU normalisation (smooth ReLU) for softmax, Newton LayerNorm; rsqrt's
+    initial guess by the secure thermometer (``guess="comet"``: Comet's flooded guess at sigma = 40,
+    the faithful reproduction).  ``exact`` is for plaintext references only."""
 
     gelu: str = "smu"
     softmax: str = "relu"
-    guess: str = "comet"
+    guess: str = "thermometer"
     sigma: float = 40.0
     target: float = 1e-3
     smu_mu: float | str = SMU_MU  # or "per-channel": the model's trained layers.{i}.ffn.smu_mu (server-private)
     smu_lo: float | None = None  # lower end of SMU's rsqrt domain; default mu^2 (per-channel: set by finetune)
     relu_mu: float = 0.1
     softmax_eps: float = SOFTMAX_EPS
-    pooler: str = "sigmoid"  # tanh(x) = 2 sigmoid(2x) - 1 with CrypTen's sigmoid; or "exact"
+    pooler: str = "sigmoid"  # tanh(x) = 2 sigmoid(2x) - 1 (approx.sigmoid: CrypTen's with a (1, 2] reciprocal)
 
     def __post_init__(self):
         if self.gelu not in GELUS:
@@ -340,7 +341,7 @@ def _ffn(ops, h, i, arch, cfg):
 def _tanh(ops, x, cfg):
     if isinstance(ops, FloatModel) and (cfg.pooler == "exact" or ops.ideal):
         return torch.tanh(x)
-    return ops.sub(ops.mul_pow2(crypten_sigmoid(ops, ops.mul_pow2(x, 1)), 1), ops.const_like(x, 1.0))
+    return ops.sub(ops.mul_pow2(sigmoid(ops, ops.mul_pow2(x, 1)), 1), ops.const_like(x, 1.0))
 
 
 def key_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .functions import (
     reciprocal,
     relu2_softmax,
     relu_softmax,
+    sigmoid,
     smooth_relu,
     smu,
     sqrt,
@@ -29,6 +30,6 @@ from .newton import Guess, NewtonForm, RsqrtSpec, rsqrt
 
 __all__ = [
     "FloatOps", "RingOps", "ShareOps", "Guess", "NewtonForm", "RsqrtSpec", "rsqrt", "sqrt", "reciprocal", "smu",
-    "smooth_relu", "relu_softmax", "layernorm", "crypten_exp", "crypten_reciprocal", "crypten_sigmoid",
+    "smooth_relu", "relu_softmax", "layernorm", "crypten_exp", "crypten_reciprocal", "crypten_sigmoid", "sigmoid",
     "crypten_inv_sqrt", "crypten_softmax", "quad_gelu", "quad2_softmax", "gelu_erf", "gelu_tanh", "relu2_softmax",
 ]
