@@ -158,18 +158,23 @@ def test_rsqrt_headroom_bound_is_where_the_simulation_starts_to_raise():
         rsqrt(ops, ops.input(torch.tensor([top * 4.0])), spec)
 
 
-def test_domain_monitor_reports_inputs_outside_the_declared_domain():
-    arch, params = _tiny_bert()
-    ids, mask = _inputs("bert", "right")
-    cfg = ApproxConfig(guess="constant")
+def _monitored_forward(arch, params, ids, mask, cfg) -> DomainMonitor:
+    """The plaintext-approximate forward with a DomainMonitor on every rsqrt call."""
     from cometpi.nn import FloatModel, forward, prepare_params
 
     ops = FloatModel(prepare_params(arch, params))
     ops.monitor = DomainMonitor()
     B, T = ids.shape
     forward(ops, arch, cfg, batch=B, length=T, input_ids=ids, attention_mask=mask)
-    assert {"smu", "softmax_relu", "softmax_sum", "layernorm_var"} <= set(ops.monitor.sites)
-    for r in ops.monitor.sites.values():
+    return ops.monitor
+
+
+def test_domain_monitor_reports_inputs_outside_the_declared_domain():
+    arch, params = _tiny_bert()
+    ids, mask = _inputs("bert", "right")
+    monitor = _monitored_forward(arch, params, ids, mask, ApproxConfig(guess="constant"))
+    assert {"smu", "softmax_relu", "softmax_sum", "layernorm_var"} <= set(monitor.sites)
+    for r in monitor.sites.values():
         assert r["n"] > 0 and r["min"] <= r["max"] and math.isfinite(r["headroom_max"])
     mon = DomainMonitor()
     mon(RsqrtSpec(1.0, 4.0, site="x"), torch.tensor([0.5, 2.0, 9.0]))
@@ -189,10 +194,10 @@ def test_ring_forward_matches_plaintext_on_the_tiny_bert():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("length,guess", [(128, "comet"), (512, "constant")])
+@pytest.mark.parametrize("length,guess", [(128, "comet"), (512, "thermometer")])
 def test_minilm_private_matches_plaintext_on_long_adversarial_inputs(length, guess):
     """MiniLM-L6 (real weights) at 128 tokens (Comet's sigma = 40 guess) and at its maximum, 512
-    tokens (the public constant, to keep the run to minutes): a repeated complaint and real reviews
+    tokens (the default thermometer guess, to keep the run to minutes): a repeated complaint and real reviews
     joined to full length.  Hidden states O(1), a few channels near 10: 1e-2 is ~650 ulp after 6
     layers.  The ring simulation must not raise (no value leaves the headroom)."""
     from transformers import BertTokenizerFast
@@ -243,22 +248,19 @@ def test_worst_case_bounds_dominate_what_the_model_computes():
     """The provable bounds (from the weights alone) must hold on real activations of a tiny BERT,
     including adversarially large token embeddings."""
     from cometpi.bounds import worst_case
-    from cometpi.nn import FloatModel, forward, prepare_params
 
     arch, params = _tiny_bert()
     params = dict(params)
     params["embeddings.word"] = params["embeddings.word"] * 50  # large embeddings: LN must still bound them
     ids, mask = _inputs("bert", "right")
     cfg = ApproxConfig(guess="constant")
-    ops = FloatModel(prepare_params(arch, params))
-    ops.monitor = DomainMonitor()
-    B, T = ids.shape
-    forward(ops, arch, cfg, batch=B, length=T, input_ids=ids, attention_mask=mask)
-    bound = worst_case(arch, params, length=T, smu_mu=cfg.smu_mu, relu_mu=cfg.relu_mu, softmax_eps=cfg.softmax_eps)
+    monitor = _monitored_forward(arch, params, ids, mask, cfg)
+    bound = worst_case(arch, params, length=ids.shape[1], smu_mu=cfg.smu_mu, relu_mu=cfg.relu_mu,
+                       softmax_eps=cfg.softmax_eps)
     for site in ("smu", "softmax_relu", "softmax_sum"):
-        assert ops.monitor.sites[site]["max"] <= bound[site] * (1 + 1e-9), site
-    assert ops.monitor.sites["layernorm_var"]["max"] <= bound["layernorm_var"] + 1e-12
-    assert ops.monitor.values["layernorm_centred"]["max"] <= bound["layernorm_centred"]
+        assert monitor.sites[site]["max"] <= bound[site] * (1 + 1e-9), site
+    assert monitor.sites["layernorm_var"]["max"] <= bound["layernorm_var"] + 1e-12
+    assert monitor.values["layernorm_centred"]["max"] <= bound["layernorm_centred"]
 
 
 # --------------------------------------------------------------------------------------------------
