@@ -66,8 +66,7 @@ def main(args) -> int:
 
     t_start = time.perf_counter()
     model = Path(args.model) if args.model else demo_model(args.train_rows)
-    arch, params, meta = checkpoint.load(model)
-    approx = checkpoint.approx_of(meta)
+    arch, params, _ = checkpoint.load(model)
     rows = [(s, None) for s in args.sentences] if args.sentences else example_sentences(args.n)
     dealer, daddr = spawn(["dealer", "--port", "0"])
     print(f"[demo] dealer process pid {dealer.pid} on {daddr}")
@@ -81,13 +80,14 @@ def main(args) -> int:
         with PrivateClient(saddr, daddr, timeout=600) as client:
             ap = client.approx
             print(f"[demo] connected: {arch.kind}, {arch.layers} layers, hidden {arch.hidden}; gelu={ap.gelu} "
-                  f"softmax={ap.softmax} rsqrt guess={ap.guess} (sigma {ap.sigma:g}); weights masked in "
+                  f"softmax={ap.softmax} rsqrt guess={ap.guess} "
+                  f"({f'sigma {ap.sigma:g}' if 'comet' in ap.guess else 'no flood, nothing leaks'}); weights masked in "
                   f"{client.setup_seconds:.1f} s\n")
             texts = [t for t, _ in rows]
             print(f"[demo] one private inference for {len(texts)} sentences (padded to the longest) ...", flush=True)
             results = client.classify(texts, max_length=64, progress=True)
             ids, mask = client.encode(texts, max_length=64)
-            plain = torch.softmax(plaintext_forward(arch, params, ids, mask, approx), -1)
+            plain = torch.softmax(plaintext_forward(arch, params, ids, mask, client.approx), -1)
             for (text, truth), r, p in zip(rows, results, plain, strict=True):
                 k = int(p.argmax())
                 print(f"  \"{text}\"")
