@@ -35,8 +35,9 @@ RUNS = 4
 CFG = ApproxConfig(guess="constant")
 
 
-def _received(role: Role, ids, params, arch) -> list[torch.Tensor]:
-    """Every int64 tensor ``role`` receives from its peer during one private inference."""
+def _received(role: Role, ids, params, arch, cfg=CFG, dtypes=(torch.int64,)) -> list[torch.Tensor]:
+    """Every tensor of ``dtypes`` ``role`` receives from its peer during one private inference (as
+    int64: the narrow comparison opens int32 values, bit openings travel as packed uint8)."""
     got: list[torch.Tensor] = []
 
     def job(s):
@@ -45,15 +46,15 @@ def _received(role: Role, ids, params, arch) -> list[torch.Tensor]:
 
             def recording(*a, **kw):
                 out = recv(*a, **kw)
-                if isinstance(out, torch.Tensor) and out.dtype == torch.int64:
-                    got.append(out.reshape(-1).clone())
+                if isinstance(out, torch.Tensor) and out.dtype in dtypes:
+                    got.append(out.reshape(-1).to(torch.int64).clone())
                 return out
 
             s.peer.recv = recording
         kw = dict(shape=tuple(ids.shape), attention_mask=torch.ones_like(ids))
         if s.is_client:
-            return secure_forward(s, arch, CFG, input_ids=ids, **kw)
-        return secure_forward(s, arch, CFG, params=params, **kw)
+            return secure_forward(s, arch, cfg, input_ids=ids, **kw)
+        return secure_forward(s, arch, cfg, params=params, **kw)
 
     run_local(job)
     return got
@@ -108,6 +109,20 @@ def test_server_view_is_independent_of_the_text(model):
     leak = FixedPoint(16).encode(torch.nn.functional.one_hot(b, arch.vocab).double()).reshape(-1).repeat(34)
     with pytest.raises(AssertionError):
         _assert_same_distribution(views_a, views_b + [[leak]])
+
+
+def test_server_view_with_the_thermometer_guess_is_independent_of_the_text(model):
+    """The default guess's narrow comparisons (int32 openings modulo 2^(k+1), packed AND and b2a bits)
+    included: the server's view for two different texts has the same distribution."""
+    arch, params = model
+    cfg = ApproxConfig(guess="thermometer")
+    dtypes = (torch.int64, torch.int32, torch.uint8)
+    a = torch.full((1, 6), 5, dtype=torch.int64)
+    b = torch.tensor([[2, 97, 13, 61, 88, 40]])
+    views_a = [_received(Role.SERVER, a, params, arch, cfg, dtypes) for _ in range(RUNS)]
+    views_b = [_received(Role.SERVER, b, params, arch, cfg, dtypes) for _ in range(RUNS)]
+    assert sum(t.numel() for v in views_a for t in v if t.numel()) > 10_000
+    _assert_same_distribution(views_a, views_b)
 
 
 def test_client_view_is_independent_of_the_weights(model):
