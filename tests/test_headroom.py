@@ -225,7 +225,7 @@ def test_minilm_private_matches_plaintext_on_long_adversarial_inputs(length, gue
             return secure_forward(s, arch, cfg, input_ids=ids, **kw)
         return secure_forward(s, arch, cfg, params=params, **kw)
 
-    out = run_local(job)[0]
+    out = run_local(job, timeout=1700)[0]
     assert float((out - ref).abs().max()) < 1e-2
 
 

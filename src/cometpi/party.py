@@ -206,11 +206,13 @@ def run_pair(client_fn: Callable[[Session], object], server_fn: Callable[[Sessio
 
 
 def run_local(fn: Callable[[Session], object], config: Config | None = None, **kw):
-    """Run the same SPMD function on both parties of a fresh in-process pair."""
+    """Run the same SPMD function on both parties of a fresh in-process pair (``timeout``: seconds a
+    party may take, default 300)."""
     dealer = kw.pop("dealer", None) or LocalDealer()
+    timeout = kw.pop("timeout", 300.0)
     sessions = local_pair(config, dealer=dealer, **kw)
     try:
-        return run_pair(fn, fn, sessions)
+        return run_pair(fn, fn, sessions, timeout=timeout)
     finally:
         for s in sessions:
             s.close()
