@@ -230,21 +230,22 @@ def test_a_bounded_send_queue_waits_for_the_reader():
     tx, rx = TcpChannel(a, timeout=10.0), TcpChannel(b, timeout=10.0)
     tx.max_queued_bytes = 1 << 20
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # no receive autotuning: the kernel holds little
     payload = torch.zeros(1 << 17, dtype=torch.int64)  # 1 MiB per frame
     sent = []
 
     def writer():
-        for _ in range(12):
+        for _ in range(24):
             tx.send(payload, "x")
             sent.append(1)
 
     t = threading.Thread(target=writer, daemon=True)
     t.start()
     time.sleep(1.0)
-    assert len(sent) < 12 and tx._queued <= (1 << 20) + payload.numel() * 8  # held back, memory bounded
-    for _ in range(12):
+    assert len(sent) < 24 and tx._queued <= (1 << 20) + payload.numel() * 8  # held back, memory bounded
+    for _ in range(24):
         assert rx.recv("x", shape=(1 << 17,), dtype=torch.int64).numel() == 1 << 17
     t.join(10)
-    assert len(sent) == 12
+    assert len(sent) == 24
     tx.close()
     rx.close()
