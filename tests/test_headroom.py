@@ -232,7 +232,8 @@ def test_minilm_private_matches_plaintext_on_long_adversarial_inputs(length, gue
 def test_ring_simulation_counts_the_odds_a_local_shift_would_fail():
     """The simulation sums |v|/2^64 over every truncated element: with --trunc local that is the
     expected number of wrong elements.  One product of 2^40 (ring) by 2^16: 2^56 / 2^64 = 2^-8."""
-    ops = RingOps()
+    ops = RingOps(count_local_odds=True)
+    assert RingOps().local_trunc_failures is None  # off by default (a pass over every truncated tensor)
     a = torch.tensor([2**40], dtype=torch.int64)
     ops.mul(a, torch.tensor([2**16], dtype=torch.int64))
     assert ops.local_trunc_failures == pytest.approx(2.0**-8)

@@ -32,7 +32,7 @@ from .approx import (
 from .approx.backends import checked_matmul, checked_product
 from .approx.newton import warn_insecure_once
 from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
-from .core import ConfigError, Role, Session
+from .core import ConfigError, Role, Session, TruncMode
 from .ring import FixedPoint
 
 PER_CHANNEL = "per-channel"
@@ -147,8 +147,8 @@ class FloatModel(FloatOps):
 class RingModel(RingOps):
     """The fixed-point simulation with parameters encoded (no network)."""
 
-    def __init__(self, params: dict, fp: FixedPoint | None = None):
-        super().__init__(fp)
+    def __init__(self, params: dict, fp: FixedPoint | None = None, count_local_odds: bool = False):
+        super().__init__(fp, count_local_odds)
         self.p = {k: self.fp.encode(v) for k, v in params.items()}
 
     def linear(self, x, name, bias=True):
@@ -430,8 +430,6 @@ def check_truncation(config, cfg: ApproxConfig) -> None:
     ``bench sites`` measures about 0.1 corrupted elements per MiniLM/128 inference with the constant or
     thermometer guess, and 6e4 with Comet's flooded guess (whose Newton runs at scale 2^m).  Refuse
     the latter; warn once for the rest (docs/correctness.md)."""
-    from .core import TruncMode
-
     if config.trunc != TruncMode.LOCAL:
         return
     if "comet" in cfg.guess:

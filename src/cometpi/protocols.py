@@ -521,15 +521,8 @@ def drelu(x: AShare) -> AShare:
         pad = 64 - _LOW_BITS  # padded positions: lt = 0, eq = 1 (party 0 holds the 1)
         lt = torch.cat([lt, torch.zeros(n, pad, dtype=torch.uint8)], 1)
         eq = torch.cat([eq, torch.full((n, pad), 1 if is0 else 0, dtype=torch.uint8)], 1)
-        while lt.shape[1] > 1:
-            lo_lt, hi_lt, lo_eq, hi_eq = lt[:, 0::2], lt[:, 1::2], eq[:, 0::2], eq[:, 1::2]
-            if lt.shape[1] > 2:
-                both = and_bits(s, torch.cat([hi_eq, hi_eq], 1), torch.cat([lo_lt, lo_eq], 1))
-                k = hi_eq.shape[1]
-                lt, eq = hi_lt ^ both[:, :k], both[:, k:]
-            else:
-                lt = hi_lt ^ and_bits(s, hi_eq, lo_lt)
-        bit = lt[:, 0] ^ rb[:, _LOW_BITS] ^ (cb[:, _LOW_BITS] if is0 else 0)
+        borrow = _combine_chunks(s, lt, eq)  # 64 positions: 6 levels, 125 ANDs
+        bit = borrow ^ rb[:, _LOW_BITS] ^ (cb[:, _LOW_BITS] if is0 else 0)
         return b2a(s, bit).reshape(*shape)
 
 

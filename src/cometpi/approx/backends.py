@@ -133,16 +133,19 @@ class RingOps(_Additive):
 
     name = "ring"
 
-    def __init__(self, fp: FixedPoint | None = None):
+    def __init__(self, fp: FixedPoint | None = None, count_local_odds: bool = False):
         self.fp = fp or FixedPoint(16)
         self.frac_bits = self.fp.frac_bits
-        #: sum over every truncated element of |v| / 2^64: the expected number of wrong elements had
-        #: each truncation been a local shift (``--trunc local``); exact truncation never fails.
-        self.local_trunc_failures = 0.0
+        #: with ``count_local_odds``: sum over every truncated element of |v| / 2^64, the expected number
+        #: of wrong elements had each truncation been a local shift (``--trunc local``; exact never
+        #: fails).  Off by default: it costs a pass over every truncated tensor.
+        self.local_trunc_failures = 0.0 if count_local_odds else None
 
     def shift(self, v, k):
-        """v / 2^k by floor, as every truncation of the simulation, counting its local-shift odds."""
-        self.local_trunc_failures += float(v.abs().to(torch.float64).sum()) * 2.0**-64
+        """v / 2^k by floor, as every truncation of the simulation (counting its local-shift odds
+        when asked to)."""
+        if self.local_trunc_failures is not None:
+            self.local_trunc_failures += float(v.abs().to(torch.float64).sum()) * 2.0**-64
         return v >> k
 
     def input(self, x):
@@ -206,8 +209,9 @@ class RingOps(_Additive):
         |a - t| >= 2^k: the secure comparison would wrap there."""
         thr = self.fp.encode(torch.as_tensor(thresholds, dtype=torch.float64))
         diff = a[..., None] - thr
-        if diff.numel() and int(diff.abs().max()) >= 1 << k:
-            raise HeadroomError(f"a comparison input reaches 2^{math.log2(int(diff.abs().max())):.1f} ring units, "
+        top = int(diff.abs().max()) if diff.numel() else 0
+        if top >= 1 << k:
+            raise HeadroomError(f"a comparison input reaches 2^{math.log2(top):.1f} ring units, "
                                 f"beyond its 2^{k} range: the secure comparison would return a wrong bit here")
         return (diff >= 0).to(DTYPE)
 
@@ -233,21 +237,26 @@ class HeadroomError(OverflowError):
     """A value would leave the ring's headroom: the secure path would silently compute garbage here."""
 
 
-def _headroom_error(top: float, what: str) -> HeadroomError:
-    return HeadroomError(
-        f"a fixed-point {what} reaches 2^{math.log2(top):.1f} before truncation, beyond the 2^62 headroom of the "
-        f"exact truncation: the secure path would return a wrong value here (an input outside the declared domains)")
+def _check_headroom(bound: float, exact_top, what: str) -> None:
+    """Raise ``HeadroomError`` if values before truncation reach 2^62: ``bound`` is a cheap upper
+    bound; only when it reaches 2^62 is ``exact_top()`` (the float64 maximum) computed."""
+    if bound < TRUNC_HEADROOM:
+        return
+    top = exact_top()
+    if top >= TRUNC_HEADROOM:
+        raise HeadroomError(
+            f"a fixed-point {what} reaches 2^{math.log2(top):.1f} before truncation, beyond the 2^62 headroom of "
+            f"the exact truncation: the secure path would return a wrong value here (an input outside the declared "
+            f"domains)")
 
 
 def checked_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``ring_matmul(a, b)``, raising ``HeadroomError`` where an output before truncation could reach
     2^62: a bound max|a| max_j sum_i |b_ij| first, the outputs in float64 only when it is exceeded."""
     if a.numel() and b.numel():
-        bound = float(a.abs().max()) * float(b.abs().to(torch.float64).sum(-2).max())
-        if bound >= TRUNC_HEADROOM:
-            top = float(torch.matmul(a.to(torch.float64), b.to(torch.float64)).abs().max())
-            if top >= TRUNC_HEADROOM:
-                raise _headroom_error(top, "matrix product")
+        _check_headroom(float(a.abs().max()) * float(b.abs().to(torch.float64).sum(-2).max()),
+                        lambda: float(torch.matmul(a.to(torch.float64), b.to(torch.float64)).abs().max()),
+                        "matrix product")
     return ring_matmul(a, b)
 
 
@@ -257,11 +266,8 @@ def checked_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     max|a| max|b| reaches 2^62 are the products checked one by one, in float64."""
     b = torch.as_tensor(b, dtype=DTYPE)
     if a.numel() and b.numel():
-        bound = float(a.abs().max()) * float(b.abs().max())
-        if bound >= TRUNC_HEADROOM:
-            top = float((a.to(torch.float64) * b.to(torch.float64)).abs().max())
-            if top >= TRUNC_HEADROOM:
-                raise _headroom_error(top, "product")
+        _check_headroom(float(a.abs().max()) * float(b.abs().max()),
+                        lambda: float((a.to(torch.float64) * b.to(torch.float64)).abs().max()), "product")
     return a * b
 
 

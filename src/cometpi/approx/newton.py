@@ -231,7 +231,8 @@ class DomainMonitor:
 
     def value(self, name: str, v, bound: float) -> None:
         """Record max |v| of a headroom-limited intermediate (not an rsqrt input) against its bound."""
-        top = float(torch.as_tensor(v).detach().abs().max()) if torch.as_tensor(v).numel() else 0.0
+        v = torch.as_tensor(v).detach()
+        top = float(v.abs().max()) if v.numel() else 0.0
         r = self.values.setdefault(name, {"bound": bound, "max": 0.0, "above": 0})
         r["max"] = max(r["max"], top)
         r["above"] += int(top >= bound)

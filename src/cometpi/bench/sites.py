@@ -76,7 +76,7 @@ def local_mode_odds(name, arch, params, approx, tok, sentences, length: int) -> 
 
     enc = tok([make_text("real_long", 0, 2 * length, sentences=sentences)], padding="max_length", truncation=True,
               max_length=length, return_tensors="pt")
-    ops = RingModel(prepare_params(arch, params))
+    ops = RingModel(prepare_params(arch, params), count_local_odds=True)
     t0 = time.perf_counter()
     forward(ops, arch, approx, batch=1, length=length, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     return {"model": name, "case": "local truncation odds", "tokens": length, "texts": 1,

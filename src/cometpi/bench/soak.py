@@ -31,12 +31,14 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="bench/results/soak.jsonl")
 
 
-def _references(arch, params, approx, ids, mask):
-    from ..nn import FloatModel, forward, prepare_params
+def _references(arch, prepared, approx, ids, mask):
+    """Logits of the plaintext model (same functions and guess) and of the trained function (exact
+    rsqrt), from parameters already through ``nn.prepare_params``."""
+    from ..nn import FloatModel, forward
 
     out = []
     for ideal in (False, True):
-        ops = FloatModel(prepare_params(arch, params), ideal=ideal)
+        ops = FloatModel(prepared, ideal=ideal)
         with torch.no_grad():
             out.append(forward(ops, arch, approx, batch=ids.shape[0], length=ids.shape[1], input_ids=ids,
                                attention_mask=mask))
@@ -77,6 +79,7 @@ def main(args) -> int:
     from .. import checkpoint
     from ..demo import DEMO_MODEL, cache_dir
     from ..finetune import load_dataset
+    from ..nn import prepare_params
     from ..serve import spawn, stop
     from ..service import PrivateClient
     from .ops import git_sha, write_results
@@ -86,6 +89,7 @@ def main(args) -> int:
         raise SystemExit(f"no checkpoint at {model}: run `make demo` once (it fine-tunes the demo model) "
                          "or pass --model")
     arch, params, meta = checkpoint.load(model)
+    prepared = prepare_params(arch, params)  # once: the plaintext references of every batch reuse it
     approx = checkpoint.approx_of(meta)
     if args.guess:
         from dataclasses import replace
@@ -111,7 +115,7 @@ def main(args) -> int:
                 res = client.classify([t for _, t in chunk], max_length=args.length, pad_to=args.length)
                 dt = (time.perf_counter() - t0) / len(chunk)
                 ids, mask = client.encode([t for _, t in chunk], max_length=args.length, pad_to=args.length)
-                plain, trained = _references(arch, params, approx, ids, mask)
+                plain, trained = _references(arch, prepared, approx, ids, mask)
                 on = res[0]["batch_stats"]["online"]
                 online = on["bytes_sent"] + on["bytes_recv"]
                 for (kind, _), r, p, q in zip(chunk, res, plain, trained, strict=True):
