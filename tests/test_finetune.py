@@ -125,7 +125,7 @@ def test_per_channel_mu_private_matches_plaintext():
     approx = plaintext_forward(arch, params, ids, mask, cfg)
     from cometpi.nn import FloatModel, forward, prepare_params
 
-    ideal = forward(FloatModel(prepare_params(arch, params), ideal=True), arch, cfg, batch=ids.shape[0],
+    ideal = forward(FloatModel(prepare_params(arch, params, cfg), ideal=True), arch, cfg, batch=ids.shape[0],
                     length=ids.shape[1], input_ids=ids, attention_mask=mask)
     assert float((approx - ideal).abs().max()) < 0.05  # Newton's 1e-3 and CrypTen's tanh vs exact
     out, _ = secure(arch, params, ids, mask, cfg)

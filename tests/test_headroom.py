@@ -158,11 +158,15 @@ def test_rsqrt_headroom_bound_is_where_the_simulation_starts_to_raise():
         rsqrt(ops, ops.input(torch.tensor([top * 4.0])), spec)
 
 
+#: Comet's own constructions (SMU by rsqrt, the smooth ReLU), whose rsqrt call sites these tests watch
+RSQRT_FORMS = ApproxConfig(guess="constant", smu_form="rsqrt", relu="smooth")
+
+
 def _monitored_forward(arch, params, ids, mask, cfg) -> DomainMonitor:
     """The plaintext-approximate forward with a DomainMonitor on every rsqrt call."""
     from cometpi.nn import FloatModel, forward, prepare_params
 
-    ops = FloatModel(prepare_params(arch, params))
+    ops = FloatModel(prepare_params(arch, params, cfg))
     ops.monitor = DomainMonitor()
     B, T = ids.shape
     forward(ops, arch, cfg, batch=B, length=T, input_ids=ids, attention_mask=mask)
@@ -172,8 +176,14 @@ def _monitored_forward(arch, params, ids, mask, cfg) -> DomainMonitor:
 def test_domain_monitor_reports_inputs_outside_the_declared_domain():
     arch, params = _tiny_bert()
     ids, mask = _inputs("bert", "right")
-    monitor = _monitored_forward(arch, params, ids, mask, ApproxConfig(guess="constant"))
+    monitor = _monitored_forward(arch, params, ids, mask, RSQRT_FORMS)
     assert {"smu", "softmax_relu", "softmax_sum", "layernorm_var"} <= set(monitor.sites)
+    # the default: SMU by segments and the narrow ReLU record their sign tests' ranges instead
+    new = _monitored_forward(arch, params, ids, mask, ApproxConfig(guess="constant"))
+    assert {"softmax_sum", "layernorm_var"} <= set(new.sites) and not {"smu", "softmax_relu"} & set(new.sites)
+    for name in ("smu_ratio", "softmax_score"):
+        r = new.values[name]
+        assert 0 < r["max"] < r["bound"] == 4096 and r["above"] == 0
     for r in monitor.sites.values():
         assert r["n"] > 0 and r["min"] <= r["max"] and math.isfinite(r["headroom_max"])
     mon = DomainMonitor()
@@ -257,7 +267,7 @@ def test_worst_case_bounds_dominate_what_the_model_computes():
     params = dict(params)
     params["embeddings.word"] = params["embeddings.word"] * 50  # large embeddings: LN must still bound them
     ids, mask = _inputs("bert", "right")
-    cfg = ApproxConfig(guess="constant")
+    cfg = RSQRT_FORMS
     monitor = _monitored_forward(arch, params, ids, mask, cfg)
     bound = worst_case(arch, params, length=ids.shape[1], smu_mu=cfg.smu_mu, relu_mu=cfg.relu_mu,
                        softmax_eps=cfg.softmax_eps)

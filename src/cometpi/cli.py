@@ -48,6 +48,12 @@ def _add_approx(p: argparse.ArgumentParser) -> None:
                         "comparison, 3 Newton steps, no leakage; comet: Comet's flooded shares, sigma printed)")
     p.add_argument("--sigma", type=float, default=None,
                    help=f"statistical security of Comet's flood in bits ({src} 40)")
+    p.add_argument("--smu-form", dest="smu_form", default=None, choices=["segments", "rsqrt"],
+                   help="how SMU is computed (default segments: ReLU plus 24 public line segments of its correction, mu "
+                        "folded into the server's weights, no rsqrt; rsqrt: Comet's (x + sqrt(x^2 + mu^2))/2 by Newton)")
+    p.add_argument("--relu", default=None, choices=["narrow", "smooth", "full"],
+                   help="ReLU-softmax's ReLU (default narrow: exact, by one narrow comparison; smooth: Comet's SMU with "
+                        "mu 0.1, no comparison; full: the full-ring comparison)")
 
 
 def cmd_dealer(args) -> int:
@@ -101,7 +107,8 @@ def cmd_linear_query(args) -> int:
 
 def _approx_overrides(args) -> dict:
     """The approximation flags given on the command line (the rest come from the checkpoint)."""
-    return {k: getattr(args, k) for k in ("gelu", "softmax", "guess", "sigma") if getattr(args, k) is not None}
+    return {k: getattr(args, k) for k in ("gelu", "softmax", "guess", "sigma", "smu_form", "relu")
+            if getattr(args, k, None) is not None}
 
 
 def cmd_serve(args) -> int:
@@ -114,8 +121,9 @@ def cmd_serve(args) -> int:
     a, ap = server.arch, server.approx
     mu = "trained per-channel mu" if ap.smu_mu == "per-channel" else f"mu {ap.smu_mu:g}"
     print(f"cometpi serve: {a.kind} ({a.layers} layers, hidden {a.hidden}, head {a.head}), model hash "
-          f"{server.card['model_hash']}, gelu={ap.gelu}{f' ({mu})' if ap.gelu == 'smu' else ''} "
-          f"softmax={ap.softmax} guess={ap.guess} sigma={ap.sigma:g}; loaded in {time.time() - t0:.1f} s",
+          f"{server.card['model_hash']}, gelu={ap.gelu}{f' ({mu}, {ap.smu_form})' if ap.gelu == 'smu' else ''} "
+          f"softmax={ap.softmax}{f' ({ap.relu} ReLU)' if ap.softmax == 'relu' else ''} guess={ap.guess}"
+          f"{f' sigma={ap.sigma:g}' if 'comet' in ap.guess else ''}; loaded in {time.time() - t0:.1f} s",
           flush=True)
     serve_forever(server.handle, host=args.host, port=args.port, dealer=args.dealer, config=_config(args),
                   timeout=args.timeout, extra=server.card, once=args.once, banner="model server", net=_net(args),

@@ -125,7 +125,7 @@ def collate(enc: dict, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def logits_of(arch, params: dict, cfg: ApproxConfig, ids, mask, *, ideal: bool, dtype=torch.float32):
     """Logits of the float model (differentiable when params require grad)."""
-    ops = FloatModel(prepare_params(arch, params), dtype, ideal=ideal)
+    ops = FloatModel(prepare_params(arch, params, cfg), dtype, ideal=ideal)
     B, T = ids.shape
     return forward(ops, arch, cfg, batch=B, length=T, input_ids=ids, attention_mask=mask)
 

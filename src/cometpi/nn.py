@@ -29,6 +29,8 @@ from .approx import (
     sigmoid,
     smu,
 )
+from .approx.functions import RELUS
+from .approx.segments import fold_mu, smu1_segments
 from .approx.backends import checked_matmul, checked_product
 from .approx.newton import warn_insecure_once
 from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
@@ -38,14 +40,23 @@ from .ring import FixedPoint
 PER_CHANNEL = "per-channel"
 GELUS = ("smu", "quad", "erf", "tanh", "exact")
 SOFTMAXES = ("relu", "relu2", "quad2", "crypten", "exact")
+SMU_FORMS = ("segments", "rsqrt")
 
 
 @dataclass(frozen=True)
 class ApproxConfig:
     """Which approximation each layer type uses, and how rsqrt is computed.  Comet's model by
-    default: SMU for GeLU, ReLU normalisation (smooth ReLU) for softmax, Newton LayerNorm; rsqrt's
-    initial guess by the secure thermometer (``guess="comet"``: Comet's flooded guess at sigma = 40,
-    the faithful reproduction).  ``exact`` is for plaintext references only."""
+    default: SMU for GeLU, ReLU normalisation for softmax, Newton LayerNorm.
+
+    * ``smu_form``: ``segments`` (the default: SMU1 = ReLU + 24 public line segments of the correction
+      after folding mu into the FFN weights, ``approx.segments``: no rsqrt) or ``rsqrt`` (SMU as
+      (x + sqrt(x^2 + mu^2))/2 by Newton: Comet's own construction).
+    * ``relu``: ReLU-softmax's ReLU, ``narrow`` (exact, by the narrow comparison: the default),
+      ``smooth`` (SMU with mu = relu_mu: no comparison) or ``full`` (the full-ring comparison).
+    * ``guess``: rsqrt's initial guess (LayerNorm, the row sums, and SMU's rsqrt form): the secure
+      thermometer by default; ``comet`` is Comet's flooded guess at sigma = 40 (the faithful
+      reproduction).
+    ``exact`` is for plaintext references only."""
 
     gelu: str = "smu"
     softmax: str = "relu"
@@ -57,15 +68,21 @@ class ApproxConfig:
     relu_mu: float = 0.1
     softmax_eps: float = SOFTMAX_EPS
     pooler: str = "sigmoid"  # tanh(x) = 2 sigmoid(2x) - 1 (approx.sigmoid: CrypTen's with a (1, 2] reciprocal)
+    smu_form: str = "segments"
+    relu: str = "narrow"
 
     def __post_init__(self):
         if self.gelu not in GELUS:
             raise ValueError(f"unknown GeLU approximation {self.gelu!r}; choose from {GELUS}")
         if self.softmax not in SOFTMAXES:
             raise ValueError(f"unknown softmax approximation {self.softmax!r}; choose from {SOFTMAXES}")
+        if self.smu_form not in SMU_FORMS:
+            raise ValueError(f"unknown SMU form {self.smu_form!r}; choose from {SMU_FORMS}")
+        if self.relu not in RELUS:
+            raise ValueError(f"unknown ReLU {self.relu!r} for ReLU-softmax; choose from {RELUS}")
         if isinstance(self.smu_mu, str) and self.smu_mu != PER_CHANNEL:
             raise ValueError(f"smu_mu must be a number or {PER_CHANNEL!r}, got {self.smu_mu!r}")
-        if self.smu_mu == PER_CHANNEL and self.gelu == "smu" and self.smu_lo is None:
+        if self.smu_mu == PER_CHANNEL and self.gelu == "smu" and self.smu_form == "rsqrt" and self.smu_lo is None:
             raise ValueError("a per-channel SMU mu needs smu_lo (the smallest mu^2), which `cometpi finetune` sets")
 
     def spec(self, site: str):
@@ -84,6 +101,11 @@ class ApproxConfig:
         return asdict(self)
 
     @property
+    def folds_mu(self) -> bool:
+        """Whether SMU's mu is folded into the FFN weights (the segments form)."""
+        return self.gelu == "smu" and self.smu_form == "segments"
+
+    @property
     def is_exact(self) -> bool:
         return self.gelu == "exact" and self.softmax == "exact"
 
@@ -93,10 +115,12 @@ class ApproxConfig:
         return cls(gelu="exact", softmax="exact", pooler="exact")
 
 
-def prepare_params(arch, params: dict) -> dict:
+def prepare_params(arch, params: dict, cfg: ApproxConfig) -> dict:
     """Fold the attention scale 1/sqrt(hs) into the query weights and bias (a local, exact rewrite:
-    the secure path then needs no public product for it), and square trained SMU mu's (the server
-    adds mu^2).  Differentiable: fine-tuning runs through it."""
+    the secure path then needs no public product for it); for SMU's segments form, fold mu into the
+    FFN weights (``approx.segments.fold_mu``: the per-channel mu stays the server's, inside its
+    weights); for the rsqrt form, square trained SMU mu's (the server adds mu^2).  Differentiable:
+    fine-tuning runs through it."""
     out = dict(params)
     d, hs = arch.hidden, arch.hidden // arch.heads
     scale = 1.0 / math.sqrt(hs)
@@ -106,7 +130,15 @@ def prepare_params(arch, params: dict) -> dict:
         b[:d] *= scale
         out[f"layers.{i}.attn.qkv.weight"], out[f"layers.{i}.attn.qkv.bias"] = w, b
         mu = out.get(f"layers.{i}.ffn.smu_mu")
-        if mu is not None:
+        if cfg.folds_mu:
+            if cfg.smu_mu != PER_CHANNEL:
+                mu = float(cfg.smu_mu)
+            elif mu is None:
+                raise ConfigError("the approximations ask for a trained per-channel SMU mu, but the model has none")
+            up, down = f"layers.{i}.ffn.up", f"layers.{i}.ffn.down"
+            out[up + ".weight"], out[up + ".bias"], out[down + ".weight"] = fold_mu(
+                out[up + ".weight"], out[up + ".bias"], out[down + ".weight"], mu)
+        elif mu is not None:
             out[f"layers.{i}.ffn.smu_mu2"] = mu * mu
     return out
 
@@ -292,6 +324,8 @@ def _activation(ops, x, cfg: ApproxConfig, arch, i: int):
             if arch.activation == "relu":
                 return torch.relu(x)
             return torch.nn.functional.gelu(x, approximate="none" if arch.activation == "gelu" else "tanh")
+        if cfg.folds_mu:  # mu is inside the FFN weights (prepare_params)
+            return smu1_segments(ops, x)
         if cfg.gelu == "smu" and cfg.smu_mu == PER_CHANNEL:
             return smu(ops, x, None, cfg.spec("smu"), add_mu2=lambda z: ops.add_param(z, f"layers.{i}.ffn.smu_mu2"))
         if cfg.gelu == "smu":
@@ -310,8 +344,8 @@ def _softmax(ops, s, mask, cfg: ApproxConfig):
             return torch.softmax(s.masked_fill(mask == 0, float("-inf")), -1).nan_to_num(0.0)
         spec = cfg.spec("softmax_sum")
         if cfg.softmax == "relu":
-            return relu_softmax(ops, s, mask, spec, mu=cfg.relu_mu, eps=cfg.softmax_eps,
-                                relu_spec=cfg.spec("softmax_relu"))
+            return relu_softmax(ops, s, mask, spec, mu=cfg.relu_mu, eps=cfg.softmax_eps, relu=cfg.relu,
+                                relu_spec=cfg.spec("softmax_relu") if cfg.relu == "smooth" else None)
         if cfg.softmax == "relu2":
             return relu2_softmax(ops, s, mask, spec, eps=cfg.softmax_eps)
         if cfg.softmax == "quad2":
@@ -411,7 +445,7 @@ def plaintext_forward(arch, params, input_ids, attention_mask=None, cfg: ApproxC
                       dtype=torch.float64):
     """The plaintext-approximate model (the same math as the secure path, in floats)."""
     cfg = cfg or ApproxConfig()
-    ops = FloatModel(prepare_params(arch, params), dtype)
+    ops = FloatModel(prepare_params(arch, params, cfg), dtype)
     B, T = input_ids.shape
     return forward(ops, arch, cfg, batch=B, length=T, input_ids=input_ids, attention_mask=attention_mask)
 
@@ -419,7 +453,7 @@ def plaintext_forward(arch, params, input_ids, attention_mask=None, cfg: ApproxC
 def ring_forward(arch, params, input_ids, attention_mask=None, cfg: ApproxConfig | None = None):
     """The fixed-point simulation of the secure path (no network)."""
     cfg = cfg or ApproxConfig()
-    ops = RingModel(prepare_params(arch, params))
+    ops = RingModel(prepare_params(arch, params, cfg))
     B, T = input_ids.shape
     return ops.reveal(forward(ops, arch, cfg, batch=B, length=T, input_ids=input_ids,
                               attention_mask=attention_mask))
@@ -449,7 +483,7 @@ def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, in
     mask and the server sees only the padded length).
     """
     check_truncation(session.config, cfg)
-    model = model or ShareModel(session, arch, None if params is None else prepare_params(arch, params))
+    model = model or ShareModel(session, arch, None if params is None else prepare_params(arch, params, cfg))
     B, T = shape
     secret = None
     if hide_length:

@@ -92,7 +92,7 @@ class ModelServer:
         self.approx = approx
         self.idle_timeout = idle_timeout
         self.config = config or Config()
-        self.params = prepare_params(self.arch, params)
+        self.params = prepare_params(self.arch, params, approx)
         self.card = {"arch": self.arch.to_dict(), "model_hash": params_hash(params),
                      "approx": self.approx.to_dict(), "labels": _labels(model_dir, self.arch)}
 

@@ -109,6 +109,10 @@ class FloatOps(_Additive):
     def drelu(self, a):
         return (a >= 0).to(a.dtype)
 
+    def sign(self, a, k):
+        """[a >= 0] (0/1) for |a| < 2^k ring units (the narrow comparison's range)."""
+        return (a.detach() >= 0).to(a.dtype)
+
     def compare_thresholds(self, a, thresholds, k):
         """[a >= t] for public reals t, stacked on a new last axis (0/1)."""
         return (a.detach()[..., None] >= torch.as_tensor(thresholds, dtype=a.dtype)).to(a.dtype)
@@ -203,6 +207,10 @@ class RingOps(_Additive):
 
     def drelu(self, a):
         return (a >= 0).to(DTYPE)
+
+    def sign(self, a, k):
+        """As ``protocols.drelu_narrow``, raising ``HeadroomError`` where |a| >= 2^k."""
+        return self.compare_thresholds(a, [0.0], k)[..., 0]
 
     def compare_thresholds(self, a, thresholds, k):
         """As ``protocols.compare_many`` (integer 0/1), raising ``HeadroomError`` where some
@@ -370,6 +378,10 @@ class ShareOps(_Additive):
 
     def drelu(self, a):
         return P.drelu(a)
+
+    def sign(self, a, k):
+        """``protocols.drelu_narrow``: [a >= 0] for |a| < 2^k."""
+        return P.drelu_narrow(a, k)
 
     def compare_thresholds(self, a, thresholds, k):
         """``protocols.compare_many`` against the encoded thresholds."""

@@ -66,20 +66,42 @@ def smooth_relu(ops, x, spec: RsqrtSpec, mu: float = 0.1):
 INV_EXTRA_BITS = 8
 
 
-def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float = 1e-2, exact_relu=False,
+#: ReLU-softmax's ReLU: ``narrow`` (Comet's ReLU, exact, by ``drelu_narrow`` at ``SCORE_BITS``),
+#: ``smooth`` (SMU with a small mu: no comparison, within mu/2 of ReLU), ``full`` (the full-ring
+#: comparison of the 2ReLU baseline).
+RELUS = ("narrow", "smooth", "full")
+#: Width of the narrow ReLU's sign test: |s| < 2^(SCORE_BITS - f) = 4096 at f = 16 (attention scores
+#: measured up to |s| ~ 114 at 512 adversarial tokens: bench/results/sites.md).
+SCORE_BITS = 28
+
+
+def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float = 1e-2, relu: str = "smooth",
                  relu_spec: RsqrtSpec | None = None):
     """ReLU normalisation along the last dim: r_i / (sum_j r_j + eps), r = ReLU(s) * mask.
 
-    ReLU is SMU(alpha=0, mu) (no comparison) unless ``exact_relu`` (the 2ReLU baseline, by the
-    secure comparison).  ``mask`` (public 0/1, broadcastable) zeroes padded keys; eps guards rows
-    whose scores are all negative.  1/S = rsqrt(S)^2 with S in [eps, spec.hi].  ``relu_spec`` is the
-    smooth ReLU's rsqrt domain (z = s^2 + mu^2; default: ``spec`` with lo lowered to mu^2/2).
+    ``relu`` (see ``RELUS``): ``narrow`` is the exact ReLU s [s >= 0] by the narrow comparison
+    (13.75 B, 5 rounds, then 1 product without truncation: 32 B, 1 round), valid for
+    |s| < 2^(SCORE_BITS - f) (the simulation raises ``HeadroomError`` beyond); ``smooth`` is
+    SMU(alpha=0, mu) (no comparison; ``relu_spec`` is its rsqrt domain, z = s^2 + mu^2, default
+    ``spec`` with lo lowered to mu^2/2); ``full`` the full-ring comparison (the 2ReLU baseline).
+    ``mask`` (public 0/1, broadcastable) zeroes padded keys; eps guards rows whose scores are all
+    negative.  1/S = rsqrt(S)^2 with S in [eps, spec.hi].
     Cost: relu + rsqrt on the row sums + 1 square + 1 product.
     """
+    if relu not in RELUS:
+        raise ValueError(f"unknown ReLU {relu!r} for ReLU-softmax; choose from {RELUS}")
     with ops.span("relu_softmax"):
-        if relu_spec is None:
-            relu_spec = spec.with_(lo=min(spec.lo, mu * mu / 2), site="softmax_relu" if spec.site else "")
-        r = ops.relu(s) if exact_relu else smooth_relu(ops, s, relu_spec, mu)
+        if relu == "narrow":
+            monitor = getattr(ops, "monitor", None)
+            if monitor is not None:  # the sign test's range (bench sites)
+                monitor.value("softmax_score", ops.output(s), 2.0 ** (SCORE_BITS - 16))
+            r = ops.mask(s, ops.sign(s, SCORE_BITS + getattr(ops, "frac_bits", 16) - 16))
+        elif relu == "full":
+            r = ops.relu(s)
+        else:
+            if relu_spec is None:
+                relu_spec = spec.with_(lo=min(spec.lo, mu * mu / 2), site="softmax_relu" if spec.site else "")
+            r = smooth_relu(ops, s, relu_spec, mu)
         if mask is not None:
             r = ops.mask(r, mask)
         total = ops.add_const(ops.sum(r, -1, keepdim=True), eps)
@@ -238,4 +260,4 @@ def gelu_tanh(ops, x):
 
 def relu2_softmax(ops, s, mask, spec: RsqrtSpec, eps: float = 1e-2):
     """2ReLU softmax with an exact ReLU by the secure comparison (the baseline for Comet's)."""
-    return relu_softmax(ops, s, mask, spec, eps=eps, exact_relu=True)
+    return relu_softmax(ops, s, mask, spec, eps=eps, relu="full")

@@ -27,17 +27,23 @@ from ..nn import breakdown
 from ..transport import NETWORKS
 from .ops import git_sha, write_results
 
-COMET = {"gelu": "smu", "softmax": "relu", "guess": "comet", "sigma": 40}
-CONSTANT = {"gelu": "smu", "softmax": "relu", "guess": "constant", "sigma": 40}
+# Comet's own constructions (SMU by rsqrt, the smooth ReLU: ../shared/COMET.md) with its guesses
+COMET = {"gelu": "smu", "softmax": "relu", "guess": "comet", "sigma": 40, "smu_form": "rsqrt", "relu": "smooth"}
+CONSTANT = {"gelu": "smu", "softmax": "relu", "guess": "constant", "sigma": 40, "smu_form": "rsqrt", "relu": "smooth"}
+THERMOMETER = {"gelu": "smu", "softmax": "relu", "guess": "thermometer", "sigma": 40, "smu_form": "rsqrt",
+               "relu": "smooth"}
 BASELINE = {"gelu": "quad", "softmax": "quad2", "guess": "constant", "sigma": 40}
-THERMOMETER = {"gelu": "smu", "softmax": "relu", "guess": "thermometer", "sigma": 40}  # the default
+# the default: SMU by segments (mu folded into the weights), the exact ReLU by the narrow comparison
+SEGMENTS = {"gelu": "smu", "softmax": "relu", "guess": "thermometer", "sigma": 40, "smu_form": "segments",
+            "relu": "narrow"}
 
 
 def cases(quick: bool) -> list[dict]:
     if quick:
         return [dict(model="bert-base", seq=8, batch=1, approx=CONSTANT, layers=[1, 2], repeat=True)]
-    out = [dict(model="bert-base", seq=128, batch=1, approx=THERMOMETER, layers=None, repeat=True),
-           dict(model="minilm", seq=128, batch=1, approx=THERMOMETER, layers=None),
+    out = [dict(model="bert-base", seq=128, batch=1, approx=SEGMENTS, layers=None, repeat=True),
+           dict(model="minilm", seq=128, batch=1, approx=SEGMENTS, layers=None),
+           dict(model="bert-base", seq=128, batch=1, approx=THERMOMETER, layers=None, repeat=True),
            dict(model="bert-base", seq=128, batch=1, approx=COMET, layers=[1, 2], repeat=True),
            dict(model="bert-base", seq=128, batch=1, approx=CONSTANT, layers=[1, 2]),
            dict(model="bert-base", seq=128, batch=1, approx=BASELINE, layers=[1, 2])]
@@ -69,6 +75,7 @@ def run_case(model_dir: str, case: dict, layers: int | None, daddr: str) -> dict
     a = case["approx"]
     args = ["serve", "--model", model_dir, "--port", "0", "--dealer", daddr, "--once", "--gelu", a["gelu"],
             "--softmax", a["softmax"], "--guess", a["guess"], "--sigma", str(a["sigma"]), "--timeout", "600"]
+    args += [x for k in ("smu_form", "relu") if k in a for x in (f"--{k.replace('_', '-')}", a[k])]
     if layers is not None:
         args += ["--layers", str(layers)]
     server, saddr = spawn(args, timeout=300)
@@ -138,7 +145,9 @@ def markdown(rows: list[dict]) -> str:
         a = r["approx"]
         how = ("measured" if "extrapolated_from_layers" not in r else "1+2 layers measured, ×12 exact bytes")
         how += f", {r['arch']['layers']} layers" if "extrapolated_from_layers" not in r else ""
-        out.append(f"| {r['model']} | {r['seq']} | {r['batch']} | {a['gelu']}/{a['softmax']}/{a['guess']} "
+        gelu = a["gelu"] + (f" ({a['smu_form']})" if "smu_form" in a else "")
+        softmax = a["softmax"] + (f" ({a['relu']} ReLU)" if "relu" in a else "")
+        out.append(f"| {r['model']} | {r['seq']} | {r['batch']} | {gelu}/{softmax}/{a['guess']} "
                    f"({a['sigma']:g}) | {r['bytes_online'] / 1e9:.2f} GB | {r['bytes_offline'] / 1e9:.2f} GB | "
                    f"{r['bytes_offline_per_session'] / 1e6:.0f} MB | {r['rounds']:,} | {r['seconds']:.0f} | "
                    f"{r['projected_seconds']['lan']:.0f} | {r['projected_seconds']['wan']:.0f} | {how} |")
@@ -180,6 +189,8 @@ def add_arguments(p) -> None:
     p.add_argument("--softmax", default="relu")
     p.add_argument("--guess", default="thermometer")
     p.add_argument("--sigma", type=float, default=40.0)
+    p.add_argument("--smu-form", dest="smu_form", choices=["segments", "rsqrt"], default="segments")
+    p.add_argument("--relu", choices=["narrow", "smooth", "full"], default="narrow")
     p.add_argument("--layers", type=int, default=None,
                    help="layers to run whole (default: all); 0: BERT-base's 1+2-layer extrapolation to 12")
     p.add_argument("--out", default="bench/results/model.jsonl")
@@ -208,7 +219,8 @@ def main(args) -> int:
         with tempfile.TemporaryDirectory(prefix="cometpi-bench-") as tmp:
             dirs = {"bert-base": bert_base_dir(Path(tmp)), "minilm": resolve_model_dir("minilm")}
             if args.model:
-                approx = {"gelu": args.gelu, "softmax": args.softmax, "guess": args.guess, "sigma": args.sigma}
+                approx = {"gelu": args.gelu, "softmax": args.softmax, "guess": args.guess, "sigma": args.sigma,
+                          "smu_form": args.smu_form, "relu": args.relu}
                 todo = [dict(model=args.model, seq=args.seq, batch=args.batch, approx=approx,
                              layers=[1, 2] if args.layers == 0 else None, whole_layers=args.layers or None,
                              repeat=True)]
@@ -227,7 +239,8 @@ def main(args) -> int:
                             "approx": case["approx"], "f": 16, "trunc": "exact", "git_sha": sha,
                             "command": "cometpi bench model" + (
                                 f" --model {args.model} --seq {args.seq} --batch {args.batch} --gelu {args.gelu} "
-                                f"--softmax {args.softmax} --guess {args.guess} --sigma {args.sigma:g}"
+                                f"--softmax {args.softmax} --guess {args.guess} --sigma {args.sigma:g} "
+                                f"--smu-form {args.smu_form} --relu {args.relu}"
                                 + (f" --layers {args.layers}" if args.layers is not None else "")
                                 if args.model else (" --quick" if args.quick else "")),
                             "bench_seconds": time.time() - t0,

@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
 def _forward(arch, params, approx, ids, mask, monitor, batch=8):
     from ..nn import FloatModel, forward, prepare_params
 
-    ops = FloatModel(prepare_params(arch, params))
+    ops = FloatModel(prepare_params(arch, params, approx))
     ops.monitor = monitor
     for i in range(0, ids.shape[0], batch):
         b = ids[i:i + batch]
@@ -76,7 +76,7 @@ def local_mode_odds(name, arch, params, approx, tok, sentences, length: int) -> 
 
     enc = tok([make_text("real_long", 0, 2 * length, sentences=sentences)], padding="max_length", truncation=True,
               max_length=length, return_tensors="pt")
-    ops = RingModel(prepare_params(arch, params), count_local_odds=True)
+    ops = RingModel(prepare_params(arch, params, approx), count_local_odds=True)
     t0 = time.perf_counter()
     forward(ops, arch, approx, batch=1, length=length, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     return {"model": name, "case": "local truncation odds", "tokens": length, "texts": 1,

@@ -89,12 +89,12 @@ def main(args) -> int:
         raise SystemExit(f"no checkpoint at {model}: run `make demo` once (it fine-tunes the demo model) "
                          "or pass --model")
     arch, params, meta = checkpoint.load(model)
-    prepared = prepare_params(arch, params)  # once: the plaintext references of every batch reuse it
     approx = checkpoint.approx_of(meta)
     if args.guess:
         from dataclasses import replace
 
         approx = replace(approx, guess=args.guess)
+    prepared = prepare_params(arch, params, approx)  # once: the plaintext references of every batch reuse it
     _, _, test, _, _ = load_dataset("rt")
     sentences = [t for t, _ in test]
     dealer, daddr = spawn(["dealer", "--port", "0"])
