@@ -22,6 +22,7 @@ square      a, c = a^2                                   server      n
 matmul      A, B, C = A @ B                              server      |C|
 trunc       r, s = r >>> f (logical), m = msb(r)         server      2n
 band        bits a, b, c = a & b (XOR shares)            server      n bits (packed)
+bandp       as band, 8 triples per byte (packed bytes)   server      n bytes
 cmp         r (arithmetic), w0 ^ w1 = r (bits)           server      n
 b2a         random bit: XOR shares and arithmetic        server      n
 wmask       B (server only, the weight mask)             nobody      0
@@ -29,7 +30,8 @@ mulpriv     client: A, C0; server: C1; A @ B = C0 + C1   client      |C|
             (or A * B for a weight vector; 64- or 32-bit ring)
 lift        r < 2^bits; 64-bit shares of r and msb(r)    server      2n
 cmpn        r mod 2^(k+1), bit k of r and one-time       server      n (1 + 2 C 2^4) bits
-            truth tables of r's 4-bit chunks (XOR)
+            truth tables of r's 4-bit chunks (XOR; each
+            chunk's lt and eq tables as one 32-bit word)
 ==========  ===========================================  ==========  ===================
 """
 
@@ -198,6 +200,25 @@ class _AndTriple:
         return own[0], own[1], torch.from_numpy(np.unpackbits(corr.numpy(), count=n)).reshape(own[0].shape)
 
 
+class _PackedAndTriple:
+    """Boolean Beaver triples packed 8 per byte: bytes a, b, c with c = a & b bitwise, XOR-shared
+    (``shape`` counts bytes).  The correction is c's server share, n bytes."""
+
+    receiver = Role.SERVER
+
+    def own(self, role, prg, idx, p):
+        n = math.prod(_shape(p["shape"], "bandp"))
+        raw = torch.frombuffer(bytearray(prg.bytes(idx, (3 if role == Role.CLIENT else 2) * n)), dtype=torch.uint8)
+        return list(raw.chunk(3 if role == Role.CLIENT else 2)) if n else [raw] * (3 if role == Role.CLIENT else 2)
+
+    def correct(self, own0, own1, p):
+        (a0, b0, c0), (a1, b1) = own0, own1
+        return ((a0 ^ a1) & (b0 ^ b1)) ^ c0
+
+    def finish(self, role, own, corr, p):
+        return tuple(own) if role == Role.CLIENT else (own[0], own[1], corr)
+
+
 class _Compare:
     """r (arithmetic shares) and XOR shares w0 ^ w1 = r of its bits, as int64 words."""
 
@@ -316,9 +337,11 @@ def cmp_chunks(k: int, m: int = CMP_CHUNK) -> int:
 
 class _NarrowCompare:
     """For comparisons of |x| < 2^k opened modulo 2^n, n = k + 1: r mod 2^n (additive shares, no
-    correction), XOR shares of r's bit k, and for each m-bit chunk of r's low k bits the one-time
-    truth tables lt[v] = [v < chunk] and eq[v] = [v == chunk] for all v < 2^m (XOR-shared).
-    Correction to the server: 1 + 2 C 2^m bits per element, packed (C = ceil(k/m) chunks)."""
+    correction), XOR shares of r's bit k (packed 8 per byte), and for each m-bit chunk of r's low k
+    bits the one-time truth tables lt[v] = [v < chunk] and eq[v] = [v == chunk] for all v < 2^m,
+    XOR-shared as one int32 word per chunk (bit v: lt[v], bit 16 + v: eq[v]), so a lookup is a shift.
+    Correction to the server: 2 C 2^m + 1 bits per element (C = ceil(k/m) chunks): the words, then
+    the packed bits of r's bit k, as bytes."""
 
     receiver = Role.SERVER
 
@@ -329,40 +352,37 @@ class _NarrowCompare:
             raise DealerError(f"narrow comparison width k must be in 1..61, got {k}")
         return k
 
-    def _width(self, p) -> int:
-        return 1 + 2 * cmp_chunks(self._k(p)) * (1 << CMP_CHUNK)
-
     def own(self, role, prg, idx, p):
         s = _shape(p["shape"], "cmpn")
         (r,) = prg.ring(idx, s)
         if role == Role.SERVER:
             return [r]
-        n = math.prod(s)
-        (bits,) = _bits(prg, idx + (1 << 61), (n, self._width(p)))
-        return [r, bits]
+        n, c = math.prod(s), cmp_chunks(self._k(p))
+        raw = torch.frombuffer(bytearray(prg.bytes(idx + (1 << 61), 4 * n * c + (n + 7) // 8)), dtype=torch.uint8)
+        return [r, raw[: 4 * n * c].view(torch.int32).reshape(n, c), raw[4 * n * c:]]
 
     def correct(self, own0, own1, p):
-        (r0, bits0), (r1,) = own0, own1
+        (r0, words0, top0), (r1,) = own0, own1
         k = self._k(p)
         r = ((r0 + r1) & ((1 << (k + 1)) - 1)).reshape(-1)
-        v = torch.arange(1 << CMP_CHUNK, dtype=torch.int64)
-        parts = [((r >> k) & 1).to(torch.uint8)[:, None]]
-        for ch in range(cmp_chunks(k)):
-            rc = (((r & ((1 << k) - 1)) >> (CMP_CHUNK * ch)) & ((1 << CMP_CHUNK) - 1))[:, None]
-            parts += [(v[None] < rc).to(torch.uint8), (v[None] == rc).to(torch.uint8)]
-        truth = torch.cat(parts, 1)
-        return torch.from_numpy(np.packbits((truth ^ bits0).numpy()))
+        low = r & ((1 << k) - 1)
+        chunk = torch.stack([((low >> (CMP_CHUNK * ch)) & ((1 << CMP_CHUNK) - 1)) for ch in range(cmp_chunks(k))], 1)
+        one = torch.ones_like(chunk)
+        truth = ((one << chunk) - 1) | (one << (chunk + 16))  # lt: bits below the chunk; eq: its own bit
+        truth = torch.where(truth >= 1 << 31, truth - (1 << 32), truth).to(torch.int32)
+        top = torch.from_numpy(np.packbits(((r >> k) & 1).to(torch.uint8).numpy())) ^ top0
+        return torch.cat([(truth ^ words0).reshape(-1).view(torch.uint8), top])
 
     def finish(self, role, own, corr, p):
         if role == Role.CLIENT:
-            return own[0], own[1]
-        n = own[0].numel()
-        w = self._width(p)
-        return own[0], torch.from_numpy(np.unpackbits(corr.numpy(), count=n * w)).reshape(n, w)
+            return own[0], own[1], own[2]
+        n, c = own[0].numel(), cmp_chunks(self._k(p))
+        return own[0], corr[: 4 * n * c].contiguous().view(torch.int32).reshape(n, c), corr[4 * n * c:]
 
 
 KINDS = {"mul": _Mul(), "pmul": _PrivateMul(), "square": _Square(), "matmul": _Matmul(), "trunc": _Trunc(),
-         "wmask": _WeightMask(), "mulpriv": _MulPriv(), "band": _AndTriple(), "cmp": _Compare(),
+         "wmask": _WeightMask(), "mulpriv": _MulPriv(), "band": _AndTriple(), "bandp": _PackedAndTriple(),
+         "cmp": _Compare(),
          "b2a": _BitToArith(), "lift": _Lift(), "cmpn": _NarrowCompare()}
 
 

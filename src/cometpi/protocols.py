@@ -18,6 +18,7 @@ from .ring import (
     DTYPE,
     HEADROOM_BITS,
     RING_BITS,
+    limb_stack,
     limbs_needed,
     logical_rshift,
     lshift,
@@ -259,6 +260,16 @@ class PrivateWeight:
     def __init__(self, session: Session, index: int, shape: tuple, w=None, f=None, limbs=4, bits=64):
         self.session, self.index, self.shape = session, index, shape
         self.w, self.f, self.limbs, self.bits = w, f, limbs, bits
+        self._stack = None
+
+    def stack(self) -> torch.Tensor:
+        """This party's operand (W on the server, F on the client) as a ``ring.limb_stack``, computed on
+        first use and kept for the session (float32: 2 B per limb per weight element more memory,
+        instead of splitting the weight into limbs at every query)."""
+        if self._stack is None:
+            mine = self.w if self.w is not None else self.f
+            self._stack = limb_stack(mine, min(self.limbs if self.w is not None else 4, self.bits // 16))
+        return self._stack
 
     @property
     def is_vector(self) -> bool:
@@ -331,7 +342,9 @@ def matmul_private(x: AShare, pw: PrivateWeight, *, truncate_result: bool = True
     bits, diag = pw.bits, pw.bits // 16
 
     def prod(a, b, limbs=4):
-        return a * b if pw.is_vector else ring_matmul(a, b, b_limbs=limbs, diagonals=diag)
+        if pw.is_vector:
+            return a * b
+        return ring_matmul(a, b, b_limbs=limbs, diagonals=diag, b_stack=pw.stack())
 
     with s.span("matmul_private" if not pw.is_vector else "mul_private_vector"):
         if s.role == Role.CLIENT:
@@ -439,38 +452,48 @@ def _word_bits(w: torch.Tensor, nbits: int) -> torch.Tensor:
     return ((w.unsqueeze(-1) >> torch.arange(nbits)) & 1).to(torch.uint8)
 
 
-#: Elements per dealer request of AND triples (the dealer refuses requests above 2^28 elements).
+#: Bytes (8 triples each) per dealer request of packed AND triples (the dealer refuses requests above
+#: 2^28 elements).
 _BAND_REQUEST = 1 << 26
 
 
-def _and_triples(s: Session, n: int):
-    """n boolean triples, fetched in requests of at most ``_BAND_REQUEST`` (a narrow comparison over
-    the attention scores of 512 tokens needs 5.8e8 in one round)."""
-    parts = [s.provider.get("band", shape=[min(_BAND_REQUEST, n - i)]) for i in range(0, max(n, 1), _BAND_REQUEST)]
+def _and_triples(s: Session, nbytes: int):
+    """Packed boolean triples for 8 nbytes ANDs, fetched in requests of at most ``_BAND_REQUEST``
+    bytes (a narrow comparison over the attention scores of 512 tokens needs 5.8e8 in one round)."""
+    parts = [s.provider.get("bandp", shape=[min(_BAND_REQUEST, nbytes - i)])
+             for i in range(0, max(nbytes, 1), _BAND_REQUEST)]
     if len(parts) == 1:
         return parts[0]
     return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
 
 
-def and_bits(s: Session, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """AND of XOR-shared bit tensors (uint8 0/1, same shape) with a boolean Beaver triple.
+def and_packed(s: Session, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Bitwise AND of XOR-shared bits packed 8 per byte (uint8 tensors of one shape), with packed
+    boolean Beaver triples.
 
-    1. Open e = x ^ a and d = y ^ b (bits packed 8 per byte, one message each way).
+    1. Open e = x ^ a and d = y ^ b (one message each way).
     2. [x & y] = [c] ^ (e & [b]) ^ (d & [a]) ^ (e & d) (the last by party 0).
     Cost: 1 round, 4 bits per AND (both directions).  Offline: 1 bit per AND dealer -> server.
     Ref: Beaver triples over GF(2), as in GMW / ABY.
     """
-    n = x.numel()
-    a, b, c = _and_triples(s, n)
-    mine = _pack(torch.cat([x.reshape(-1) ^ a, y.reshape(-1) ^ b]))
+    a, b, c = _and_triples(s, x.numel())
+    mine = torch.cat([x.reshape(-1) ^ a, y.reshape(-1) ^ b])
     s.peer.send(mine, "and-open")
-    theirs = s.peer.recv("and-open", shape=tuple(mine.shape), dtype=torch.uint8)
-    ed = _unpack(mine, 2 * n) ^ _unpack(theirs, 2 * n)
-    e, d = ed[:n], ed[n:]
+    ed = mine ^ s.peer.recv("and-open", shape=tuple(mine.shape), dtype=torch.uint8)
+    e, d = ed[: x.numel()], ed[x.numel():]
     z = c ^ (e & b) ^ (d & a)
     if s.role == Role.CLIENT:
         z = z ^ (e & d)
     return z.reshape(x.shape)
+
+
+def _pack_rows(bits: torch.Tensor) -> torch.Tensor:
+    """(..., m) uint8 0/1 -> (..., ceil(m / 8)) packed bytes along the last axis."""
+    return torch.from_numpy(np.packbits(bits.numpy(), axis=-1))
+
+
+def _unpack_rows(packed: torch.Tensor, m: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(packed.numpy(), axis=-1, count=m))
 
 
 def b2a(s: Session, bits: torch.Tensor) -> AShare:
@@ -500,8 +523,8 @@ def drelu(x: AShare) -> AShare:
        lt = lt_hi ^ (eq_hi & lt_lo), eq = eq_hi & eq_lo with two ANDs (one at the top): 6 rounds,
        125 ANDs per element.
     4. b2a of bit 62 of x' (which is [x >= 0]).
-    Cost: 8 rounds, 16 B + 500 bits + 2 bits = 78.75 B/element (bits packed per message, so a
-    few bytes more per message).  Offline: 8 B (r bits) + 125 bits (AND triples) + 8 B (b2a) per
+    Cost: 8 rounds, 16 B + 500 bits + 2 bits = 78.75 B/element (bits packed per row of the tree,
+    each row rounding up to whole bytes).  Offline: 8 B (r bits) + 125 bits (AND triples) + 8 B (b2a) per
     element, dealer -> server.
     Ref: comparison via a masked opening and a bitwise less-than circuit (e.g. Damgard et al.,
     TCC 2006; ABY's Yao-free GMW comparator), with a dealer instead of OT.
@@ -521,7 +544,8 @@ def drelu(x: AShare) -> AShare:
         pad = 64 - _LOW_BITS  # padded positions: lt = 0, eq = 1 (party 0 holds the 1)
         lt = torch.cat([lt, torch.zeros(n, pad, dtype=torch.uint8)], 1)
         eq = torch.cat([eq, torch.full((n, pad), 1 if is0 else 0, dtype=torch.uint8)], 1)
-        borrow = _combine_chunks(s, lt, eq)  # 64 positions: 6 levels, 125 ANDs
+        # 64 positions: 6 levels, 125 ANDs (bits packed along the elements)
+        borrow = _unpack_rows(_combine_chunks(s, _pack_rows(lt.T.contiguous()), _pack_rows(eq.T.contiguous())), n)
         bit = borrow ^ rb[:, _LOW_BITS] ^ (cb[:, _LOW_BITS] if is0 else 0)
         return b2a(s, bit).reshape(*shape)
 
@@ -567,23 +591,24 @@ def argmax_onehot(x: AShare, dim: int = -1) -> AShare:
 
 
 def _combine_chunks(s: Session, lt: torch.Tensor, eq: torch.Tensor) -> torch.Tensor:
-    """[a < b] from per-chunk (lt, eq) XOR shares ordered least significant first (last axis): pairs
-    (lo, hi) combine as lt = lt_hi ^ (eq_hi & lt_lo), eq = eq_hi & eq_lo; an odd top chunk passes
-    through; the last level computes lt only.  ceil(log2 C) rounds, one message each."""
-    while lt.shape[-1] > 1:
-        c = lt.shape[-1]
+    """[a < b] from per-chunk (lt, eq) XOR shares, packed: (C, nbytes) uint8, chunk 0 the least
+    significant.  Pairs (lo, hi) combine as lt = lt_hi ^ (eq_hi & lt_lo), eq = eq_hi & eq_lo; an odd
+    top chunk passes through; the last level computes lt only.  ceil(log2 C) rounds, one message
+    each (``and_packed`` on whole packed rows).  Returns the packed (nbytes,) result."""
+    while lt.shape[0] > 1:
+        c = lt.shape[0]
         h = c // 2
-        lo_lt, hi_lt, lo_eq, hi_eq = lt[..., 0:2 * h:2], lt[..., 1:2 * h:2], eq[..., 0:2 * h:2], eq[..., 1:2 * h:2]
+        lo_lt, hi_lt, lo_eq, hi_eq = lt[0:2 * h:2], lt[1:2 * h:2], eq[0:2 * h:2], eq[1:2 * h:2]
         if c > 2:
-            both = and_bits(s, torch.cat([hi_eq, hi_eq], -1), torch.cat([lo_lt, lo_eq], -1))
-            new_lt, new_eq = hi_lt ^ both[..., :h], both[..., h:]
+            both = and_packed(s, torch.cat([hi_eq, hi_eq]), torch.cat([lo_lt, lo_eq]))
+            new_lt, new_eq = hi_lt ^ both[:h], both[h:]
         else:
-            new_lt, new_eq = hi_lt ^ and_bits(s, hi_eq, lo_lt), None
+            new_lt, new_eq = hi_lt ^ and_packed(s, hi_eq, lo_lt), None
         if c % 2:
-            new_lt = torch.cat([new_lt, lt[..., -1:]], -1)
-            new_eq = torch.cat([new_eq, eq[..., -1:]], -1)
+            new_lt = torch.cat([new_lt, lt[-1:]])
+            new_eq = torch.cat([new_eq, eq[-1:]])
         lt, eq = new_lt, new_eq
-    return lt[..., 0]
+    return lt[0]
 
 
 def compare_many(x: AShare, k: int, thresholds) -> AShare:
@@ -596,13 +621,15 @@ def compare_many(x: AShare, k: int, thresholds) -> AShare:
        however small x is (the full-ring trap of Curl/SHAFT is avoided by reducing first).
     2. For each t, c_t = c - t mod 2^n = x' + r mod 2^n, and bit k of x' is
        c_t[k] ^ r[k] ^ [c_t mod 2^k < r mod 2^k].  The borrow's per-chunk (lt, eq) bits are table
-       lookups at the public chunks of c_t (local); one r serves every threshold.
-    3. Chunks combine in an AND tree (``_combine_chunks``), then b2a.
+       lookups at the public chunks of c_t (local: a shift of the chunk's 32-bit table word); one r
+       serves every threshold.
+    3. Chunks combine in an AND tree on bits packed 8 per byte (``_combine_chunks``), then b2a.
     Outside the domain (some |x - t| >= 2^k) the opened value wraps modulo 2^n and the bit is that of
     x - t + 2^k reduced mod 2^(k+1): wrong, never a leak; ``RingOps`` raises ``HeadroomError`` there.
     Cost: 2 + ceil(log2 C) rounds (C = ceil(k/4) chunks); online per element 2 x 4 B for the
     opening (n <= 32; 2 x 8 B above), plus per threshold 4 bits per AND (2C - 3 ANDs for C >= 2,
-    from the tree) and 2 bits of b2a.  Offline: (1 + 32 C) bits + 1 bit per AND + 8 B per threshold
+    from the tree) and 2 bits of b2a (each packed chunk row of a tree level rounds up to whole bytes:
+    at most 2 (4 floor(C/2)) B more per level).  Offline: (1 + 32 C) bits + 1 bit per AND + 8 B per threshold
     (b2a), dealer -> server.
     Ref: small-ring opening with a known-range input (../shared/FAST-PROTOCOLS.md); one-time truth
     tables (Ishai et al., TCC 2013); comparison tree as in ``drelu``.
@@ -615,29 +642,28 @@ def compare_many(x: AShare, k: int, thresholds) -> AShare:
     mask = (1 << n_bits) - 1
     with s.span("compare"):
         shape, n, t = x.shape, math.prod(x.shape), thr.numel()
-        r, tables = s.provider.get("cmpn", shape=[n], k=k)
+        r, words, r_top = s.provider.get("cmpn", shape=[n], k=k)
         mine = (x.data.reshape(-1) + r + ((1 << k) if s.role == Role.CLIENT else 0)) & mask
         wire = mine.to(torch.int32) if n_bits <= 32 else mine
         c = (mine + s.peer.exchange_wire(wire, "cmp-open").to(DTYPE)) & mask
         chunks = -(-k // 4)
-        width = 1 << 4
-        tab = tables[:, 1:].reshape(n, chunks, 2, width)
-        lt = torch.empty((n, t, chunks), dtype=torch.uint8)
-        eq = torch.empty((n, t, chunks), dtype=torch.uint8)
+        lt = torch.empty((chunks, n, t), dtype=torch.uint8)
+        eq = torch.empty((chunks, n, t), dtype=torch.uint8)
         top = torch.empty((n, t), dtype=torch.uint8)
-        block = max(1, (1 << 21) // (t * chunks))  # the local lookups in blocks: int64 indices stay small
+        block = max(1, (1 << 20) // t)  # the local lookups in blocks of elements (int64 temporaries stay small)
         for a in range(0, n, block):
             sl = slice(a, min(n, a + block))
-            ct = (c[sl, None] - thr[None, :]) & mask  # (b, t)
-            top[sl] = ((ct >> k) & 1).to(torch.uint8)
+            ct = (c[sl, None] - thr[None, :]) & mask  # (b, t): x' + r mod 2^n for each threshold
+            top[sl] = (ct >> k) & 1
             low = ct & ((1 << k) - 1)
-            idx = torch.stack([(low >> (4 * j)) & (width - 1) for j in range(chunks)], -1)[..., None]  # (b, t, C, 1)
-            rows = tab[sl, None].expand(-1, t, -1, -1, -1)  # (b, t, C, 2, 16)
-            lt[sl] = torch.gather(rows[..., 0, :], 3, idx)[..., 0]
-            eq[sl] = torch.gather(rows[..., 1, :], 3, idx)[..., 0]
-        borrow = _combine_chunks(s, lt, eq)  # (n, t)
+            for j in range(chunks):  # the table word's bit v is lt[v], bit 16 + v is eq[v]
+                v = (low >> (4 * j)) & 15
+                w = words[sl, j].to(DTYPE)[:, None] >> v
+                lt[j, sl] = w & 1
+                eq[j, sl] = (w >> 16) & 1
+        packed = _combine_chunks(s, _pack_rows(lt.reshape(chunks, n * t)), _pack_rows(eq.reshape(chunks, n * t)))
         del lt, eq
-        bit = borrow ^ tables[:, :1]
+        bit = _unpack_rows(packed, n * t).reshape(n, t) ^ _unpack_rows(r_top, n)[:, None]
         if s.role == Role.CLIENT:
             bit = bit ^ top
         return b2a(s, bit).reshape(*shape, t)

@@ -132,8 +132,14 @@ def limbs_needed(max_abs_int: int) -> int:
     return max(1, min(_N_LIMBS, math.ceil(bits / _LIMB_BITS)))
 
 
+def limb_stack(b: torch.Tensor, n: int) -> torch.Tensor:
+    """b's n balanced 16-bit limbs side by side on the last axis, (..., k, n m), in float32 (exact:
+    |limb| <= 2^15): a constant operand's limbs computed once (``ring_matmul(b_stack=...)``)."""
+    return torch.cat(_balanced_limbs(b, n), dim=-1).to(torch.float32)
+
+
 def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, method: str = "limbs",
-                diagonals: int = _N_LIMBS):
+                diagonals: int = _N_LIMBS, b_stack: torch.Tensor | None = None):
     """Exact a @ b in Z_2^64 (batched like ``torch.matmul``).
 
     ``method="limbs"`` splits both operands into balanced 16-bit limbs held in float64 and uses BLAS:
@@ -142,6 +148,8 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, me
     |b| < 2^(16*b_limbs - 1) (small fixed-point weights), and skips the products that would be zero.
     ``diagonals`` < 4 computes the product modulo 2^(16*diagonals) only (e.g. 2 for a 32-bit ring).
     ``method="int64"`` is torch's native integer matmul (no BLAS; CPU only), kept for comparison.
+    ``b_stack``: b's ``limb_stack`` with min(b_limbs, diagonals) limbs, computed once for a constant b
+    (a private weight): its limbs are then not split again on every call.
     """
     if method == "int64":
         return torch.matmul(a, b)
@@ -151,14 +159,20 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, me
     if k >= 1 << 21:
         raise ValueError(f"inner dimension {k} too large for exact limb matmul (limit 2^21)")
     la = _balanced_limbs(a, diagonals)
-    lb = _balanced_limbs(b, min(b_limbs, diagonals))
-    diag: list[torch.Tensor | None] = [None] * diagonals
+    nb = min(b_limbs, diagonals)
     m = b.shape[-1]
+    if b_stack is None:
+        lb = _balanced_limbs(b, nb)
+    elif b_stack.shape[-1] != nb * m:
+        raise ValueError(f"b_stack holds {b_stack.shape[-1] // m} limbs, {nb} needed")
+    diag: list[torch.Tensor | None] = [None] * diagonals
     for i, ai in enumerate(la):
-        js = range(min(diagonals - i, len(lb)))
+        js = range(min(diagonals - i, nb))
         if not js:
             continue
-        prod = torch.matmul(ai, torch.cat([lb[j] for j in js], dim=-1))
+        rhs = (torch.cat([lb[j] for j in js], dim=-1) if b_stack is None
+               else b_stack[..., : len(js) * m].to(torch.float64))
+        prod = torch.matmul(ai, rhs)
         for j in js:
             part = prod[..., j * m : (j + 1) * m]
             d = i + j
