@@ -295,6 +295,14 @@ class _MulPriv:
         (b,) = prg.ring(int(p["widx"]), w)  # the same B as request widx (kind wmask)
         return [wrap_bits(c1, bits), wrap_bits(b, bits)]
 
+    def own_party(self, role, prg, idx, p):
+        """A party's own part (the server does not need B again: only the dealer's correction does)."""
+        if role == Role.CLIENT:
+            return self.own(role, prg, idx, p)
+        x, w, bits = _shape(p["x"], "mulpriv X"), _shape(p["w"], "mulpriv W"), _bits_param(p)
+        c = x if p.get("mode", "matmul") == "vec" else _mm_shape(x, w)
+        return [wrap_bits(prg.ring(idx, c)[0], bits)]
+
     def correct(self, own0, own1, p):
         (a,), (c1, b) = own0, own1
         bits = _bits_param(p)
@@ -533,7 +541,7 @@ class Provider:
         exp = self._expected.pop(idx, None)
         if exp is not None and exp[1:] != item[1:]:
             raise DealerError(f"request {idx} is {kind} {params}, but the prefetched plan said {exp[1:]}")
-        own = k.own(self.role, self.prg, idx, params)
+        own = getattr(k, "own_party", k.own)(self.role, self.prg, idx, params)
         corr = None
         if k.receiver == self.role:
             if self.link is None:
