@@ -50,7 +50,7 @@ def test_ring_wraps_mod_2_64():
 @pytest.mark.parametrize("shape", [((3, 5), (5, 4)), ((1, 17), (17, 1)), ((6, 1), (1, 7))])
 def test_limb_matmul_matches_exact_reference(shape):
     a, b = random_ring(*shape)
-    assert torch.equal(ring_matmul(a, b), ring_matmul_reference(a, b))
+    assert torch.equal(ring_matmul(a, b, method="limbs"), ring_matmul_reference(a, b))
     assert torch.equal(ring_matmul(a, b, method="int64"), ring_matmul_reference(a, b))
 
 
@@ -58,7 +58,7 @@ def test_limb_matmul_batched_and_extremes():
     a, b = random_ring((2, 3, 4, 9), (2, 3, 9, 5))
     ref = torch.stack([torch.stack([ring_matmul_reference(a[i, j], b[i, j]) for j in range(3)])
                        for i in range(2)])
-    assert torch.equal(ring_matmul(a, b), ref)
+    assert torch.equal(ring_matmul(a, b, method="limbs"), ref) and torch.equal(ring_matmul(a, b), ref)
     ext = torch.tensor([[-(2**63), 2**63 - 1], [-1, 2**62]], dtype=torch.int64)
     assert torch.equal(ring_matmul(ext, ext), ring_matmul_reference(ext, ext))
 
@@ -69,10 +69,13 @@ def test_small_weight_limbs_are_exact_within_their_bound(rng):
     w = fp.encode(torch.from_numpy(rng.uniform(-0.9, 0.9, (40, 6))))
     n = limbs_needed(int(w.abs().max()))
     assert n == 2
-    assert torch.equal(ring_matmul(a, w, b_limbs=n), ring_matmul_reference(a, w))
-    # the bound matters: a value needing 3 limbs is wrong with 2
+    assert torch.equal(ring_matmul(a, w, b_limbs=n, method="limbs"), ring_matmul_reference(a, w))
+    # the bound matters for the limb split (off the CPU): a value needing 3 limbs is wrong with 2
     big = torch.full((1, 1), 2**40, dtype=torch.int64)
-    assert not torch.equal(ring_matmul(a[:, :1], big, b_limbs=2), ring_matmul_reference(a[:, :1], big))
+    assert not torch.equal(ring_matmul(a[:, :1], big, b_limbs=2, method="limbs"), ring_matmul_reference(a[:, :1], big))
+    # the CPU default (torch's int64 matmul, which wraps modulo 2^64) needs no bound
+    assert torch.equal(ring_matmul(a[:, :1], big, b_limbs=2), ring_matmul_reference(a[:, :1], big))
+    assert torch.equal(ring_matmul(a, w), ring_matmul_reference(a, w))
 
 
 def test_limbs_needed():

@@ -263,9 +263,9 @@ class PrivateWeight:
         self._stack = None
 
     def stack(self) -> torch.Tensor:
-        """This party's operand (W on the server, F on the client) as a ``ring.limb_stack``, computed on
-        first use and kept for the session (float32: 2 B per limb per weight element more memory,
-        instead of splitting the weight into limbs at every query)."""
+        """This party's operand (W on the server, F on the client) as a ``ring.limb_stack`` for the limb
+        matmul (off the CPU), computed on first use and kept for the session (float32: 4 B per limb
+        per weight element more memory, instead of splitting the weight at every query)."""
         if self._stack is None:
             mine = self.w if self.w is not None else self.f
             self._stack = limb_stack(mine, min(self.limbs if self.w is not None else 4, self.bits // 16))
@@ -344,7 +344,8 @@ def matmul_private(x: AShare, pw: PrivateWeight, *, truncate_result: bool = True
     def prod(a, b, limbs=4):
         if pw.is_vector:
             return a * b
-        return ring_matmul(a, b, b_limbs=limbs, diagonals=diag, b_stack=pw.stack())
+        stack = pw.stack() if a.device.type != "cpu" else None  # the limb split: off the CPU only
+        return ring_matmul(a, b, b_limbs=limbs, diagonals=diag, b_stack=stack)
 
     with s.span("matmul_private" if not pw.is_vector else "mul_private_vector"):
         if s.role == Role.CLIENT:

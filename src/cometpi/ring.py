@@ -138,9 +138,14 @@ def limb_stack(b: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(_balanced_limbs(b, n), dim=-1).to(torch.float32)
 
 
-def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, method: str = "limbs",
+def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, method: str = "auto",
                 diagonals: int = _N_LIMBS, b_stack: torch.Tensor | None = None):
     """Exact a @ b in Z_2^64 (batched like ``torch.matmul``).
+
+    ``method="auto"`` (the default): torch's int64 matmul on the CPU (it wraps modulo 2^64, which is
+    the ring; measured 4-10x faster than the limb split on this machine's torch 2.13, e.g. 9 ms against
+    100 ms for (128, 768) @ (768, 2304) on 2 threads), the limb split elsewhere (CUDA has no int64
+    matmul).  ``diagonals`` < 4 then reduces the int64 product modulo 2^(16 diagonals).
 
     ``method="limbs"`` splits both operands into balanced 16-bit limbs held in float64 and uses BLAS:
     each limb product is bounded by k*2^30 and each of the four diagonals sums at most four of them,
@@ -151,8 +156,11 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, me
     ``b_stack``: b's ``limb_stack`` with min(b_limbs, diagonals) limbs, computed once for a constant b
     (a private weight): its limbs are then not split again on every call.
     """
+    if method == "auto":
+        method = "int64" if a.device.type == "cpu" else "limbs"
     if method == "int64":
-        return torch.matmul(a, b)
+        out = torch.matmul(a, b)
+        return out if diagonals >= _N_LIMBS else wrap_bits(out, _LIMB_BITS * diagonals)
     if method != "limbs":
         raise ValueError(f"unknown ring matmul method {method!r}")
     k = a.shape[-1]
