@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from cometpi import protocols as P
-from cometpi.core import Config, Role, TruncMode
+from cometpi.core import AShare, Config, Role, TruncMode
 from cometpi.dealer import DealerError, LocalDealer
 from cometpi.party import local_pair, run_local, run_pair
-from cometpi.ring import FixedPoint
+from cometpi.ring import FixedPoint, wrap_bits
 from cometpi.transport import Traffic
 
 from .conftest import uniform
@@ -277,8 +277,8 @@ def test_lift_from_32_bits_over_its_domain():
 
     def fn(s):
         (r,) = s.pair_random(vals.shape)  # a 32-bit sharing of vals
-        mine = P.wrap_bits(vals - r, 32) if s.is_client else P.wrap_bits(r, 32)
-        y, on, _ = measured(s, lambda: P.lift(P.AShare(s, mine), 32))
+        mine = wrap_bits(vals - r, 32) if s.is_client else wrap_bits(r, 32)
+        y, on, _ = measured(s, lambda: P.lift(AShare(s, mine), 32))
         return s.reveal(y, Role.CLIENT), on
 
     (y, on), _ = run_local(fn)

@@ -27,9 +27,10 @@ from .test_convert import _tiny
 
 SRC = Path(__file__).parents[1] / "src" / "cometpi"
 # Modules that produce or handle protocol randomness, shares or wire data.
-PROTOCOL_MODULES = ["ring.py", "transport.py", "core.py", "dealer.py", "protocols.py", "party.py", "nn.py",
+PROTOCOL_MODULES = ["ring.py", "transport.py", "core.py", "dealer.py", "protocols/__init__.py", "protocols/arith.py",
+                    "protocols/linear.py", "protocols/compare.py", "protocols/material.py", "party.py", "nn.py",
                     "service.py", "serve.py", "checkpoint.py", "approx/backends.py", "approx/newton.py",
-                    "approx/guess.py", "approx/functions.py", "approx/sites.py"]
+                    "approx/guess.py", "approx/functions.py", "approx/sites.py", "approx/segments.py"]
 RUNS = 4
 # the constant guess keeps this fast; Comet's flood is the documented leak, measured by its own test below
 CFG = ApproxConfig(guess="constant")
@@ -112,8 +113,9 @@ def test_server_view_is_independent_of_the_text(model):
 
 
 def test_server_view_with_the_thermometer_guess_is_independent_of_the_text(model):
-    """The default guess's narrow comparisons (int32 openings modulo 2^(k+1), packed AND and b2a bits)
-    included: the server's view for two different texts has the same distribution."""
+    """The default configuration (the thermometer guess, SMU by segments, the narrow ReLU) with its narrow
+    comparisons (int32 openings modulo 2^(k+1), packed AND and b2a bits) included: the server's view for
+    two different texts has the same distribution."""
     arch, params = model
     cfg = ApproxConfig(guess="thermometer")
     dtypes = (torch.int64, torch.int32, torch.uint8)
@@ -126,11 +128,14 @@ def test_server_view_with_the_thermometer_guess_is_independent_of_the_text(model
 
 
 def test_client_view_is_independent_of_the_weights(model):
+    """Every message the client receives (ring values, the narrow comparisons' int32 openings, packed AND and
+    b2a bits of SMU's segments and the narrow ReLU), for two different sets of weights."""
     arch, params = model
     other = {k: (-3 * v if v.dtype.is_floating_point else v) for k, v in params.items()}
     ids = torch.tensor([[2, 97, 13, 61, 88, 40]])
-    views_a = [_received(Role.CLIENT, ids, params, arch) for _ in range(RUNS)]
-    views_b = [_received(Role.CLIENT, ids, other, arch) for _ in range(RUNS)]
+    dtypes = (torch.int64, torch.int32, torch.uint8)
+    views_a = [_received(Role.CLIENT, ids, params, arch, CFG, dtypes) for _ in range(RUNS)]
+    views_b = [_received(Role.CLIENT, ids, other, arch, CFG, dtypes) for _ in range(RUNS)]
     _assert_same_distribution(views_a, views_b)
 
 

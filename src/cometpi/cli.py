@@ -49,11 +49,12 @@ def _add_approx(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma", type=float, default=None,
                    help=f"statistical security of Comet's flood in bits ({src} 40)")
     p.add_argument("--smu-form", dest="smu_form", default=None, choices=["segments", "rsqrt"],
-                   help="how SMU is computed (default segments: ReLU plus 24 public line segments of its correction, mu "
-                        "folded into the server's weights, no rsqrt; rsqrt: Comet's (x + sqrt(x^2 + mu^2))/2 by Newton)")
+                   help="how SMU is computed (default segments: ReLU plus 24 public line segments of its "
+                        "correction, mu folded into the server's weights, no rsqrt; rsqrt: Comet's "
+                        "(x + sqrt(x^2 + mu^2))/2 by Newton)")
     p.add_argument("--relu", default=None, choices=["narrow", "smooth", "full"],
-                   help="ReLU-softmax's ReLU (default narrow: exact, by one narrow comparison; smooth: Comet's SMU with "
-                        "mu 0.1, no comparison; full: the full-ring comparison)")
+                   help="ReLU-softmax's ReLU (default narrow: exact, by one narrow comparison; smooth: Comet's "
+                        "SMU with mu 0.1, no comparison; full: the full-ring comparison)")
 
 
 def cmd_dealer(args) -> int:

@@ -79,8 +79,10 @@ def main(args) -> int:
               f"client, pid {os.getpid()}) holds the text")
         with PrivateClient(saddr, daddr, timeout=600) as client:
             ap = client.approx
-            print(f"[demo] connected: {arch.kind}, {arch.layers} layers, hidden {arch.hidden}; gelu={ap.gelu} "
-                  f"softmax={ap.softmax} rsqrt guess={ap.guess} "
+            gelu = ap.gelu + (f" ({ap.smu_form})" if ap.gelu == "smu" else "")
+            softmax = ap.softmax + (f" ({ap.relu} ReLU)" if ap.softmax == "relu" else "")
+            print(f"[demo] connected: {arch.kind}, {arch.layers} layers, hidden {arch.hidden}; gelu={gelu} "
+                  f"softmax={softmax} rsqrt guess={ap.guess} "
                   f"({f'sigma {ap.sigma:g}' if 'comet' in ap.guess else 'no flood, nothing leaks'}); weights masked in "
                   f"{client.setup_seconds:.1f} s\n")
             texts = [t for t, _ in rows]

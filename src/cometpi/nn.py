@@ -29,10 +29,10 @@ from .approx import (
     sigmoid,
     smu,
 )
-from .approx.functions import RELUS
-from .approx.segments import fold_mu, smu1_segments
 from .approx.backends import checked_matmul, checked_product
+from .approx.functions import RELUS
 from .approx.newton import warn_insecure_once
+from .approx.segments import fold_mu, smu1_segments
 from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
 from .core import ConfigError, Role, Session, TruncMode
 from .ring import FixedPoint

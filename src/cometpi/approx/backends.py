@@ -26,6 +26,12 @@ from .guess import local_quarter_factor
 class _Additive:
     """Local linear operations, the same on every backend (tensors and AShares alike)."""
 
+    def thermometer(self, a, thresholds, k, weight_sets):
+        """For each weight list w: sum_j w_j [a >= t_j] for public thresholds t (``compare_thresholds``
+        at width k, then ``weighted_bits``: one comparison serves every weight list)."""
+        bits = self.compare_thresholds(a, thresholds, k)
+        return [self.weighted_bits(bits, w) for w in weight_sets]
+
     def add(self, a, b):
         return a + b
 
@@ -120,6 +126,19 @@ class FloatOps(_Additive):
     def weighted_bits(self, bits, weights):
         """sum_i bits_i w_i over the last axis, for 0/1 bits and public real weights."""
         return (bits * torch.as_tensor(weights, dtype=bits.dtype)).sum(-1)
+
+    def thermometer(self, a, thresholds, k, weight_sets):
+        """For each weight list w: sum_j w_j [a >= t_j] over increasing public thresholds t (no gradient
+        through the bits).  Here by counting the thresholds passed (the same sums, without the
+        (..., t) bit tensor that fine-tuning would otherwise carry)."""
+        thr = torch.as_tensor(thresholds, dtype=torch.float64)
+        idx = torch.bucketize(a.detach().to(torch.float64), thr, right=True)
+        out = []
+        for w in weight_sets:
+            steps = torch.as_tensor(w, dtype=torch.float64)
+            cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(steps, 0)])
+            out.append(cum[idx].to(a.dtype))
+        return out
 
     def relu(self, a):
         return torch.relu(a)

@@ -65,7 +65,7 @@ def _increments(values, frac_bits: int) -> list[float]:
     """Thermometer weights w_j with sum_{i <= j} w_i = round(values[j] 2^f) / 2^f exactly, so that
     every segment's coefficient is one encoding, whatever the number of bits set."""
     enc = [round(v * 2.0**frac_bits) for v in values]
-    return [(b - a) * 2.0**-frac_bits for a, b in zip(enc[:-1], enc[1:])]
+    return [(b - a) * 2.0**-frac_bits for a, b in zip(enc[:-1], enc[1:], strict=True)]
 
 
 def smu1_segments(ops, v, frac_bits: int | None = None):
@@ -87,11 +87,11 @@ def smu1_segments(ops, v, frac_bits: int | None = None):
         bv = ops.mask(v, b)
         av = ops.sub(ops.mul_pow2(bv, 1), v)  # |v|
         coarse = ops.truncate(av, drop)  # |v| at 8 fractional bits
-        th = ops.compare_thresholds(coarse, [k * 2.0**-drop for k in KNOTS[1:]], KNOT_FRAC_BITS + V_BITS - 16)
-        a = ops.add_const(ops.weighted_bits(th, _increments(ALPHA, f)), round(ALPHA[0] * 2**f) * 2.0**-f)
         fs = f + e
-        slope = ops.add(ops.weighted_bits(th, [w * 2**e for w in _increments(BETA, fs)]),
-                        ops.weighted_bits(b[..., None], [2.0**e]))
+        a, slope = ops.thermometer(coarse, [k * 2.0**-drop for k in KNOTS[1:]], KNOT_FRAC_BITS + V_BITS - 16,
+                                   [_increments(ALPHA, f), [w * 2**e for w in _increments(BETA, fs)]])
+        a = ops.add_const(a, round(ALPHA[0] * 2**f) * 2.0**-f)
+        slope = ops.add(slope, ops.weighted_bits(b[..., None], [2.0**e]))
         slope = ops.add_const(slope, round(BETA[0] * 2**fs) * 2.0**-f)
         return ops.add(a, ops.mul(slope, av, e))
 

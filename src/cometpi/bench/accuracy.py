@@ -30,13 +30,16 @@ RECIPE = {"exact": (2, 5e-5), "comet-kd": (2, 5e-5), "comet": (2, 5e-5), "mpcfor
 # constant on the same rows and batches.
 EVALS = [
     ("exact", "exact", 0, None),
-    ("comet", "comet", 32, "constant"),
-    ("comet-kd", "comet-kd", 500, "constant"),
+    ("comet-kd", "comet-kd", 500, "thermometer"),
+    ("comet", "comet", 32, "thermometer"),
     ("mpcformer", "mpcformer", 32, None),
     ("mpcformer-kd", "mpcformer-kd", 500, None),
     ("comet-kd-64-comet-guess", "comet-kd", 64, "comet"),
     ("comet-kd-64-constant-guess", "comet-kd", 64, "constant"),
 ]
+# Rows kept from session 3 (Comet's own constructions, SMU by rsqrt and the smooth ReLU, trained in the loop
+# then): comet-rsqrt, comet-kd-rsqrt (the 83.40% reference of issue 11) and its two 64-row guess runs.
+HISTORIC = ("comet-rsqrt", "comet-kd-rsqrt", "comet-kd-rsqrt-64-comet-guess", "comet-kd-rsqrt-64-constant-guess")
 
 
 def add_arguments(p) -> None:
@@ -60,7 +63,8 @@ def markdown(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         a, pt, pv = r.get("approx") or {}, r["plaintext"], r.get("private")
-        fn = "GeLU / softmax" if not a else f"{a['gelu']} / {a['softmax']}" + (
+        forms = f" ({a.get('smu_form', 'rsqrt')} SMU, {a.get('relu', 'smooth')} ReLU)" if a.get("gelu") == "smu" else ""
+        fn = "GeLU / softmax" if not a else f"{a['gelu']} / {a['softmax']}{forms}" + (
             f" ({a['guess']} guess)" if pv else "")
         cells = [r["name"], "yes" if r.get("kd") else "no", fn, f"{100 * pt['exact']:.2f}",
                  f"{100 * pt['trained']:.2f}" if "trained" in pt else "-",
@@ -134,7 +138,7 @@ def report(out: Path) -> None:
     from ..serve import atomic_write
 
     rows = json.loads(out.read_text())
-    order = {e[0]: i for i, e in enumerate(EVALS)}
+    order = {e[0]: i for i, e in enumerate(EVALS)} | {h: len(EVALS) + i for i, h in enumerate(HISTORIC)}
     rows.sort(key=lambda r: order.get(r["name"], 99))
     atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown(rows) + "\n"))
     plot(rows, out.with_name("accuracy_vs_online_bytes.png"))

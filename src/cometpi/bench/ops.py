@@ -44,6 +44,27 @@ class Op:
     ref: object
     theory: object  # (x_shape, y_shape) -> (bytes, rounds, truncated elements)
     y_private: bool = False
+    x_scale: float = 4.0  # the client's input is uniform on [-x_scale, x_scale]
+    exact_only: bool = False  # measured with exact truncation only (its theory counts that mode)
+
+
+def _smu_segments(s, x, y):
+    from ..approx import ShareOps
+    from ..approx.segments import smu1_segments
+
+    return smu1_segments(ShareOps(s), x)
+
+
+def _relu_narrow(s, x, y):
+    from ..approx.functions import SCORE_BITS
+
+    return P.mul(x, P.drelu_narrow(x, SCORE_BITS), truncate_result=False)
+
+
+def _segments_ref(X, Y):
+    from ..approx.segments import segments_ref
+
+    return segments_ref(X)
 
 
 def _n(s) -> int:
@@ -64,6 +85,13 @@ OPS = [
     Op("reshare", (T, D), None, lambda s, x, y: P.reshare(x), lambda X, Y: X,
        lambda xs, ys: (8 * _n(xs), 1, 0)),
     Op("open", (T, D), None, None, lambda X, Y: X, lambda xs, ys: (16 * _n(xs), 1, 0)),
+    # issue 11's primitives (BERT-base's FFN shape, inputs over their declared domains)
+    Op("drelu_narrow", (T, FF), None, lambda s, x, y: P.drelu_narrow(x, 28).mul_int(1 << s.fp.frac_bits),
+       lambda X, Y: (X >= 0).to(X.dtype), lambda xs, ys: (13.75 * _n(xs), 5, 0), x_scale=4000.0, exact_only=True),
+    Op("relu_narrow", (T, FF), None, _relu_narrow, lambda X, Y: torch.relu(X),
+       lambda xs, ys: (45.75 * _n(xs), 6, 0), x_scale=4000.0, exact_only=True),
+    Op("smu_segments", (T, FF), None, _smu_segments, _segments_ref,
+       lambda xs, ys: (191.75 * _n(xs), 13, _n(xs)), x_scale=450.0, exact_only=True),
 ]
 OPS_BY_NAME = {o.name: o for o in OPS}
 
@@ -78,7 +106,7 @@ def theory(op: Op, trunc: TruncMode) -> tuple[int, int]:
 
 def _inputs(op: Op, seed: int):
     rng = np.random.default_rng(seed)
-    x = torch.from_numpy(rng.uniform(-4, 4, op.x))
+    x = torch.from_numpy(rng.uniform(-op.x_scale, op.x_scale, op.x))
     y = None if op.y is None else torch.from_numpy(rng.uniform(-0.5, 0.5, op.y) if op.y_private
                                                    else rng.uniform(-4, 4, op.y))
     return x, y
@@ -251,7 +279,8 @@ def bench_inproc(reps: int, sha: str, ops=OPS) -> list[dict]:
     rows = []
     for trunc in TruncMode:
         cfg = Config(trunc=trunc)
-        for op in tqdm(ops, desc=f"in-process, trunc={trunc.value}", leave=False):
+        for op in tqdm([o for o in ops if trunc == TruncMode.EXACT or not o.exact_only],
+                       desc=f"in-process, trunc={trunc.value}", leave=False):
             m, _ = run_local(lambda s, op=op: run_op(s, op, reps, seed=1), cfg)
             rows.append(_record(op, trunc, "inproc", m, cfg, sha))
     return rows
@@ -276,7 +305,8 @@ def bench_tcp(reps: int, sha: str, ops=OPS) -> list[dict]:
             server, saddr = spawn(["bench-worker", "--dealer", daddr, "--trunc", trunc.value,
                                    "--reps", str(reps)])
             try:
-                for op in tqdm(ops, desc=f"tcp, trunc={trunc.value}", leave=False):
+                for op in tqdm([o for o in ops if trunc == TruncMode.EXACT or not o.exact_only],
+                               desc=f"tcp, trunc={trunc.value}", leave=False):
                     sess = connect_client(saddr, daddr, cfg)
                     try:
                         sess.peer.send_json({"op": op.name, "seed": 1}, "bench-op")
@@ -317,6 +347,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["op"], r.get("transport"), (r.get("params") or {}).get("trunc"), r.get("method"), r.get("operand"),
+            r.get("value_log2"))
+
+
 def main(args) -> int:
     sha = git_sha()
     torch.set_num_threads(args.threads) if args.threads else None
@@ -332,6 +367,10 @@ def main(args) -> int:
     for r in rows:
         r["host"] = host
     out = Path(args.out)
+    if args.ops and out.is_file():  # a subset: upsert its rows into the earlier results
+        new = {_row_key(r) for r in rows}
+        old = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        rows = [r for r in old if _row_key(r) not in new] + rows
     md = markdown(rows)
     write_results(out, rows, md)
     print(md)

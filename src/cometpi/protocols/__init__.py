@@ -1,0 +1,56 @@
+"""Interactive protocols on additive shares: products, truncation, private-weight matmul, re-sharing.
+
+Every protocol runs SPMD: both parties call the same function with their own shares.  Each docstring
+has a ``Cost:`` line (online rounds and payload bytes on the wire, both directions together, for n
+elements of output unless stated) and a ``Ref:`` line.  ``tests/test_protocols.py`` asserts every
+Cost line against the transport counters.  Dealer traffic is offline and listed separately.
+
+The package by family: ``arith`` (truncation, products, shared matmul, re-sharing), ``linear`` (private
+weights, lift, embedding), ``compare`` (AND, b2a, DReLU, max, the narrow comparison); ``material`` holds
+the interface of the dealer material kinds, each defined beside the protocol that consumes it and
+collected in ``KINDS`` below (adding a protocol touches its family module only).
+"""
+
+from __future__ import annotations
+
+from . import arith, compare, linear
+from .arith import (
+    _broadcast as _broadcast,
+)
+from .arith import (
+    matmul,
+    matmul_public,
+    mul,
+    mul_many,
+    mul_private_pair,
+    mul_public,
+    reshare,
+    square,
+    trunc_exact,
+    trunc_local,
+    truncate,
+    truncate_many,
+)
+from .compare import (
+    and_packed,
+    argmax_onehot,
+    b2a,
+    cmp_chunks,
+    compare_many,
+    drelu,
+    drelu_narrow,
+    maximum,
+    relu,
+)
+from .linear import PrivateWeight, embedding_lookup, lift, matmul_private, prepare_weight
+from .material import DealerError
+
+#: Every kind of dealer material, by name (the dealer serves these).
+KINDS = {**arith.KINDS, **linear.KINDS, **compare.KINDS}
+
+__all__ = [
+    "KINDS", "DealerError", "PrivateWeight", "and_packed", "argmax_onehot", "b2a", "cmp_chunks", "compare_many",
+    "drelu", "drelu_narrow", "embedding_lookup", "lift", "matmul", "matmul_private", "matmul_public", "maximum",
+    "mul", "mul_many", "mul_private_pair", "mul_public", "prepare_weight", "relu", "reshare", "square",
+    "trunc_exact", "trunc_local", "truncate", "truncate_many",
+]

@@ -1,0 +1,55 @@
+"""Correlated randomness kinds: the interface each protocol's dealer material implements, and helpers.
+
+A kind (one class per kind, defined beside the protocol that consumes it, registered in that module's
+``KINDS``) has ``receiver`` (the party that gets the dealer's correction, or None) and three methods:
+``own(role, prg, idx, p)`` (a party's seed-derived part of request ``idx``), ``correct(own0, own1, p)``
+(the dealer's correction, from both parties' parts) and ``finish(role, own, corr, p)`` (the party's final
+material); optionally ``own_party`` when a party needs less of its own part than the dealer does.
+``cometpi.dealer`` serves and fetches them (see its docstring for the protocol).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+MAX_REQUEST_ELEMENTS = 1 << 28
+
+
+class DealerError(RuntimeError):
+    """The dealer refused a request or could not be reached."""
+
+
+def _shape(x, what: str) -> tuple[int, ...]:
+    if not isinstance(x, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in x) or len(x) > 8:
+        raise DealerError(f"invalid shape for {what}: {x!r}")
+    if math.prod(x) > MAX_REQUEST_ELEMENTS:
+        raise DealerError(f"request for {what} of shape {tuple(x)} exceeds {MAX_REQUEST_ELEMENTS} elements")
+    return tuple(x)
+
+
+def _mm_shape(a, b) -> tuple[int, ...]:
+    try:
+        return tuple(torch.matmul(torch.empty(a, device="meta"), torch.empty(b, device="meta")).shape)
+    except RuntimeError as e:
+        raise DealerError(f"matmul shapes {a} and {b} do not match: {e}") from None
+
+
+def _bits(prg, idx, *shapes):
+    """Uniform bit tensors (uint8 0/1) from keystream ``idx``."""
+    sizes = [math.prod(s) for s in shapes]
+    raw = np.unpackbits(np.frombuffer(prg.bytes(idx, (sum(sizes) + 7) // 8), dtype=np.uint8))
+    out, off = [], 0
+    for shape, n in zip(shapes, sizes, strict=True):
+        out.append(torch.from_numpy(raw[off : off + n].copy()).reshape(shape))
+        off += n
+    return out
+
+
+def _bits_param(p) -> int:
+    bits = int(p.get("bits", 64))
+    if bits not in (32, 64):
+        raise DealerError(f"ring size must be 32 or 64 bits, got {bits}")
+    return bits
