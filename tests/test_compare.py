@@ -241,3 +241,14 @@ def test_sigmoid_with_the_unit_interval_reciprocal():
     want = v.numel() * (78.75 + 64 + 272 + 384)
     # the full-ring drelu's tree over 64 bit positions and its b2a: packed rows round up to bytes
     assert want <= on.payload_bytes <= want + tree_padding(64) + 2
+
+
+def test_compare_many_far_from_zero():
+    """Only |x - t| < 2^k matters: thresholds and inputs far beyond 2^31 (int32 lookups reduce modulo 2^n)."""
+    k, base = 12, 1 << 40
+    thr = torch.tensor([base, base + 100, -base])
+    x = torch.cat([base + torch.arange(-2000, 2000, 7), -base + torch.arange(-2000, 2000, 7)])
+    keep = ((x[:, None] - thr[None]).abs() < (1 << k)).any(1)
+    got, _ = _compare(x[keep], k, thr)
+    sel = (x[keep][:, None] - thr[None]).abs() < (1 << k)
+    assert torch.equal(got[sel], (x[keep][:, None] >= thr[None]).to(torch.int64)[sel])

@@ -35,6 +35,7 @@ from ..approx import (
     smu,
 )
 from ..approx.newton import initial_guess, newton_step
+from ..approx.segments import smu1_segments
 from ..approx.sites import DOMAINS, SMU_MU, SOFTMAX_EPS, site_spec
 from ..core import Config, Role
 from ..party import run_local
@@ -136,6 +137,12 @@ def bench_gelu(sha, quick: bool) -> list[dict]:
     gelu = torch.nn.functional.gelu(x)
     rows = []
     cases = [
+        # the default: mu folded into the weights in the model; here two public products stand in for the fold
+        ("smu(segments)", lambda o, v: o.mul_const(smu1_segments(o, o.mul_const(v, 1 / SMU_MU)), SMU_MU),
+         {"mu": SMU_MU, "form": "segments",
+          "note": "two public products for x/mu and mu y (+32 B, +2 rounds) stand in for the weight fold"}),
+        ("smu(thermometer)", lambda o, v: smu(o, v, SMU_MU, site_spec("smu", guess="thermometer")),
+         {"mu": SMU_MU, "guess": "thermometer"}),
         ("smu(comet,sigma=40)", lambda o, v: smu(o, v, SMU_MU, site_spec("smu", guess="comet", sigma=40)),
          {"mu": SMU_MU, "guess": "comet", "sigma": 40}),
         ("smu(constant)", lambda o, v: smu(o, v, SMU_MU, site_spec("smu", guess="constant")),
@@ -164,7 +171,12 @@ def bench_softmax(sha, quick: bool) -> list[dict]:
     mask = torch.ones(shape[-1], dtype=torch.int64)
     mask[-shape[-1] // 8 :] = 0  # some padded keys
     spec = site_spec("softmax_sum", guess="constant")
+    therm = site_spec("softmax_sum", guess="thermometer")
     cases = [
+        ("relu_softmax(narrow,thermometer)", lambda o, v: relu_softmax(o, v, mask, therm, eps=SOFTMAX_EPS,
+                                                                       relu="narrow"), {"guess": "thermometer"}),
+        ("relu_softmax(smooth,thermometer)", lambda o, v: relu_softmax(o, v, mask, therm, eps=SOFTMAX_EPS),
+         {"guess": "thermometer"}),
         ("relu_softmax(smooth,comet,sigma=40)", lambda o, v: relu_softmax(o, v, mask, site_spec(
             "softmax_sum", guess="comet", sigma=40), eps=SOFTMAX_EPS), {"guess": "comet", "sigma": 40}),
         ("relu_softmax(smooth,constant)", lambda o, v: relu_softmax(o, v, mask, spec, eps=SOFTMAX_EPS),

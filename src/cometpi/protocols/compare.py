@@ -287,7 +287,7 @@ def compare_many(x: AShare, k: int, thresholds) -> AShare:
         eq = torch.empty((chunks, n, t), dtype=torch.uint8)
         top = torch.empty((n, t), dtype=torch.uint8)
         small = n_bits <= 31  # the lookups in int32 (half the memory traffic) where values fit
-        cw, tw = (c.to(torch.int32), thr.to(torch.int32)) if small else (c, thr)
+        cw, tw = (c.to(torch.int32), (thr & mask).to(torch.int32)) if small else (c, thr)  # mod 2^n: both < 2^31
         block = max(1, (1 << 20) // t)  # the local lookups in blocks of elements (temporaries stay small)
         for a in range(0, n, block):
             sl = slice(a, min(n, a + block))
