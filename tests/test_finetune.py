@@ -106,10 +106,15 @@ def test_finetune_writes_hf_checkpoints_that_learn(trained):
     mu = torch.cat([params[f"layers.{i}.ffn.smu_mu"] for i in range(arch.layers)])
     assert not torch.allclose(mu, torch.full_like(mu, 0.363))  # it was trained
     approx = checkpoint.approx_of(meta)
-    assert approx.smu_mu == "per-channel" and approx.smu_lo == pytest.approx(float(mu.min()) ** 2 * 0.999, rel=1e-6)
+    # SMU by segments folds mu into the weights: nothing of mu is public (no smu_lo in the card)
+    assert approx.smu_mu == "per-channel" and approx.smu_form == "segments" and approx.smu_lo is None
     assert meta["kd"] and meta["teacher"] == "exact"
     server = ModelServer(str(root / "comet"))
     assert server.approx == approx and server.card["approx"]["smu_mu"] == "per-channel"
+    assert server.card["approx"]["smu_lo"] is None
+    # SMU by rsqrt (Comet's own) needs its domain's lower end: the server derives it from mu (then public)
+    rsqrt = ModelServer(str(root / "comet"), {"smu_form": "rsqrt", "relu": "smooth"}).approx
+    assert rsqrt.smu_lo == pytest.approx(float(mu.min()) ** 2 * 0.999, rel=1e-6)
     assert ModelServer(str(root / "comet"), {"guess": "constant"}).approx.guess == "constant"
     with pytest.raises(ValueError, match="trained per-channel SMU mu"):
         ModelServer(str(root / "exact"), {"smu_mu": "per-channel", "smu_lo": 0.01})

@@ -57,9 +57,9 @@ def test_the_table_is_the_minimax_cover_it_claims():
 
 @pytest.mark.parametrize("backend", ["float", "ring"])
 def test_backends_compute_the_segments(backend):
-    """Float: the same segments (coefficients on the 2^-16 grid: <= 1 ulp).  Ring: each truncation's
-    floor and the coarse |v| on the knot grid (a bit off by one 2^-8 step next to a knot, where the
-    neighbouring lines differ by |dBETA| 2^-8 <= 16 ulp): <= 20 ulp."""
+    """Float: the same segments (coefficients on the 2^-16 grid: <= 1 ulp).  Ring and shares: each
+    truncation's floor (the ring's is exact; the secure exact truncation may round up by 1 ulp, which
+    next to a knot can pick the neighbouring line, |dBETA| 2^-8 <= 16 ulp away): <= 20 ulp."""
     v = _grid()
     ref = segments_ref(v)
     if backend == "float":

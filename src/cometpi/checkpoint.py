@@ -67,7 +67,15 @@ def approx_of(meta: dict):
     from .nn import ApproxConfig
 
     cfg = meta.get("approx")
-    return None if cfg is None else ApproxConfig(**cfg)
+    if cfg is None:
+        return None
+    cfg = dict(cfg)
+    # written before SMU's segments and the narrow ReLU (issue 11): trained with Comet's own constructions
+    if cfg.get("gelu") == "smu":
+        cfg.setdefault("smu_form", "rsqrt")
+    if cfg.get("softmax") == "relu":
+        cfg.setdefault("relu", "smooth")
+    return ApproxConfig(**cfg)
 
 
 def save(out_dir: str | Path, hf_model, tokenizer, params: dict[str, torch.Tensor], arch: Arch, meta: dict) -> Path:

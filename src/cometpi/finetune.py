@@ -42,8 +42,8 @@ def variant_config(variant: str, smu_lo: float | None = None) -> ApproxConfig:
     """The ApproxConfig a variant is trained for (and served with)."""
     if variant == "exact":
         return ApproxConfig.exact()
-    if variant == "comet":
-        return ApproxConfig(gelu="smu", softmax="relu", smu_mu=PER_CHANNEL, smu_lo=smu_lo or MU_MIN**2 * 0.999)
+    if variant == "comet":  # SMU by segments: mu is folded into the weights, no public smu_lo
+        return ApproxConfig(gelu="smu", softmax="relu", smu_mu=PER_CHANNEL, smu_lo=smu_lo)
     if variant == "mpcformer":
         return ApproxConfig(gelu="quad", softmax="quad2", guess="constant")
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
@@ -238,11 +238,8 @@ def finetune(cfg: FinetuneConfig, train_rows, dev_rows, out_dir: str, *, base: s
 
     dev_logits = predict(arch, params, approx, dev_enc, ideal=True, desc="dev")
     dev_acc = float((dev_logits.argmax(-1) == dev_y).float().mean())
-    smu_lo = None
-    if cfg.variant == "comet":
-        smu_lo = min(params[f"layers.{i}.ffn.smu_mu"].min().item() for i in range(arch.layers)) ** 2 * 0.999
-    meta = {
-        "variant": cfg.variant, "kd": cfg.kd, "approx": variant_config(cfg.variant, smu_lo).to_dict(),
+    meta = {  # SMU by segments needs no smu_lo (ModelServer derives it from mu for --smu-form rsqrt)
+        "variant": cfg.variant, "kd": cfg.kd, "approx": variant_config(cfg.variant).to_dict(),
         "data": data_name, "train_rows": len(train_rows), "dev_rows": len(dev_rows), "dev_accuracy": dev_acc,
         "train_seconds": round(seconds, 1), "steps": len(steps), "loss_first_tenth": _mean_loss(losses, first=True),
         "loss_last_tenth": _mean_loss(losses, first=False), "threads": torch.get_num_threads(),

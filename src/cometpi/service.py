@@ -83,12 +83,20 @@ class ModelServer:
                       if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
         if not isinstance(approx, ApproxConfig):
             base = trained if trained is not None and not trained.is_exact else ApproxConfig()
-            approx = dataclasses.replace(base, **(approx or {}))
+            fields = {**base.to_dict(), **(approx or {})}
+            if (fields["gelu"] == "smu" and fields["smu_mu"] == PER_CHANNEL and fields["smu_form"] == "rsqrt"
+                    and fields["smu_lo"] is None and "layers.0.ffn.smu_mu" in params):
+                # SMU by rsqrt with a trained mu: its rsqrt domain starts at the smallest mu^2 (then public)
+                fields["smu_lo"] = min(float(params[f"layers.{i}.ffn.smu_mu"].min())
+                                       for i in range(self.arch.layers)) ** 2 * 0.999
+            approx = ApproxConfig(**fields)
         if approx.is_exact or approx.gelu == "exact" or approx.softmax == "exact":
             raise ValueError("exact GeLU/softmax are plaintext-only; choose an approximation to serve")
         if approx.smu_mu == PER_CHANNEL and approx.gelu == "smu" and "layers.0.ffn.smu_mu" not in params:
             raise ValueError("the approximations ask for a trained per-channel SMU mu, but the model has none "
                              f"({checkpoint.MU_FILE} missing)")
+        if approx.folds_mu and approx.smu_lo is not None:  # not needed by segments: the smallest mu stays private
+            approx = dataclasses.replace(approx, smu_lo=None)
         self.approx = approx
         self.idle_timeout = idle_timeout
         self.config = config or Config()

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the narrow comparison's dealer tables as words, packed AND triples (issue 11)
 MAGIC = b"CP"
 HEADER = struct.Struct("!2sBBIIQdB")
 MAX_NDIM = 8

@@ -70,7 +70,7 @@ INV_EXTRA_BITS = 8
 #: ``smooth`` (SMU with a small mu: no comparison, within mu/2 of ReLU), ``full`` (the full-ring
 #: comparison of the 2ReLU baseline).
 RELUS = ("narrow", "smooth", "full")
-#: Width of the narrow ReLU's sign test: |s| < 2^(SCORE_BITS - f) = 4096 at f = 16 (attention scores
+#: Width of the narrow ReLU's sign test at f = 16 (SCORE_BITS + f - 16 in general): |s| < 4096 (attention scores
 #: measured up to |s| ~ 114 at 512 adversarial tokens: bench/results/sites.md).
 SCORE_BITS = 28
 
@@ -81,7 +81,7 @@ def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float =
 
     ``relu`` (see ``RELUS``): ``narrow`` is the exact ReLU s [s >= 0] by the narrow comparison
     (13.75 B, 5 rounds, then 1 product without truncation: 32 B, 1 round), valid for
-    |s| < 2^(SCORE_BITS - f) (the simulation raises ``HeadroomError`` beyond); ``smooth`` is
+    |s| < 2^(SCORE_BITS - 16) = 4096 (the simulation raises ``HeadroomError`` beyond); ``smooth`` is
     SMU(alpha=0, mu) (no comparison; ``relu_spec`` is its rsqrt domain, z = s^2 + mu^2, default
     ``spec`` with lo lowered to mu^2/2); ``full`` the full-ring comparison (the 2ReLU baseline).
     ``mask`` (public 0/1, broadcastable) zeroes padded keys; eps guards rows whose scores are all

@@ -14,9 +14,15 @@ where A and B are public linear combinations of the thermometer bits [|v| >= kno
 knots lie on that grid), ``compare_many`` against the 24 knots at width 20, and one product.  The
 float backend computes the same segments (fine-tuning trains exactly what runs privately).
 
+Precision of the fold: the down-projection's weights mu W are encoded on the 2^-f grid like every
+weight, and multiply SMU1 = SMU / mu, so that product's rounding error is 1/mu times larger than
+W's on SMU (2.75x at the default mu = 0.363, 10x at the smallest trained mu, 0.1); the up-projection's
+W / mu gains the same factor in relative precision.  The private-against-simulation agreement of the
+accuracy benchmark includes it.
+
 The knots came from a greedy cover of [0, 2048] by chords within 1e-3 of g, rounded down to the
 2^-8 grid; each segment's line is its chord lowered by half the chord's largest gap (the minimax
-line of a convex function).  ``tests/test_segments.py`` regenerates them and checks the error.
+line of a convex function).  ``tests/test_segments.py`` checks the knots' grid, each line's error and slope.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ BETA = (-0.4688711259, -0.4071086451, -0.3477531356, -0.2917990437, -0.239650119
 #: The largest |segment line - g| (the minimax error of the chords' cover at 1e-3).
 MAX_ERROR = 5.0e-4
 
-#: Width of the sign test of v = x / mu: |v| < 2^(V_BITS - f) = 4096 at f = 16 (the largest measured
+#: Width of the sign test of v = x / mu at f = 16 (V_BITS + f - 16 in general): |v| < 4096 (the largest measured
 #: is 452: |x| <= 45 on real and adversarial inputs, mu >= 0.1; bench/results/sites.md).
 V_BITS = 28
 #: Fractional bits of |v| in the knot comparisons (the knots' grid).
@@ -62,21 +68,25 @@ def segments_ref(v: torch.Tensor) -> torch.Tensor:
 
 
 def _increments(values, frac_bits: int) -> list[float]:
-    """Thermometer weights w_j with sum_{i <= j} w_i = round(values[j] 2^f) / 2^f exactly, so that
-    every segment's coefficient is one encoding, whatever the number of bits set."""
+    """Thermometer weights w_j = (enc(values[j + 1]) - enc(values[j])) / 2^f, enc(v) = round(v 2^f): with
+    the bits of the first j knots set, values[0] + sum of their w is exactly enc(values[j]) / 2^f, one
+    encoding per segment."""
     enc = [round(v * 2.0**frac_bits) for v in values]
     return [(b - a) * 2.0**-frac_bits for a, b in zip(enc[:-1], enc[1:], strict=True)]
 
 
 def smu1_segments(ops, v, frac_bits: int | None = None):
-    """SMU1(v) = ReLU(v) + g(|v|) by the segments, for |v| < 2^(V_BITS - f) (the sign test's range;
-    the simulation raises ``HeadroomError`` beyond it, the secure path would wrap).
+    """SMU1(v) = ReLU(v) + g(|v|) by the segments, for |v| < 2^(V_BITS - 16) = 4096 (the sign test's
+    range at every f; the simulation raises ``HeadroomError`` beyond it, the secure path would wrap).
+    Needs 8 <= f <= 18 (the knots' grid; the last product's 2^(2f + 12) scale below the truncation's 2^62).
 
     Cost: drelu_narrow at k = 28 (5 rounds, 13.75 B) + 1 product without truncation (1 round, 32 B)
-    + 1 truncation (1 round, 16 B) + compare_many of 24 knots at k = 20 (4 rounds, 8 B + 24 x 3.75 B)
+    + 1 truncation (1 round, 16 B) + compare_many of 24 knots at k = 20 (5 rounds, 8 B + 24 x 3.75 B)
     + 1 product (2 rounds, 48 B): 14 rounds, 207.75 B/element.
     """
     f = ops.frac_bits if frac_bits is None else frac_bits
+    if not KNOT_FRAC_BITS <= f <= 18:
+        raise ValueError(f"SMU by segments needs 8 <= f <= 18 fractional bits, got {f}")
     drop = f - KNOT_FRAC_BITS
     e = SLOPE_EXTRA_BITS
     with ops.span("smu"):

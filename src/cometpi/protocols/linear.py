@@ -147,12 +147,16 @@ class _MulPriv:
 
     receiver = Role.CLIENT
 
-    def own(self, role, prg, idx, p):
+    @staticmethod
+    def _shapes(p):
         x, w, bits = _shape(p["x"], "mulpriv X"), _shape(p["w"], "mulpriv W"), _bits_param(p)
         vec = p.get("mode", "matmul") == "vec"
         if vec and (len(w) != 1 or not x or x[-1] != w[0]):
             raise DealerError(f"vector multiply needs x (..., {w[0] if w else '?'}) and w (d,), got {x} and {w}")
-        c = x if vec else _mm_shape(x, w)
+        return x, w, bits, x if vec else _mm_shape(x, w)
+
+    def own(self, role, prg, idx, p):
+        x, w, bits, c = self._shapes(p)
         if role == Role.CLIENT:
             return [wrap_bits(prg.ring(idx, x)[0], bits)]
         (c1,) = prg.ring(idx, c)
@@ -163,8 +167,7 @@ class _MulPriv:
         """A party's own part (the server does not need B again: only the dealer's correction does)."""
         if role == Role.CLIENT:
             return self.own(role, prg, idx, p)
-        x, w, bits = _shape(p["x"], "mulpriv X"), _shape(p["w"], "mulpriv W"), _bits_param(p)
-        c = x if p.get("mode", "matmul") == "vec" else _mm_shape(x, w)
+        _, _, bits, c = self._shapes(p)
         return [wrap_bits(prg.ring(idx, c)[0], bits)]
 
     def correct(self, own0, own1, p):
