@@ -462,15 +462,16 @@ def ring_forward(arch, params, input_ids, attention_mask=None, cfg: ApproxConfig
 def check_truncation(config, cfg: ApproxConfig) -> None:
     """Local (SecureML) truncation fails with probability |v|/2^64 per truncated element, by 2^(64-k):
     ``bench sites`` measures about 0.1 corrupted elements per MiniLM/128 inference with the constant or
-    thermometer guess, and 6e4 with Comet's flooded guess (whose Newton runs at scale 2^m).  Refuse
-    the latter; warn once for the rest (docs/correctness.md)."""
+    thermometer guess and Comet's rsqrt forms, 0.27 with today's defaults (SMU by segments: its last
+    product truncates from 2^44), and 6e4 with Comet's flooded guess (whose Newton runs at scale 2^m).
+    Refuse the latter; warn once for the rest (docs/correctness.md)."""
     if config.trunc != TruncMode.LOCAL:
         return
     if "comet" in cfg.guess:
         raise ConfigError("--trunc local with Comet's flooded guess: Newton runs at scale 2^m, so local shifts of "
                           "values near 2^56 would corrupt about 6e4 elements per inference; use --trunc exact")
     warn_insecure_once("trunc=local", "local truncation corrupts an element with probability |v|/2^64: about "
-                       "1 MiniLM/128 inference in 10 returns a wrong answer; use --trunc exact (the default)")
+                       "1 MiniLM/128 inference in 4 returns a wrong answer; use --trunc exact (the default)")
 
 
 def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, input_ids=None, shape=None,

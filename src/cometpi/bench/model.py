@@ -197,7 +197,8 @@ def add_arguments(p) -> None:
 
 
 def _key(r: dict) -> tuple:
-    return (r["model"], r["seq"], r["batch"], json.dumps(r["approx"], sort_keys=True),
+    approx = {**r["approx"], "sigma": float(r["approx"]["sigma"])}  # 40 and 40.0 are one case
+    return (r["model"], r["seq"], r["batch"], json.dumps(approx, sort_keys=True),
             "extrapolated_from_layers" in r, r["arch"]["layers"])
 
 
@@ -219,8 +220,11 @@ def main(args) -> int:
         with tempfile.TemporaryDirectory(prefix="cometpi-bench-") as tmp:
             dirs = {"bert-base": bert_base_dir(Path(tmp)), "minilm": resolve_model_dir("minilm")}
             if args.model:
-                approx = {"gelu": args.gelu, "softmax": args.softmax, "guess": args.guess, "sigma": args.sigma,
-                          "smu_form": args.smu_form, "relu": args.relu}
+                approx = {"gelu": args.gelu, "softmax": args.softmax, "guess": args.guess, "sigma": args.sigma}
+                if args.gelu == "smu":
+                    approx["smu_form"] = args.smu_form
+                if args.softmax == "relu":
+                    approx["relu"] = args.relu
                 todo = [dict(model=args.model, seq=args.seq, batch=args.batch, approx=approx,
                              layers=[1, 2] if args.layers == 0 else None, whole_layers=args.layers or None,
                              repeat=True)]
