@@ -328,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     inf.set_defaults(fn=cmd_infer)
 
     ft = sub.add_parser("finetune", help="fine-tune a BERT classifier for the secure approximations")
-    ft.add_argument("--variant", default="comet", choices=["exact", "comet", "mpcformer"],
-                    help="exact (GeLU/softmax), comet (SMU with trained mu + ReLU-softmax; default), mpcformer "
-                         "(Quad + 2Quad)")
+    ft.add_argument("--variant", default="comet", choices=["exact", "comet", "comet-rsqrt", "mpcformer"],
+                    help="exact (GeLU/softmax), comet (SMU with trained mu + ReLU-softmax, as the private path "
+                         "computes them: SMU by segments, the exact ReLU; default), comet-rsqrt (Comet's own "
+                         "constructions: SMU by rsqrt, the smooth ReLU), mpcformer (Quad + 2Quad)")
     ft.add_argument("--kd", action="store_true", help="distil from --teacher (the exact fine-tuned model)")
     ft.add_argument("--teacher", default=None, help="exact fine-tuned checkpoint (finetune --variant exact): KD "
                                                     "teacher and starting point; one trained for approximations "

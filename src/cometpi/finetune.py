@@ -34,7 +34,7 @@ from .approx.sites import SMU_MU
 from .convert import from_hf
 from .nn import PER_CHANNEL, ApproxConfig, FloatModel, forward, prepare_params
 
-VARIANTS = ("exact", "comet", "mpcformer")
+VARIANTS = ("exact", "comet", "comet-rsqrt", "mpcformer")
 MU_MIN, MU_MAX = 0.1, 8.0  # trained mu is kept here: SMU's rsqrt domain starts at min mu^2
 
 
@@ -44,6 +44,9 @@ def variant_config(variant: str, smu_lo: float | None = None) -> ApproxConfig:
         return ApproxConfig.exact()
     if variant == "comet":  # SMU by segments: mu is folded into the weights, no public smu_lo
         return ApproxConfig(gelu="smu", softmax="relu", smu_mu=PER_CHANNEL, smu_lo=smu_lo)
+    if variant == "comet-rsqrt":  # Comet's own constructions (SMU by rsqrt, the smooth ReLU), as before issue 11
+        return ApproxConfig(gelu="smu", softmax="relu", smu_mu=PER_CHANNEL, smu_form="rsqrt", relu="smooth",
+                            smu_lo=smu_lo or MU_MIN**2 * 0.999)
     if variant == "mpcformer":
         return ApproxConfig(gelu="quad", softmax="quad2", guess="constant")
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
@@ -173,7 +176,7 @@ def finetune(cfg: FinetuneConfig, train_rows, dev_rows, out_dir: str, *, base: s
     hf = _base_model(start_dir, labels, cfg.seed)
     arch, params64 = from_hf(hf)
     params = {k: v.to(torch.float32) for k, v in params64.items()}
-    if cfg.variant == "comet":
+    if cfg.variant.startswith("comet"):
         for i in range(arch.layers):
             params[f"layers.{i}.ffn.smu_mu"] = torch.full((arch.ffn,), SMU_MU)
     frozen = {"embeddings.word"} if cfg.freeze_embeddings else set()
@@ -225,7 +228,7 @@ def finetune(cfg: FinetuneConfig, train_rows, dev_rows, out_dir: str, *, base: s
         torch.nn.utils.clip_grad_norm_([v for v in params.values() if v.requires_grad], 1.0)
         opt.step()
         sched.step()
-        if cfg.variant == "comet":
+        if cfg.variant.startswith("comet"):
             with torch.no_grad():
                 for i in range(arch.layers):
                     params[f"layers.{i}.ffn.smu_mu"].abs_().clamp_(MU_MIN, MU_MAX)
@@ -238,8 +241,11 @@ def finetune(cfg: FinetuneConfig, train_rows, dev_rows, out_dir: str, *, base: s
 
     dev_logits = predict(arch, params, approx, dev_enc, ideal=True, desc="dev")
     dev_acc = float((dev_logits.argmax(-1) == dev_y).float().mean())
-    meta = {  # SMU by segments needs no smu_lo (ModelServer derives it from mu for --smu-form rsqrt)
-        "variant": cfg.variant, "kd": cfg.kd, "approx": variant_config(cfg.variant).to_dict(),
+    smu_lo = None  # SMU by segments needs none (ModelServer derives it from mu for --smu-form rsqrt)
+    if cfg.variant == "comet-rsqrt":  # SMU's rsqrt domain starts at the smallest trained mu^2
+        smu_lo = min(params[f"layers.{i}.ffn.smu_mu"].min().item() for i in range(arch.layers)) ** 2 * 0.999
+    meta = {
+        "variant": cfg.variant, "kd": cfg.kd, "approx": variant_config(cfg.variant, smu_lo).to_dict(),
         "data": data_name, "train_rows": len(train_rows), "dev_rows": len(dev_rows), "dev_accuracy": dev_acc,
         "train_seconds": round(seconds, 1), "steps": len(steps), "loss_first_tenth": _mean_loss(losses, first=True),
         "loss_last_tenth": _mean_loss(losses, first=False), "threads": torch.get_num_threads(),
