@@ -255,3 +255,13 @@ def test_eval_reuses_or_skips_the_plaintext_run(trained, table, tmp_path, capsys
         evaluate(str(root / "comet"), skip_plaintext=True, **kw)
     assert main([*args, "--private", "2", "--skip-plaintext", "--out", str(tmp_path / "acc.json")]) == 2
     assert "--skip-plaintext writes no plaintext accuracies" in capsys.readouterr().err
+
+
+def test_variant_configs_name_their_smu_and_relu():
+    """comet trains what the private path computes (SMU by segments, the exact ReLU; no public smu_lo);
+    comet-rsqrt trains Comet's own constructions (its rsqrt domain needs smu_lo)."""
+    new, old = variant_config("comet"), variant_config("comet-rsqrt")
+    assert (new.smu_form, new.relu, new.smu_lo) == ("segments", "narrow", None)
+    assert (old.smu_form, old.relu) == ("rsqrt", "smooth") and old.smu_lo > 0
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_config("comet-typo")
