@@ -26,3 +26,13 @@ def test_help_states_the_defaults(cmd, max_length, capsys):
         if not action.option_strings or action.required or action.default in (None, False, argparse.SUPPRESS):
             continue
         assert action.help and "default" in action.help, f"{cmd} {action.option_strings[0]}: no default in help"
+
+
+def test_eval_passes_its_approximation_overrides_to_serve_as_flags():
+    """`cometpi eval --smu-form segments` failed to start its server (it passed --smu_form)."""
+    from cometpi.cli import build_parser
+    from cometpi.evaluate import serve_args
+
+    args = serve_args("runs/x", "127.0.0.1:1", 600.0, {"smu_form": "segments", "relu": "narrow", "guess": "constant"})
+    parsed = build_parser().parse_args(args)
+    assert (parsed.smu_form, parsed.relu, parsed.guess) == ("segments", "narrow", "constant")

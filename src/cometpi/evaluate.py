@@ -110,6 +110,15 @@ def _read_records(path: Path, header: dict) -> dict[int, dict]:
     return done
 
 
+def serve_args(model_dir: str, dealer: str, timeout: float, approx_overrides: dict) -> list[str]:
+    """The ``cometpi serve`` command line of the private run (ApproxConfig field names become flags:
+    smu_form -> --smu-form)."""
+    args = ["serve", "--model", model_dir, "--port", "0", "--dealer", dealer, "--once", "--timeout", str(timeout)]
+    for k, v in approx_overrides.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
 def run_private(model_dir: str, approx_overrides: dict, enc, y, subset: list[int], sim_pred, *, batch: int,
                 records: Path, header: dict, timeout: float = 600.0) -> list[dict]:
     """Classify ``subset`` privately (3 processes) and return one record per example."""
@@ -124,9 +133,7 @@ def run_private(model_dir: str, approx_overrides: dict, enc, y, subset: list[int
         if not done:
             records.write_text(json.dumps(header) + "\n")
         dealer, daddr = spawn(["dealer", "--port", "0"])
-        args = ["serve", "--model", model_dir, "--port", "0", "--dealer", daddr, "--once", "--timeout", str(timeout)]
-        for k, v in approx_overrides.items():
-            args += [f"--{k}", str(v)]
+        args = serve_args(model_dir, daddr, timeout, approx_overrides)
         server = None
         try:
             server, saddr = spawn(args, timeout=300)
