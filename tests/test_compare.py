@@ -111,50 +111,63 @@ def test_out_of_range_wraps_as_documented_and_the_simulation_raises():
         ops.compare_thresholds(x, [0.0], k)
 
 
+def server_messages(body, x: torch.Tensor, *, encoded: bool = False) -> list[torch.Tensor]:
+    """Every tensor the server receives (``recv`` and the narrow openings' ``exchange_wire``) while both
+    parties run ``body(session, shares of x)``, x owned by the client."""
+    got = []
+
+    def job(s):
+        if s.role == Role.SERVER:
+            recv, ex = s.peer.recv, s.peer.exchange_wire
+
+            def rec(*a, **kw):
+                out = recv(*a, **kw)
+                got.append(out.reshape(-1).clone())
+                return out
+
+            def rec_wire(t, tag):
+                out = ex(t, tag)
+                got.append(out.reshape(-1).clone())
+                return out
+
+            s.peer.recv, s.peer.exchange_wire = rec, rec_wire
+        body(s, s.share(x if s.is_client else None, owner=Role.CLIENT, shape=x.shape, encoded=encoded))
+
+    run_local(job)
+    return got
+
+
+def assert_same_views(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """Message by message, the low-byte histograms (and for int32 narrow openings the top byte within
+    their ring) of two views pass a chi-square homogeneity test at about 1e-6."""
+    assert len(a) == len(b)
+    for ta, tb in zip(a, b, strict=True):
+        ha = torch.bincount((ta.to(torch.int64) & 0xFF), minlength=256).double()
+        hb = torch.bincount((tb.to(torch.int64) & 0xFF), minlength=256).double()
+        if ta.dtype == torch.int32:  # a narrow opening: its top byte too
+            top = max(int(ta.max()), int(tb.max())).bit_length() - 8
+            ha = torch.cat([ha, torch.bincount((ta.to(torch.int64) >> top) & 0xFF, minlength=256).double()])
+            hb = torch.cat([hb, torch.bincount((tb.to(torch.int64) >> top) & 0xFF, minlength=256).double()])
+        keep = (ha + hb) > 0
+        ea = (ha + hb)[keep] / 2
+        stat = float((((ha[keep] - ea) ** 2 + (hb[keep] - ea) ** 2) / ea).sum())
+        dof = max(1, int(keep.sum()) - 1)
+        limit = dof * (1 - 2 / (9 * dof) + 4.75 * math.sqrt(2 / (9 * dof))) ** 3
+        assert stat < limit, (ta.dtype, stat, limit)
+
+
 def test_what_the_server_receives_does_not_depend_on_x():
     """The opening is uniform modulo 2^n and the AND/b2a openings are masked by fresh triples: the
     server's bytes for x = 0 and for x spread over the domain have the same distribution."""
     n = 20_000
 
-    def server_bytes(x):
-        got = []
+    def body(s, xs):
+        P.compare_many(xs, 24, [0, 1 << 20])
 
-        def job(s):
-            if s.role == Role.SERVER:
-                recv, ex = s.peer.recv, s.peer.exchange_wire
-
-                def rec(*a, **kw):
-                    out = recv(*a, **kw)
-                    got.append(out.reshape(-1).clone())
-                    return out
-
-                def rec_wire(t, tag):
-                    out = ex(t, tag)
-                    got.append(out.reshape(-1).clone())
-                    return out
-
-                s.peer.recv, s.peer.exchange_wire = rec, rec_wire
-            xs = s.share(x if s.is_client else None, owner=Role.CLIENT, shape=x.shape, encoded=True)
-            P.compare_many(xs, 24, [0, 1 << 20])
-
-        run_local(job)
-        return got
-
-    a = server_bytes(torch.zeros(n, dtype=torch.int64))
-    b = server_bytes(torch.linspace(-(2**22), 2**22, n).to(torch.int64))
+    a = server_messages(body, torch.zeros(n, dtype=torch.int64), encoded=True)
+    b = server_messages(body, torch.linspace(-(2**22), 2**22, n).to(torch.int64), encoded=True)
     assert len(a) == len(b) >= 3
-    for ta, tb in zip(a, b, strict=True):
-        ha = torch.bincount((ta.to(torch.int64) & 0xFF), minlength=256).double()
-        hb = torch.bincount((tb.to(torch.int64) & 0xFF), minlength=256).double()
-        if ta.dtype == torch.int32:  # the opening: also its top byte within the 25-bit ring
-            ha = torch.cat([ha, torch.bincount((ta.to(torch.int64) >> 17) & 0xFF, minlength=256).double()])
-            hb = torch.cat([hb, torch.bincount((tb.to(torch.int64) >> 17) & 0xFF, minlength=256).double()])
-        keep = (ha + hb) > 0
-        ea = (ha + hb)[keep] / 2
-        stat = float((((ha[keep] - ea) ** 2 + (hb[keep] - ea) ** 2) / ea).sum())
-        dof = int(keep.sum()) - 1
-        limit = dof * (1 - 2 / (9 * dof) + 4.75 * math.sqrt(2 / (9 * dof))) ** 3
-        assert stat < limit, (ta.dtype, stat, limit)
+    assert_same_views(a, b)
 
 
 # --------------------------------------------------------------------------------------------------

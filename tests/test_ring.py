@@ -110,3 +110,18 @@ def test_shift_helpers():
     assert logical_rshift(x, 16).tolist() == [2**48 - 1, 2**24, 2**47]
     assert msb(x).tolist() == [1, 0, 1]
     assert np.isclose(float(to_unsigned_float(torch.tensor([-1]))[0]), 2.0**64)
+
+
+def test_limb_matmul_with_a_precomputed_weight_split():
+    """``b_stack`` (a constant weight's limbs, split once: the limb path off the CPU) gives the same
+    exact product; a stack with the wrong number of limbs is refused."""
+    from cometpi.ring import limb_stack
+
+    a, b = random_ring((5, 9), (9, 4))
+    ref = ring_matmul_reference(a, b)
+    assert torch.equal(ring_matmul(a, b, method="limbs", b_stack=limb_stack(b, 4)), ref)
+    small = b >> 40  # |b| < 2^24: 2 limbs
+    assert torch.equal(ring_matmul(a, small, method="limbs", b_limbs=2, b_stack=limb_stack(small, 2)),
+                       ring_matmul_reference(a, small))
+    with pytest.raises(ValueError, match="limbs"):
+        ring_matmul(a, b, method="limbs", b_stack=limb_stack(b, 2))

@@ -3,7 +3,6 @@ definition, every backend against the float64 reference over the declared domain
 ulps, ulp = 2^-16), the Cost lines against the counters, out-of-range behaviour, the mu fold, and
 what the server receives."""
 
-import math
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from cometpi.party import run_local
 from cometpi.ring import FixedPoint
 from cometpi.transport import Traffic
 
-from .test_compare import tree_padding
+from .test_compare import assert_same_views, server_messages, tree_padding
 
 ULP = 2.0**-16
 V_MAX = 2.0 ** (V_BITS - 16)  # |v| < 4096
@@ -159,54 +158,17 @@ def test_the_server_view_of_the_segments_does_not_depend_on_v():
     message (low byte, and for the int32 narrow openings also their top byte)."""
     n = 6000
 
-    def server_bytes(v):
-        got = []
+    def body(s, vs):
+        smu1_segments(ShareOps(s), vs)
 
-        def job(s):
-            if s.role == Role.SERVER:
-                recv, ex = s.peer.recv, s.peer.exchange_wire
-
-                def rec(*a, **kw):
-                    out = recv(*a, **kw)
-                    got.append(out.reshape(-1).clone())
-                    return out
-
-                def rec_wire(t, tag):
-                    out = ex(t, tag)
-                    got.append(out.reshape(-1).clone())
-                    return out
-
-                s.peer.recv, s.peer.exchange_wire = rec, rec_wire
-            xs = s.share(v if s.is_client else None, owner=Role.CLIENT, shape=v.shape)
-            smu1_segments(ShareOps(s), xs)
-
-        run_local(job)
-        return got
-
-    a = server_bytes(torch.zeros(n, dtype=torch.float64))
+    a = server_messages(body, torch.zeros(n, dtype=torch.float64))
     v = torch.linspace(-450, 450, n, dtype=torch.float64)
-    b = server_bytes(v)
+    b = server_messages(body, v)
     assert len(a) == len(b) >= 8
-    _assert_same_views(a, b)
+    assert_same_views(a, b)
     # the check has power: |v| in the clear in place of the first product's masked difference fails it
     leaky = list(b)
     i = next(j for j, t in enumerate(leaky) if t.dtype == torch.int64)
     leaky[i] = FixedPoint(16).encode(v.abs())
     with pytest.raises(AssertionError):
-        _assert_same_views(a, leaky)
-
-
-def _assert_same_views(a, b):
-    for ta, tb in zip(a, b, strict=True):
-        ha = torch.bincount((ta.to(torch.int64) & 0xFF), minlength=256).double()
-        hb = torch.bincount((tb.to(torch.int64) & 0xFF), minlength=256).double()
-        if ta.dtype == torch.int32:  # a narrow opening: its top byte too (20- and 28-bit rings)
-            top = max(int(ta.max()), int(tb.max())).bit_length() - 8
-            ha = torch.cat([ha, torch.bincount((ta.to(torch.int64) >> top) & 0xFF, minlength=256).double()])
-            hb = torch.cat([hb, torch.bincount((tb.to(torch.int64) >> top) & 0xFF, minlength=256).double()])
-        keep = (ha + hb) > 0
-        ea = (ha + hb)[keep] / 2
-        stat = float((((ha[keep] - ea) ** 2 + (hb[keep] - ea) ** 2) / ea).sum())
-        dof = max(1, int(keep.sum()) - 1)
-        limit = dof * (1 - 2 / (9 * dof) + 4.75 * math.sqrt(2 / (9 * dof))) ** 3
-        assert stat < limit, (ta.dtype, stat, limit)
+        assert_same_views(a, leaky)

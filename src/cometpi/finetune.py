@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .approx.sites import SMU_MU
 from .convert import from_hf
-from .nn import PER_CHANNEL, ApproxConfig, FloatModel, forward, prepare_params
+from .nn import PER_CHANNEL, ApproxConfig, FloatModel, forward, prepare_params, trained_smu_lo
 
 VARIANTS = ("exact", "comet", "comet-rsqrt", "mpcformer")
 MU_MIN, MU_MAX = 0.1, 8.0  # trained mu is kept here: SMU's rsqrt domain starts at min mu^2
@@ -243,7 +243,7 @@ def finetune(cfg: FinetuneConfig, train_rows, dev_rows, out_dir: str, *, base: s
     dev_acc = float((dev_logits.argmax(-1) == dev_y).float().mean())
     smu_lo = None  # SMU by segments needs none (ModelServer derives it from mu for --smu-form rsqrt)
     if cfg.variant == "comet-rsqrt":  # SMU's rsqrt domain starts at the smallest trained mu^2
-        smu_lo = min(params[f"layers.{i}.ffn.smu_mu"].min().item() for i in range(arch.layers)) ** 2 * 0.999
+        smu_lo = trained_smu_lo(params, arch.layers)
     meta = {
         "variant": cfg.variant, "kd": cfg.kd, "approx": variant_config(cfg.variant, smu_lo).to_dict(),
         "data": data_name, "train_rows": len(train_rows), "dev_rows": len(dev_rows), "dev_accuracy": dev_acc,

@@ -115,6 +115,12 @@ class ApproxConfig:
         return cls(gelu="exact", softmax="exact", pooler="exact")
 
 
+def trained_smu_lo(params: dict, layers: int) -> float:
+    """The lower end of SMU's rsqrt domain for a trained per-channel mu: just below the smallest mu^2
+    (public with ``--smu-form rsqrt``; SMU by segments needs none)."""
+    return min(float(params[f"layers.{i}.ffn.smu_mu"].min()) for i in range(layers)) ** 2 * 0.999
+
+
 def prepare_params(arch, params: dict, cfg: ApproxConfig) -> dict:
     """Fold the attention scale 1/sqrt(hs) into the query weights and bias (a local, exact rewrite:
     the secure path then needs no public product for it); for SMU's segments form, fold mu into the

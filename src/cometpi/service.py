@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .convert import Arch, params_hash
 from .core import Config, ConfigError, Session
-from .nn import PER_CHANNEL, ApproxConfig, ShareModel, prepare_params, secure_forward
+from .nn import PER_CHANNEL, ApproxConfig, ShareModel, prepare_params, secure_forward, trained_smu_lo
 from .party import connect_client
 from .transport import DEFAULT_TIMEOUT, Traffic
 
@@ -87,8 +87,7 @@ class ModelServer:
             if (fields["gelu"] == "smu" and fields["smu_mu"] == PER_CHANNEL and fields["smu_form"] == "rsqrt"
                     and fields["smu_lo"] is None and "layers.0.ffn.smu_mu" in params):
                 # SMU by rsqrt with a trained mu: its rsqrt domain starts at the smallest mu^2 (then public)
-                fields["smu_lo"] = min(float(params[f"layers.{i}.ffn.smu_mu"].min())
-                                       for i in range(self.arch.layers)) ** 2 * 0.999
+                fields["smu_lo"] = trained_smu_lo(params, self.arch.layers)
             approx = ApproxConfig(**fields)
         if approx.is_exact or approx.gelu == "exact" or approx.softmax == "exact":
             raise ValueError("exact GeLU/softmax are plaintext-only; choose an approximation to serve")

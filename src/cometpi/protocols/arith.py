@@ -62,6 +62,8 @@ def trunc_exact(x: AShare, bits: int) -> AShare:
 
 
 class _Trunc:
+    """r, s = r >>> f (logical) and m = msb(r) for the exact truncation; correction 2n ring elements."""
+
     receiver = Role.SERVER
 
     def own(self, role, prg, idx, p):
@@ -144,6 +146,8 @@ def mul_many(pairs: list[tuple[AShare, AShare]], *, truncate_result: bool = True
 
 
 class _Mul:
+    """Beaver triples a, b, c = a b; correction n ring elements (c's server share)."""
+
     receiver = Role.SERVER
 
     def own(self, role, prg, idx, p):
@@ -230,6 +234,8 @@ def square(x: AShare, *, truncate_result: bool = True, extra_bits: int = 0) -> A
 
 
 class _Square:
+    """Square pairs a, c = a^2; correction n ring elements."""
+
     receiver = Role.SERVER
 
     def own(self, role, prg, idx, p):
@@ -266,6 +272,8 @@ def matmul(x: AShare, y: AShare, *, truncate_result: bool = True) -> AShare:
 
 
 class _Matmul:
+    """Matrix triples A, B, C = A @ B; correction |C| ring elements."""
+
     receiver = Role.SERVER
 
     def own(self, role, prg, idx, p):
