@@ -1,4 +1,4 @@
-"""Import Hugging Face BERT, RoBERTa and GPT-2 weights into cometpi's own parameter names.
+"""Import Hugging Face BERT, RoBERTa, GPT-2 and Llama weights into cometpi's own parameter names.
 
 This is the only module of cometpi that imports ``transformers`` (lazily, inside :func:`from_hf`).
 
@@ -20,7 +20,13 @@ Parameter names (float64; every linear weight is stored ``(in, out)`` so that ``
     final_ln.{weight,bias}                                                      gpt2
     pooler.{weight,bias}, classifier.{weight,bias}                              bert classifier
     head.dense.{weight,bias}, head.out.{weight,bias}                            roberta classifier
-    lm_head.weight (hidden, vocab)                                              gpt2 lm (tied: wte.T stored)
+    lm_head.weight (hidden, vocab)                                  gpt2/llama lm (tied: the embedding's .T stored)
+
+Llama (RMSNorm, SwiGLU, rotary positions, grouped-query attention; no biases, no position table)::
+
+    layers.{i}.attn.qkv.weight (hidden, (heads + 2 kv_heads) head_dim)   q|k|v concatenated along out
+    layers.{i}.ffn.up.weight (hidden, 2 ffn)                              gate|up concatenated along out
+    layers.{i}.ln1.weight, layers.{i}.ln2.weight, final_ln.weight         RMSNorm weights only
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 HEADS = ("classifier", "lm", "none")
 
 # HF class name -> (model_type, head); a directory's config.architectures[0] is looked up here too
@@ -47,13 +53,16 @@ ARCHITECTURES = {
     "RobertaForSequenceClassification": ("roberta", "classifier"),
     "GPT2Model": ("gpt2", "none"),
     "GPT2LMHeadModel": ("gpt2", "lm"),
+    "LlamaModel": ("llama", "none"),
+    "LlamaForCausalLM": ("llama", "lm"),
 }
 AUTO_CLASS = {"none": "AutoModel", "classifier": "AutoModelForSequenceClassification", "lm": "AutoModelForCausalLM"}
-BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer."}
+BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": "model."}
 
 # Keys of HF state dicts that hold no weights cometpi needs: position/token-type id buffers, GPT-2's causal-mask
 # buffers (persistent in checkpoints written by older transformers versions).
-BUFFER_KEYS = re.compile(r"(^|\.)(embeddings\.(position_ids|token_type_ids)|h\.\d+\.attn\.(bias|masked_bias))$")
+BUFFER_KEYS = re.compile(r"(^|\.)(embeddings\.(position_ids|token_type_ids)|h\.\d+\.attn\.(bias|masked_bias)|"
+                         r"rotary_emb\.inv_freq)$")
 POOLER_KEYS = re.compile(r"(^|\.)pooler\.dense\.(weight|bias)$")  # a bare BertModel's unused pooler
 
 
@@ -81,19 +90,35 @@ class Arch:
     num_labels: int  # 0 unless head == "classifier"
     position_offset: int  # roberta: padding_idx + 1; else 0
     pad_token_id: int | None
+    # Llama (defaults: the BERT/GPT-2 families)
+    norm: str = "layer"  # "layer" (LayerNorm with bias) | "rms" (RMSNorm, weight only)
+    kv_heads: int = 0  # grouped-query attention's key/value heads (0: as many as heads)
+    rope_theta: float = 0.0  # rotary position embeddings' base (0: a learned position table instead)
+    gated: bool = False  # SwiGLU: down(act(gate(x)) * up(x)), gate|up stored as one (hidden, 2 ffn) weight
+    bias: bool = True  # linear layers have biases
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    @property
+    def n_kv(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def qkv_width(self) -> int:
+        return (self.heads + 2 * self.n_kv) * self.head_dim
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Arch:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) != names:
-            raise ValueError(f"Arch fields: missing {sorted(names - set(d))}, unknown {sorted(set(d) - names)}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = {n for n, f in fields.items() if f.default is dataclasses.MISSING}
+        if not required <= set(d) <= set(fields):
+            raise ValueError(f"Arch fields: missing {sorted(required - set(d))}, "
+                             f"unknown {sorted(set(d) - set(fields))}")
         return cls(**d)
 
     def hash(self) -> str:
@@ -159,6 +184,36 @@ def _arch_gpt2(config: Any, head: str) -> Arch:
         pad_token_id=config.pad_token_id)
 
 
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}  # transformers >= 5
+    scaling = getattr(config, "rope_scaling", None) or {}  # 4.x
+    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        raise UnsupportedModel(f"config.rope_parameters rope_type={kind!r} is not supported (need 'default')")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise UnsupportedModel("config has no rope_theta")
+    return float(theta)
+
+
+def _arch_llama(config: Any, head: str) -> Arch:
+    _check_common(config, "hidden_act", head)
+    _require(config, "hidden_act", config.hidden_act == "silu", "'silu'")
+    for field in ("attention_bias", "mlp_bias"):
+        _require(config, field, not getattr(config, field, False), "False")
+    hd = getattr(config, "head_dim", None)
+    _require(config, "head_dim", hd in (None, config.hidden_size // config.num_attention_heads),
+             "hidden_size / num_attention_heads")
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    _require(config, "num_key_value_heads", config.num_attention_heads % kv == 0, "a divisor of the heads")
+    return Arch(
+        kind="llama", hidden=config.hidden_size, heads=config.num_attention_heads, layers=config.num_hidden_layers,
+        ffn=config.intermediate_size, vocab=config.vocab_size, max_positions=config.max_position_embeddings,
+        type_vocab=0, ln_eps=float(config.rms_norm_eps), pre_ln=True, causal=True, activation="silu", head=head,
+        num_labels=0, position_offset=0, pad_token_id=getattr(config, "pad_token_id", None), norm="rms",
+        kv_heads=kv, rope_theta=_rope_theta(config), gated=True, bias=False)
+
+
 def arch_from_config(config: Any, head: str) -> Arch:
     """The :class:`Arch` of an HF config with the given head; raises UnsupportedModel naming the field."""
     model_type = getattr(config, "model_type", None)
@@ -166,7 +221,7 @@ def arch_from_config(config: Any, head: str) -> Arch:
         raise UnsupportedModel(f"config.model_type={model_type!r} is not supported (need one of {list(BASE_PREFIX)})")
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    arch = (_arch_gpt2 if model_type == "gpt2" else _arch_bert)(config, head)
+    arch = {"gpt2": _arch_gpt2, "llama": _arch_llama}.get(model_type, _arch_bert)(config, head)
     if arch.hidden % arch.heads:
         raise UnsupportedModel(f"hidden size {arch.hidden} is not a multiple of the {arch.heads} attention heads")
     return arch
@@ -211,6 +266,16 @@ GPT2_LAYER = [  # relative to "h.{i}." / "layers.{i}."
     *_linear("ffn.down", "mlp.c_proj", transpose=False),
 ]
 GPT2_FINAL = _norm("final_ln", "ln_f")
+LLAMA_EMBEDDINGS = [("embeddings.word", ("embed_tokens.weight",), False)]
+LLAMA_LAYER = [  # relative to "layers.{i}."
+    ("ln1.weight", ("input_layernorm.weight",), False),
+    ("attn.qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), True),
+    ("attn.out.weight", ("self_attn.o_proj.weight",), True),
+    ("ln2.weight", ("post_attention_layernorm.weight",), False),
+    ("ffn.up.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), True),
+    ("ffn.down.weight", ("mlp.down_proj.weight",), True),
+]
+LLAMA_FINAL = [("final_ln.weight", ("norm.weight",), False)]
 BERT_POOLER = _linear("pooler", "pooler.dense")  # inside the base model (prefixed)
 BERT_CLASSIFIER = _linear("classifier", "classifier")  # outside the base model (never prefixed)
 ROBERTA_CLASSIFIER = [*_linear("head.dense", "classifier.dense"), *_linear("head.out", "classifier.out_proj")]
@@ -219,13 +284,13 @@ GPT2_LM_HEAD = [("lm_head.weight", ("lm_head.weight",), True)]
 
 def _key_table(arch: Arch, base: str) -> list[tuple[str, tuple[str, ...], bool]]:
     """Full (our name, HF names, transpose) table; ``base`` prefixes the base model's keys."""
-    gpt2 = arch.kind == "gpt2"
-    table = [(o, tuple(base + h for h in hf), t) for o, hf, t in (GPT2_EMBEDDINGS if gpt2 else BERT_EMBEDDINGS)]
-    layer, stack = (GPT2_LAYER, "h") if gpt2 else (BERT_LAYER, "encoder.layer")
+    emb, layer, stack, final = {"gpt2": (GPT2_EMBEDDINGS, GPT2_LAYER, "h", GPT2_FINAL),
+                                "llama": (LLAMA_EMBEDDINGS, LLAMA_LAYER, "layers", LLAMA_FINAL)}.get(
+        arch.kind, (BERT_EMBEDDINGS, BERT_LAYER, "encoder.layer", []))
+    table = [(o, tuple(base + h for h in hf), t) for o, hf, t in emb]
     for i in range(arch.layers):
         table += [(f"layers.{i}.{o}", tuple(f"{base}{stack}.{i}.{h}" for h in hf), t) for o, hf, t in layer]
-    if gpt2:
-        table += [(o, tuple(base + h for h in hf), t) for o, hf, t in GPT2_FINAL]
+    table += [(o, tuple(base + h for h in hf), t) for o, hf, t in final]
     if arch.head == "classifier" and arch.kind == "bert":
         table += [(o, tuple(base + h for h in hf), t) for o, hf, t in BERT_POOLER] + BERT_CLASSIFIER
     elif arch.head == "classifier":
@@ -245,7 +310,8 @@ def _map_state_dict(arch: Arch, state_dict: dict[str, torch.Tensor],
     prefix = BASE_PREFIX[arch.kind]
     base = prefix if any(k.startswith(prefix) for k in sd) else ""
     if arch.head == "lm" and "lm_head.weight" not in sd and tie_word_embeddings:
-        sd["lm_head.weight"] = sd.get(base + "wte.weight")  # safetensors drops the tied duplicate
+        # safetensors drops the tied duplicate; lm_head is (vocab, hidden) like the embedding
+        sd["lm_head.weight"] = sd.get(base + ("embed_tokens.weight" if arch.kind == "llama" else "wte.weight"))
     params, used = {}, set()
     for ours, hf_names, transpose in _key_table(arch, base):
         missing = [h for h in hf_names if sd.get(h) is None]
@@ -270,10 +336,18 @@ def to_hf_state_dict(arch: Arch, params: dict[str, torch.Tensor], prefix: bool =
     sd = {}
     for ours, hf_names, transpose in _key_table(arch, base):
         t = params[ours].detach().to(torch.float32)
-        parts = t.split(t.shape[-1] // len(hf_names), dim=-1) if len(hf_names) > 1 else (t,)
+        parts = t.split(_split_sizes(arch, ours, t.shape[-1], len(hf_names)), dim=-1) if len(hf_names) > 1 else (t,)
         for h, part in zip(hf_names, parts, strict=True):
             sd[h] = (part.T if transpose else part).contiguous()
     return sd
+
+
+def _split_sizes(arch: Arch, ours: str, width: int, n: int) -> list[int]:
+    """Widths of the HF tensors concatenated into one of ours (q|k|v with fewer KV heads differ)."""
+    if ours.endswith("attn.qkv.weight") or ours.endswith("attn.qkv.bias"):
+        kv = arch.n_kv * arch.head_dim
+        return [width - 2 * kv, kv, kv]
+    return [width // n] * n
 
 
 def _ignored(arch: Arch, key: str) -> bool:
@@ -284,8 +358,8 @@ def _ignored(arch: Arch, key: str) -> bool:
 def _check_shapes(arch: Arch, params: dict[str, torch.Tensor]) -> None:
     h, f = arch.hidden, arch.ffn
     want = {"embeddings.word": (arch.vocab, h), "embeddings.position": (arch.max_positions, h),
-            "layers.0.attn.qkv.weight": (h, 3 * h), "layers.0.attn.out.weight": (h, h),
-            "layers.0.ffn.up.weight": (h, f), "layers.0.ffn.down.weight": (f, h)}
+            "layers.0.attn.qkv.weight": (h, arch.qkv_width), "layers.0.attn.out.weight": (h, h),
+            "layers.0.ffn.up.weight": (h, 2 * f if arch.gated else f), "layers.0.ffn.down.weight": (f, h)}
     if arch.head == "lm":
         want["lm_head.weight"] = (h, arch.vocab)
     for name, shape in want.items():
@@ -300,9 +374,9 @@ def from_hf(model_or_dir: Any) -> tuple[Arch, dict[str, torch.Tensor]]:
     """``(Arch, float64 params)`` of an HF model instance or of a local checkpoint directory.
 
     Supported: BertModel, BertForSequenceClassification, RobertaModel, RobertaForSequenceClassification,
-    GPT2Model, GPT2LMHeadModel.  A directory is loaded offline with AutoConfig and the AutoModel* class that
-    matches ``config.architectures`` (a bare model when it has none).  Raises UnsupportedModel naming the
-    config field, architecture or state-dict key cometpi cannot run.
+    GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM.  A directory is loaded offline with AutoConfig and
+    the AutoModel* class that matches ``config.architectures`` (a bare model when it has none).  Raises
+    UnsupportedModel naming the config field, architecture or state-dict key cometpi cannot run.
     """
     if isinstance(model_or_dir, str | Path):
         model_or_dir = _load_dir(Path(model_or_dir))
@@ -360,14 +434,41 @@ ACTIVATIONS = {
     "gelu_new": _gelu_tanh,
     "gelu_pytorch_tanh": _gelu_tanh,
     "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
 }
 
 
 def _lin(p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
-    return x @ p[f"{name}.weight"] + p[f"{name}.bias"]
+    y = x @ p[f"{name}.weight"]
+    return y + p[f"{name}.bias"] if f"{name}.bias" in p else y
+
+
+def rotary_tables(arch: Arch, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF Llama's rotary cos and sin (T, head_dim) for the given positions (float64, public)."""
+    hs = arch.head_dim
+    inv = 1.0 / arch.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    ang = positions.to(torch.float64)[:, None] * inv[None, :]  # (T, hs/2)
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos(), ang.sin()
+
+
+def rotate_half_index(hs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotate_half(x) = x[..., idx] * sign: (-x2, x1) of the two halves."""
+    h = hs // 2
+    idx = torch.cat([torch.arange(h, hs), torch.arange(0, h)])
+    sign = torch.cat([-torch.ones(h, dtype=torch.float64), torch.ones(h, dtype=torch.float64)])
+    return idx, sign
+
+
+def _rope(arch: Arch, t: torch.Tensor) -> torch.Tensor:  # t (B, h, T, hs)
+    cos, sin = rotary_tables(arch, torch.arange(t.shape[2]))
+    idx, sign = rotate_half_index(arch.head_dim)
+    return t * cos + t[..., idx] * sign * sin
 
 
 def _layer_norm(p: dict, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
+    if f"{name}.bias" not in p:  # RMSNorm (Llama)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * p[f"{name}.weight"]
     mu = x.mean(-1, keepdim=True)
     var = (x - mu).pow(2).mean(-1, keepdim=True)  # biased, as torch's LayerNorm
     return (x - mu) / torch.sqrt(var + eps) * p[f"{name}.weight"] + p[f"{name}.bias"]
@@ -386,6 +487,8 @@ def _embed(arch: Arch, p: dict, ids: torch.Tensor) -> torch.Tensor:
     pos = _positions(arch, ids)
     if int(pos.max()) >= arch.max_positions:
         raise ValueError(f"sequence needs position {int(pos.max())}, the model has {arch.max_positions}")
+    if arch.rope_theta:
+        return p["embeddings.word"][ids]  # (B, T, C): positions enter by rotation
     x = p["embeddings.word"][ids] + p["embeddings.position"][pos]  # (B, T, C)
     if arch.kind == "gpt2":
         return x
@@ -405,9 +508,12 @@ def _attention_bias(arch: Arch, mask: torch.Tensor) -> torch.Tensor:
 
 def _attention(arch: Arch, p: dict, name: str, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     B, T, C = x.shape
-    nh, hs = arch.heads, arch.head_dim
-    q, k, v = _lin(p, f"{name}.qkv", x).split(C, dim=-1)  # each (B, T, C)
-    q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    nh, hs, nkv = arch.heads, arch.head_dim, arch.n_kv
+    q, k, v = _lin(p, f"{name}.qkv", x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+    q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+    k, v = (t.view(B, T, nkv, hs).transpose(1, 2).repeat_interleave(nh // nkv, 1) for t in (k, v))
+    if arch.rope_theta:
+        q, k = _rope(arch, q), _rope(arch, k)
     scores = q @ k.transpose(-2, -1) / math.sqrt(hs) + bias  # (B, nh, T, T)
     y = torch.softmax(scores, dim=-1) @ v  # (B, nh, T, hs)
     y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
@@ -415,12 +521,16 @@ def _attention(arch: Arch, p: dict, name: str, x: torch.Tensor, bias: torch.Tens
 
 
 def _ffn(arch: Arch, p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
-    return _lin(p, f"{name}.down", ACTIVATIONS[arch.activation](_lin(p, f"{name}.up", x)))
+    up = _lin(p, f"{name}.up", x)
+    if arch.gated:  # SwiGLU
+        gate, up = up.split(arch.ffn, dim=-1)
+        return _lin(p, f"{name}.down", ACTIVATIONS[arch.activation](gate) * up)
+    return _lin(p, f"{name}.down", ACTIVATIONS[arch.activation](up))
 
 
 def _block(arch: Arch, p: dict, i: int, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     pre, eps = f"layers.{i}", arch.ln_eps
-    if arch.pre_ln:  # GPT-2
+    if arch.pre_ln:  # GPT-2, Llama
         x = x + _attention(arch, p, f"{pre}.attn", _layer_norm(p, f"{pre}.ln1", x, eps), bias)
         return x + _ffn(arch, p, f"{pre}.ffn", _layer_norm(p, f"{pre}.ln2", x, eps))
     x = _layer_norm(p, f"{pre}.ln1", x + _attention(arch, p, f"{pre}.attn", x, bias), eps)  # BERT / RoBERTa

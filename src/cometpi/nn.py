@@ -1,4 +1,4 @@
-"""Transformer models (BERT, RoBERTa, GPT-2) written once over a model backend.
+"""Transformer models (BERT, RoBERTa, GPT-2, Llama) written once over a model backend.
 
 The same ``forward`` runs on floats (the plaintext-approximate model, and the exact model when every
 approximation is ``exact``), on the fixed-point simulation, and on shares between a client (token
@@ -26,20 +26,27 @@ from .approx import (
     quad_gelu,
     relu2_softmax,
     relu_softmax,
+    rmsnorm,
     sigmoid,
     smu,
+    softmax_exp,
 )
 from .approx.backends import checked_matmul, checked_product
 from .approx.functions import RELUS
 from .approx.newton import warn_insecure_once
 from .approx.segments import fold_mu, smu1_segments
 from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
+from .approx.splines import activation as spline_activation
+from .convert import rotary_tables, rotate_half_index
 from .core import ConfigError, Role, Session, TruncMode
 from .ring import FixedPoint
 
 PER_CHANNEL = "per-channel"
-GELUS = ("smu", "quad", "erf", "tanh", "exact")
-SOFTMAXES = ("relu", "relu2", "quad2", "crypten", "exact")
+#: ``spline``: the model's own activation (erf or tanh GeLU, SiLU) by splines (``approx.splines``); ``erf`` and
+#: ``tanh`` are CrypTen's constructions (reproductions of its limits).
+GELUS = ("smu", "quad", "spline", "erf", "tanh", "exact")
+#: ``exp``: the original softmax (max, spline exp, reciprocal); ``crypten``: CrypTen's (a reproduction).
+SOFTMAXES = ("relu", "relu2", "quad2", "exp", "crypten", "exact")
 SMU_FORMS = ("segments", "rsqrt")
 
 
@@ -114,6 +121,16 @@ class ApproxConfig:
         """The original model (plaintext floats only): exact GeLU, softmax, LayerNorm and tanh."""
         return cls(gelu="exact", softmax="exact", pooler="exact")
 
+    @classmethod
+    def original(cls, **kw) -> ApproxConfig:
+        """The original functions, securely (a stock checkpoint, no fine-tuning): the model's own
+        activation by splines, softmax by max + spline exp + reciprocal, LayerNorm/RMSNorm by rsqrt."""
+        return cls(gelu="spline", softmax="exp", **kw)
+
+    @property
+    def is_original(self) -> bool:
+        return self.gelu == "spline" and self.softmax == "exp"
+
 
 def trained_smu_lo(params: dict, layers: int) -> float:
     """The lower end of SMU's rsqrt domain for a trained per-channel mu: just below the smallest mu^2
@@ -131,10 +148,13 @@ def prepare_params(arch, params: dict, cfg: ApproxConfig) -> dict:
     d, hs = arch.hidden, arch.hidden // arch.heads
     scale = 1.0 / math.sqrt(hs)
     for i in range(arch.layers):
-        w, b = out[f"layers.{i}.attn.qkv.weight"].clone(), out[f"layers.{i}.attn.qkv.bias"].clone()
-        w[:, :d] *= scale
-        b[:d] *= scale
-        out[f"layers.{i}.attn.qkv.weight"], out[f"layers.{i}.attn.qkv.bias"] = w, b
+        w = out[f"layers.{i}.attn.qkv.weight"].clone()
+        w[:, :d] *= scale  # rotary positions commute with the scale
+        out[f"layers.{i}.attn.qkv.weight"] = w
+        if arch.bias:
+            b = out[f"layers.{i}.attn.qkv.bias"].clone()
+            b[:d] *= scale
+            out[f"layers.{i}.attn.qkv.bias"] = b
         mu = out.get(f"layers.{i}.ffn.smu_mu")
         if cfg.folds_mu:
             if cfg.smu_mu != PER_CHANNEL:
@@ -142,8 +162,14 @@ def prepare_params(arch, params: dict, cfg: ApproxConfig) -> dict:
             elif mu is None:
                 raise ConfigError("the approximations ask for a trained per-channel SMU mu, but the model has none")
             up, down = f"layers.{i}.ffn.up", f"layers.{i}.ffn.down"
-            out[up + ".weight"], out[up + ".bias"], out[down + ".weight"] = fold_mu(
-                out[up + ".weight"], out[up + ".bias"], out[down + ".weight"], mu)
+            if arch.gated:  # SwiGLU: mu enters through the gate only
+                gate = out[up + ".weight"][:, :arch.ffn]
+                g, _, out[down + ".weight"] = fold_mu(gate, torch.zeros(arch.ffn, dtype=gate.dtype),
+                                                      out[down + ".weight"], mu)
+                out[up + ".weight"] = torch.cat([g, out[up + ".weight"][:, arch.ffn:]], -1)
+            else:
+                out[up + ".weight"], out[up + ".bias"], out[down + ".weight"] = fold_mu(
+                    out[up + ".weight"], out[up + ".bias"], out[down + ".weight"], mu)
         elif mu is not None:
             out[f"layers.{i}.ffn.smu_mu2"] = mu * mu
     return out
@@ -178,6 +204,9 @@ class FloatModel(FloatOps):
     def matmul(self, a, b):
         return a @ b
 
+    def mul_const_sum(self, pairs):
+        return sum(a * torch.as_tensor(c, dtype=a.dtype) for a, c in pairs)
+
     def reveal(self, x):
         return x
 
@@ -205,6 +234,10 @@ class RingModel(RingOps):
 
     def matmul(self, a, b):
         return self.shift(checked_matmul(a, b), self.fp.frac_bits)
+
+    def mul_const_sum(self, pairs):
+        """sum of a * c for public real tensors c, with one truncation."""
+        return self.shift(sum(checked_product(a, self.fp.encode(c)) for a, c in pairs), self.fp.frac_bits)
 
     def reveal(self, x):
         return self.fp.decode(x)
@@ -242,6 +275,14 @@ class ShareModel(ShareOps):
     def matmul(self, a, b):
         return P.matmul(a, b)
 
+    def mul_const_sum(self, pairs):
+        """sum of a * c for public real tensors c: local products, one truncation (1 round, 16 B/element)."""
+        acc = None
+        for a, c in pairs:
+            t = a.mul_int(torch.broadcast_to(self.fp.encode(c), a.shape).contiguous())
+            acc = t if acc is None else acc + t
+        return P.truncate(acc, self.fp.frac_bits)
+
     def reveal(self, x):
         return self.s.reveal_float(x, Role.CLIENT)
 
@@ -249,13 +290,13 @@ class ShareModel(ShareOps):
 def private_weight_names(arch) -> list[tuple[str, int]]:
     """The server-private weights masked at session start, in order, with their ring size."""
     names = [("embeddings.word", 32)]
-    if arch.kind != "gpt2":
+    if not arch.pre_ln:
         names.append(("embeddings.ln.weight", 64))
     for i in range(arch.layers):
         names += [(f"layers.{i}.attn.qkv.weight", 64), (f"layers.{i}.attn.out.weight", 64),
                   (f"layers.{i}.ln1.weight", 64), (f"layers.{i}.ffn.up.weight", 64),
                   (f"layers.{i}.ffn.down.weight", 64), (f"layers.{i}.ln2.weight", 64)]
-    if arch.kind == "gpt2":
+    if arch.pre_ln:
         names.append(("final_ln.weight", 64))
     if arch.head == "classifier":
         names += [("pooler.weight", 64), ("classifier.weight", 64)] if arch.kind == "bert" else [
@@ -271,8 +312,8 @@ def param_shapes(arch) -> dict[str, tuple]:
               "pooler.weight": (d, d), "classifier.weight": (d, arch.num_labels), "head.dense.weight": (d, d),
               "head.out.weight": (d, arch.num_labels), "lm_head.weight": (d, arch.vocab)}
     for i in range(arch.layers):
-        shapes.update({f"layers.{i}.attn.qkv.weight": (d, 3 * d), f"layers.{i}.attn.out.weight": (d, d),
-                       f"layers.{i}.ln1.weight": (d,), f"layers.{i}.ffn.up.weight": (d, ff),
+        shapes.update({f"layers.{i}.attn.qkv.weight": (d, arch.qkv_width), f"layers.{i}.attn.out.weight": (d, d),
+                       f"layers.{i}.ln1.weight": (d,), f"layers.{i}.ffn.up.weight": (d, 2 * ff if arch.gated else ff),
                        f"layers.{i}.ffn.down.weight": (ff, d), f"layers.{i}.ln2.weight": (d,)})
     return shapes
 
@@ -293,12 +334,17 @@ def prepare_private(session: Session, arch, params: dict | None) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _layernorm(ops, x, name, cfg: ApproxConfig, eps: float):
-    """LayerNorm with the server's private gamma and beta."""
+def _layernorm(ops, x, name, cfg: ApproxConfig, eps: float, arch=None):
+    """LayerNorm with the server's private gamma and beta, or RMSNorm with its gamma (Llama)."""
+    rms = arch is not None and arch.norm == "rms"
     if cfg.is_exact and isinstance(ops, FloatModel):
+        if rms:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * ops.p[name + ".weight"]
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), ops.p[name + ".weight"], ops.p[name + ".bias"],
                                               eps)
     with ops.span("ln"):
+        if rms:
+            return ops.scale_param(rmsnorm(ops, x, cfg.spec("rmsnorm_ms"), eps=eps), name + ".weight")
         y = layernorm(ops, x, cfg.spec("layernorm_var"), eps=eps)
         return ops.add_param(ops.scale_param(y, name + ".weight"), name + ".bias")
 
@@ -329,7 +375,13 @@ def _activation(ops, x, cfg: ApproxConfig, arch, i: int):
         if cfg.gelu == "exact":
             if arch.activation == "relu":
                 return torch.relu(x)
+            if arch.activation == "silu":
+                return torch.nn.functional.silu(x)
             return torch.nn.functional.gelu(x, approximate="none" if arch.activation == "gelu" else "tanh")
+        if cfg.gelu == "spline":
+            if arch.activation == "relu":
+                return ops.mask(x, ops.sign(x, 28 + ops.frac_bits - 16))
+            return spline_activation(ops, x, arch.activation)
         if cfg.folds_mu:  # mu is inside the FFN weights (prepare_params)
             return smu1_segments(ops, x)
         if cfg.gelu == "smu" and cfg.smu_mu == PER_CHANNEL:
@@ -356,25 +408,45 @@ def _softmax(ops, s, mask, cfg: ApproxConfig):
             return relu2_softmax(ops, s, mask, spec, eps=cfg.softmax_eps)
         if cfg.softmax == "quad2":
             return quad2_softmax(ops, s, mask)
+        if cfg.softmax == "exp":
+            return softmax_exp(ops, s, mask, cfg.spec("softmax_exp_sum"))
         return crypten_softmax(ops, s, mask)
 
 
+def _rope(ops, t, arch, positions):
+    """Rotary position embedding of t (B, h, T, hs): t cos + rotate_half(t) sin, a public
+    position-dependent linear map (local products, one truncation)."""
+    cos, sin = rotary_tables(arch, positions)
+    idx, sign = rotate_half_index(arch.head_dim)
+    return ops.mul_const_sum([(t, cos), (t[..., idx], sin * sign)])
+
+
 def _attention(ops, h, i, arch, B, T, mask, cfg):
-    d, nh = arch.hidden, arch.heads
-    hs = d // nh
+    d, nh, nkv = arch.hidden, arch.heads, arch.n_kv
+    hs, rep = d // nh, nh // nkv
     with ops.span("attention"):
-        qkv = ops.linear(h, f"layers.{i}.attn.qkv")  # (B*T, 3d)
-        # (B, nh, T, hs) each
-        q, k, v = (qkv[:, j * d : (j + 1) * d].reshape(B, T, nh, hs).transpose(1, 2) for j in range(3))
-        scores = ops.matmul(q, k.transpose(-2, -1))  # (B, nh, T, T); 1/sqrt(hs) is folded into W_q
+        qkv = ops.linear(h, f"layers.{i}.attn.qkv", bias=arch.bias)  # (B*T, (nh + 2 nkv) hs)
+        q = qkv[:, :d].reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (qkv[:, d + j * nkv * hs : d + (j + 1) * nkv * hs].reshape(B, T, nkv, hs).transpose(1, 2)
+                for j in range(2))  # (B, nkv, T, hs)
+        if arch.rope_theta:
+            pos = torch.arange(T)
+            q, k = _rope(ops, q, arch, pos), _rope(ops, k, arch, pos)
+        # grouped-query attention: the rep query heads of a KV head share its keys (no copies of k, v)
+        qg = q.reshape(B, nkv, rep * T, hs)
+        scores = ops.matmul(qg, k.transpose(-2, -1)).reshape(B, nh, T, T)  # 1/sqrt(hs) is folded into W_q
         probs = _softmax(ops, scores, mask, cfg)
-        ctx = ops.matmul(probs, v).transpose(1, 2).reshape(B * T, d)  # (B*T, d)
-        return ops.linear(ctx, f"layers.{i}.attn.out")
+        ctx = ops.matmul(probs.reshape(B, nkv, rep * T, T), v).reshape(B, nh, T, hs)
+        ctx = ctx.transpose(1, 2).reshape(B * T, d)  # (B*T, d)
+        return ops.linear(ctx, f"layers.{i}.attn.out", bias=arch.bias)
 
 
 def _ffn(ops, h, i, arch, cfg):
     with ops.span("ffn"):
-        up = ops.linear(h, f"layers.{i}.ffn.up")  # (B*T, ffn)
+        up = ops.linear(h, f"layers.{i}.ffn.up", bias=arch.bias)  # (B*T, ffn), or (B*T, 2 ffn) gate|up
+        if arch.gated:  # SwiGLU: down(act(gate) * up), one product
+            act = _activation(ops, up[:, :arch.ffn], cfg, arch, i)
+            return ops.linear(ops.mul(act, up[:, arch.ffn:]), f"layers.{i}.ffn.down", bias=arch.bias)
         return ops.linear(_activation(ops, up, cfg, arch, i), f"layers.{i}.ffn.down")
 
 
@@ -394,8 +466,9 @@ def key_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=None,
-            attention_mask: torch.Tensor | None = None, secret_mask=None, on_layer=None):
-    """Run the model; returns logits (B, labels) / (B, vocab) at the last position / hidden (B, T, d).
+            attention_mask: torch.Tensor | None = None, secret_mask=None, on_layer=None, all_positions: bool = False):
+    """Run the model; returns logits (B, labels) / (B, vocab) at the last position (``all_positions``:
+    (B, T, vocab)) / hidden (B, T, d).
 
     ``input_ids`` (B, T) are needed by the party that owns the text (the client; floats: always).
     ``attention_mask`` (B, T) is public (it reveals the lengths); with ``secret_mask`` (an AShare of
@@ -410,17 +483,19 @@ def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=
         raise ValueError("hiding the length is supported for BERT and RoBERTa only")
     with ops.span("embeddings"):
         h = ops.embed(input_ids, n_tokens=B * T)  # (B*T, d)
-        pos = torch.arange(T).repeat(B) + arch.position_offset
-        h = ops.add_param(h, "embeddings.position", pos)
-        if arch.kind != "gpt2":
+        if not arch.rope_theta:
+            pos = torch.arange(T).repeat(B) + arch.position_offset
+            h = ops.add_param(h, "embeddings.position", pos)
+        if not arch.pre_ln:
             h = ops.add_param(h, "embeddings.token_type", torch.zeros(B * T, dtype=torch.int64))
             h = _layernorm(ops, h, "embeddings.ln", cfg, arch.ln_eps)
     for i in range(arch.layers):
         with ops.span("layer"):
             if arch.pre_ln:
-                h = ops.add(h, _attention(ops, _layernorm(ops, h, f"layers.{i}.ln1", cfg, arch.ln_eps), i, arch,
-                                          B, T, mask, cfg))
-                h = ops.add(h, _ffn(ops, _layernorm(ops, h, f"layers.{i}.ln2", cfg, arch.ln_eps), i, arch, cfg))
+                h = ops.add(h, _attention(ops, _layernorm(ops, h, f"layers.{i}.ln1", cfg, arch.ln_eps, arch), i,
+                                          arch, B, T, mask, cfg))
+                h = ops.add(h, _ffn(ops, _layernorm(ops, h, f"layers.{i}.ln2", cfg, arch.ln_eps, arch), i, arch,
+                                    cfg))
             else:
                 h = _layernorm(ops, ops.add(h, _attention(ops, h, i, arch, B, T, mask, cfg)), f"layers.{i}.ln1", cfg,
                                arch.ln_eps)
@@ -431,10 +506,12 @@ def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=
         if arch.head == "none":
             return h.reshape(B, T, d)
         if arch.head == "lm":
-            h = _layernorm(ops, h, "final_ln", cfg, arch.ln_eps)
+            if all_positions:
+                h = _layernorm(ops, h, "final_ln", cfg, arch.ln_eps, arch)
+                return ops.linear(h, "lm_head", bias=False).reshape(B, T, arch.vocab)
             last = attention_mask.sum(1) - 1  # public: the last real position of each row
-            rows = h.reshape(B, T, d)[torch.arange(B), last]  # (B, d)
-            return ops.linear(rows, "lm_head", bias=False)  # (B, vocab)
+            rows = h.reshape(B, T, d)[torch.arange(B), last]  # (B, d): normalised alone (the norm is per row)
+            return ops.linear(_layernorm(ops, rows, "final_ln", cfg, arch.ln_eps, arch), "lm_head", bias=False)
         first = h.reshape(B, T, d)[:, 0]  # (B, d): [CLS] / <s>
         if arch.kind == "bert":
             pooled = _tanh(ops, ops.linear(first, "pooler"), cfg)

@@ -143,7 +143,7 @@ class FloatOps(_Additive):
     def relu(self, a):
         return torch.relu(a)
 
-    def maximum(self, a, dim):
+    def maximum(self, a, dim, k=None):
         return a.amax(dim, keepdim=True)
 
     def select(self, d, a, b):
@@ -248,8 +248,16 @@ class RingOps(_Additive):
     def relu(self, a):
         return torch.where(a >= 0, a, torch.zeros_like(a))
 
-    def maximum(self, a, dim):
-        return a.amax(dim, keepdim=True)
+    def maximum(self, a, dim, k=None):
+        """The max along ``dim`` (kept); with ``k``, as the narrow tree, raising ``HeadroomError`` where
+        two values of a row differ by 2^k or more (the narrow comparisons would wrap)."""
+        top = a.amax(dim, keepdim=True)
+        if k is not None and a.numel():
+            spread = int((top - a.amin(dim, keepdim=True)).max())
+            if spread >= 1 << k:
+                raise HeadroomError(f"values to compare differ by 2^{math.log2(spread):.1f} ring units, beyond the "
+                                    f"narrow maximum's 2^{k} range: the secure max would be wrong here")
+        return top
 
     def select(self, d, a, b):
         """d ? a : b for d in {0, 1} (as from ``drelu``)."""
@@ -414,8 +422,9 @@ class ShareOps(_Additive):
     def relu(self, a):
         return P.relu(a)
 
-    def maximum(self, a, dim):
-        return P.maximum(a, dim)
+    def maximum(self, a, dim, k=None):
+        """``protocols.maximum``; with ``k``, by narrow comparisons (values of a row within 2^k)."""
+        return P.maximum(a, dim, k=k)
 
     def select(self, d, a, b):
         """d ? a : b with d an integer 0/1 share: one product, no truncation (1 round, 32 B)."""

@@ -104,11 +104,89 @@ def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float =
             r = smooth_relu(ops, s, relu_spec, mu)
         if mask is not None:
             r = ops.mask(r, mask)
-        total = ops.add_const(ops.sum(r, -1, keepdim=True), eps)
-        # 1/S carried with 8 extra fractional bits (a row sum of 8,000 at 512 tokens makes 1/S only 8 ulp
-        # at f = 16, a 6% quantisation); the final product's truncation drops them again
-        inv = ops.square(rsqrt(ops, total, spec), -INV_EXTRA_BITS)
-        return ops.mul(r, inv, INV_EXTRA_BITS)
+        return _normalise(ops, r, spec, eps)
+
+
+def _normalise(ops, r, spec: RsqrtSpec, eps: float):
+    """r / (sum of the last dim + eps) with 1/S = rsqrt(S)^2 on spec's domain.
+    Cost: rsqrt on the row sums + 1 square + 1 product."""
+    total = ops.add_const(ops.sum(r, -1, keepdim=True), eps) if eps else ops.sum(r, -1, keepdim=True)
+    # 1/S carried with 8 extra fractional bits (a row sum of 8,000 at 512 tokens makes 1/S only 8 ulp
+    # at f = 16, a 6% quantisation); the final product's truncation drops them again
+    inv = ops.square(rsqrt(ops, total, spec), -INV_EXTRA_BITS)
+    return ops.mul(r, inv, INV_EXTRA_BITS)
+
+
+#: Masked keys' scores before the max: far below every real score (|s| < 4096), so that
+#: exp(s - max) is 0 there, and max - s stays below 2^13 (exp's comparison width).
+MASKED_SCORE = -4096.0
+
+
+def softmax_exp(ops, s, mask, spec: RsqrtSpec):
+    """The original softmax exp(s - max) / sum, with the max by a tree of narrow comparisons
+    (``maximum`` at width SCORE_BITS + 1), exp(-u) of u = max - s >= 0 by a degree-2 spline
+    (``approx.splines.exp_neg``: error 3e-5; 0 beyond u = 11.1, as Sigma's clipped exp) and 1/S by
+    rsqrt on S in [1, T] (the row's max contributes exp(0) = 1).  ``mask`` (public or shared 0/1)
+    sets masked keys to MASKED_SCORE before the max.  Domain |s| < 4096 (``RingOps`` raises
+    ``HeadroomError`` beyond).
+    Cost per score: the max's ceil(log2 T) levels (each 6 rounds: drelu_narrow at k = 29, 14.75 B,
+    and one product without truncation, 32 B, per pair: about 46.75 B per score in all) + exp
+    (10 rounds, 200.75 B) + the row's reciprocal + 1 product (2 rounds, 48 B); +32 B and 1 round
+    for a shared mask."""
+    from .splines import exp_neg
+
+    f = getattr(ops, "frac_bits", 16)
+    with ops.span("softmax_exp"):
+        monitor = getattr(ops, "monitor", None)
+        if monitor is not None:
+            monitor.value("softmax_score", ops.output(s), 2.0 ** (SCORE_BITS - 16))
+        if mask is not None:  # s where the key is kept, MASKED_SCORE where it is not
+            s = ops.add_const(ops.mask(ops.add_const(s, -MASKED_SCORE), mask), MASKED_SCORE)
+        m = ops.maximum(s, -1, k=SCORE_BITS + 1 + f - 16)
+        e = exp_neg(ops, ops.sub(m, s))
+        if mask is not None and not _is_shared(mask):  # exactly 0 on masked keys (local)
+            e = ops.mask(e, mask)
+        return _normalise(ops, e, spec, 0.0)
+
+
+def _is_shared(v) -> bool:
+    return hasattr(v, "session")
+
+
+#: Extra fractional bits of RMSNorm's rsqrt: LLM residual streams hold massive activations
+#: (SmolLM2: |x| up to 2.5e4, mean squares up to 1.1e6, docs/ranges.md), where 1/sqrt(ms) ~ 1e-3
+#: would be only 63 ulp at f = 16.
+RMS_OUT_BITS = 12
+#: Extra fractional bits of RMSNorm's mean square (even): small rows (SmolLM2's smallest mean square is
+#: 6e-3, 393 ulp at f = 16) keep their precision; the squares' truncation drops f - 8 bits instead of f.
+MS_EXTRA_BITS = 8
+
+
+def rmsnorm(ops, x, spec: RsqrtSpec, eps: float = 1e-6):
+    """x rsqrt(mean(x^2) + eps) over the last dim (Llama's RMSNorm; the server's gamma is applied
+    privately by the model).  The sum of squares keeps ``MS_EXTRA_BITS`` more fractional bits and is
+    divided by 2^ceil(log2 d) (an exact truncation of one value per row; a public product by 1/d
+    would need 26 bits of headroom that LLM rows do not leave), so rsqrt runs on
+    S = mean(x^2) (d / 2^c) 2^8; its result carries ``RMS_OUT_BITS``, is multiplied per row by the
+    public sqrt(d / 2^c), and y = x r / 2^(12 - 4) in the last product's truncation.  x is squared
+    without the 2^var_bits scaling of ``layernorm`` (LLM rows need the headroom): |x| < 2^(31 - f)
+    = 32768 at f = 16 (the exact truncation's 2^62; ``RingOps`` raises ``HeadroomError`` beyond).
+    Cost: 1 square + 2 truncations of one value per row + rsqrt + 1 product."""
+    f = getattr(ops, "frac_bits", 16)
+    e2 = MS_EXTRA_BITS
+    with ops.span("rmsnorm"):
+        d = _shape(x)[-1]
+        c = max(0, math.ceil(math.log2(d)))
+        monitor = getattr(ops, "monitor", None)
+        if monitor is not None:
+            monitor.value("rmsnorm_input", ops.output(x), 2.0 ** (31 - f))
+        total = ops.truncate(ops.sum(ops.square(x, -e2), -1, keepdim=True), c)  # mean(x^2) (d / 2^c) 2^e2
+        k = d / 2.0**c * 2.0**e2
+        r = rsqrt(ops, ops.add_const(total, eps * k), spec.with_(lo=spec.lo * k, hi=spec.hi * k, unit=spec.unit * k,
+                                                                out_bits=RMS_OUT_BITS))
+        r = ops.mul_const(r, math.sqrt(d / 2.0**c))
+        ideal = getattr(ops, "ideal", False)  # there rsqrt is exact, without the 2^RMS_OUT_BITS
+        return ops.mul(x, r, (0 if ideal else RMS_OUT_BITS) - e2 // 2)
 
 
 def layernorm(ops, x, spec: RsqrtSpec, gamma=None, beta=None, eps: float = 1e-12, var_bits: int = 4):

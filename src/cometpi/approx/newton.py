@@ -76,6 +76,7 @@ class RsqrtSpec:
     bit_trick: bool = True
     site: str = ""  # the call site's name (``approx.sites``), for range reports
     unit: float = 1.0  # the call site's own values are x / unit (LayerNorm runs rsqrt on scaled variances)
+    out_bits: int = 0  # extra fractional bits kept in the result (y 2^out_bits): small 1/sqrt(x) keep precision
 
     def __post_init__(self):
         object.__setattr__(self, "guess", Guess(self.guess))
@@ -170,6 +171,10 @@ class RsqrtSpec:
                              f"bits, a narrower domain or a smaller flood")
         return m
 
+    def newton_scale(self, frac_bits: int) -> int:
+        """The scale m of Newton's iterate Y = y 2^m: the guess's, or ``out_bits`` if larger."""
+        return max(self.guess_scale(frac_bits), self.out_bits)
+
     def prescale_bits(self, frac_bits: int) -> int:
         """k (even) such that the flood for x / 2^k, F / 2^k, fits the ring: 2F 2^(f-k) < 2^62.
         Scaling x down before flooding keeps sigma (distances shrink with F) and the guess is
@@ -190,7 +195,7 @@ class RsqrtSpec:
         it the secure result is garbage (``RingOps`` raises ``HeadroomError`` there); between ``hi``
         and this bound Newton only converges less (the result undershoots, it never wraps).
         """
-        m = self.guess_scale(frac_bits)
+        m = self.newton_scale(frac_bits)
         t_max = max(1.0, self.t0_bounds()[1])
         by_newton = (2.0 ** (62 - m - 2 * frac_bits) / t_max) ** 2
         cap = 2.0 ** (62 - frac_bits - 1)
@@ -250,11 +255,12 @@ class DomainMonitor:
 def initial_guess(ops, x, spec: RsqrtSpec, scale: int = 0):
     """y0 * 2^scale for 1/sqrt(x) on any backend (only flooded guesses use a scale)."""
     if spec.guess == Guess.CONSTANT:
-        return ops.const_like(x, 1 / math.sqrt(2 * spec.hi))
+        return ops.const_like(x, 2.0**scale / math.sqrt(2 * spec.hi))
     if spec.guess == Guess.THERMOMETER:
         thresholds, weights, base, k = spec.thermometer(getattr(ops, "frac_bits", 16))
         with ops.span("thermometer_guess"):
-            return ops.add_const(ops.weighted_bits(ops.compare_thresholds(x, thresholds, k), weights), base)
+            bits = ops.compare_thresholds(x, thresholds, k)
+            return ops.add_const(ops.weighted_bits(bits, [w * 2.0**scale for w in weights]), base * 2.0**scale)
     if spec.guess == Guess.CRYPTEN:
         from .functions import crypten_exp
 
@@ -300,6 +306,7 @@ def rsqrt(ops, x, spec: RsqrtSpec):
     the root and may not reach the target in the derived iteration count (the result undershoots
     1/sqrt(x), it never diverges below the flood F); products stay within the ring's headroom for
     x < ``spec.headroom_max(f)``, beyond which ``RingOps`` raises ``HeadroomError``.
+    With ``spec.out_bits`` = E the result is y 2^E (E more fractional bits; Newton runs at scale >= E).
     Cost (shares, exact truncation): guess + n steps of 3 products (6 rounds, 144 B/element each);
     guesses: comet 3 rounds, 40 B/element; constant 0; crypten 8 squarings (16 rounds, 256 B/element)
     plus 2 truncations (2 rounds, 32 B/element); thermometer one ``compare_many`` with
@@ -311,9 +318,10 @@ def rsqrt(ops, x, spec: RsqrtSpec):
         monitor = getattr(ops, "monitor", None)
         if monitor is not None:
             monitor(spec, ops.output(x))
-        m = spec.guess_scale(getattr(ops, "frac_bits", 16))
+        m = spec.newton_scale(getattr(ops, "frac_bits", 16))
         y = initial_guess(ops, x, spec, m)
         n = spec.n_iterations()
+        out = m - spec.out_bits
         for i in range(n):
-            y = newton_step(ops, x, y, spec.form, m, m if i == n - 1 else 0)
-        return ops.truncate(y, m) if m and not n else y
+            y = newton_step(ops, x, y, spec.form, m, out if i == n - 1 else 0)
+        return ops.truncate(y, out) if out and not n else y

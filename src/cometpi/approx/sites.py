@@ -11,6 +11,9 @@ random word pieces, digits) at 128, 256 and 512 tokens.  Largest inputs measured
 * the ReLU-softmax row sums S + eps: 418 (real), 1,250 / 4,307 / 8,089 at 128 / 256 / 512 adversarial
   tokens: domain [0.01, 2^14].
 * LayerNorm var + eps: 133 (MiniLM), 1.4 (random BERT-base): domain [1e-3, 256].
+* the original softmax's row sums exp(s - max): in [1, T] by construction: domain [0.5, 2^14].
+* RMSNorm mean(x^2) + eps in SmolLM2-135M: 6e-3 to 1.1e6 (its residual stream holds massive
+  activations, |x| up to 2.5e4): domain [1e-3, 2^22] (the rsqrt keeps 12 extra bits).
 
 The first sweep (512 short sentences, the base model) had set 1024 for all three of the first;
 longer inputs exceeded it (issue 15).  Each domain now keeps a margin of about 2x above the
@@ -32,6 +35,8 @@ DOMAINS = {
     "softmax_relu": (RELU_MU**2 / 2, 2.0**15),
     "softmax_sum": (SOFTMAX_EPS, 2.0**14),
     "layernorm_var": (1e-3, 256.0),
+    "softmax_exp_sum": (0.5, 2.0**14),
+    "rmsnorm_ms": (1e-3, 2.0**22),
 }
 
 

@@ -192,10 +192,13 @@ def relu(x: AShare) -> AShare:
         return mul(x, drelu(x), truncate_result=False)
 
 
-def maximum(x: AShare, dim: int = -1) -> AShare:
-    """Max along ``dim`` by a tree of max(a, b) = b + relu(a - b); keeps the dimension (size 1).
+def maximum(x: AShare, dim: int = -1, k: int | None = None) -> AShare:
+    """Max along ``dim`` by a tree of max(a, b) = b + (a - b)[a - b >= 0]; keeps the dimension (size 1).
+    The sign test is ``drelu`` over the full ring, or with ``k`` ``drelu_narrow`` at width k (valid
+    while the values of a row differ by less than 2^k).
 
-    Cost: ceil(log2 n) levels of relu on the halves (9 rounds each).
+    Cost: ceil(log2 n) levels on the halves, each the sign test + 1 product without truncation
+    (1 round, 32 B per pair): full ring 9 rounds, 110.75 B per pair; at k = 29, 6 rounds, 46.75 B.
     """
     s = x.session
     with s.span("max"):
@@ -204,7 +207,8 @@ def maximum(x: AShare, dim: int = -1) -> AShare:
             n = x.shape[-1]
             h = n // 2
             a, b = x[..., :h], x[..., h : 2 * h]
-            m = b + relu(a - b)
+            diff = a - b
+            m = b + (relu(diff) if k is None else mul(diff, drelu_narrow(diff, k), truncate_result=False))
             x = m if n % 2 == 0 else x._wrap(torch.cat([m.data, x.data[..., 2 * h :]], -1))
         return x._wrap(x.data.movedim(-1, dim))
 
