@@ -38,11 +38,15 @@ def _net(args):
 
 
 def _add_approx(p: argparse.ArgumentParser) -> None:
-    src = "default: the checkpoint's own (cometpi.json), else"
-    p.add_argument("--gelu", default=None, choices=["smu", "quad", "erf", "tanh"],
-                   help=f"GeLU replacement ({src} smu: Comet)")
-    p.add_argument("--softmax", default=None, choices=["relu", "relu2", "quad2", "crypten"],
-                   help=f"softmax replacement ({src} relu: Comet's ReLU normalisation)")
+    src = "default: the checkpoint's own (cometpi.json); a stock or exact checkpoint:"
+    p.add_argument("--gelu", default=None, choices=["smu", "quad", "spline", "erf", "tanh"],
+                   help=f"GeLU replacement ({src} spline, the model's own GeLU/SiLU by splines; smu: Comet's "
+                        "replacement; erf/tanh: CrypTen's constructions, reproduced)")
+    p.add_argument("--softmax", default=None, choices=["relu", "relu2", "quad2", "exp", "crypten"],
+                   help=f"softmax replacement ({src} exp, the original softmax: max, spline exp, reciprocal; "
+                        "relu: Comet's ReLU normalisation; crypten: CrypTen's, reproduced)")
+    p.add_argument("--comet", action="store_true",
+                   help="Comet's replacements (SMU, ReLU-softmax) on a stock checkpoint (not fine-tuned for them)")
     p.add_argument("--guess", default=None, choices=["thermometer", "comet", "constant", "crypten"],
                    help=f"rsqrt initial guess ({src} thermometer: the octave of x by one narrow secure "
                         "comparison, 3 Newton steps, no leakage; comet: Comet's flooded shares, sigma printed)")
@@ -108,8 +112,9 @@ def cmd_linear_query(args) -> int:
 
 def _approx_overrides(args) -> dict:
     """The approximation flags given on the command line (the rest come from the checkpoint)."""
-    return {k: getattr(args, k) for k in ("gelu", "softmax", "guess", "sigma", "smu_form", "relu")
-            if getattr(args, k, None) is not None}
+    out = {"gelu": "smu", "softmax": "relu"} if getattr(args, "comet", False) else {}
+    return {**out, **{k: getattr(args, k) for k in ("gelu", "softmax", "guess", "sigma", "smu_form", "relu")
+                      if getattr(args, k, None) is not None}}
 
 
 def cmd_serve(args) -> int:
@@ -298,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     lq.set_defaults(fn=cmd_linear_query)
 
     sv = sub.add_parser("serve", help="serve a Hugging Face checkpoint for private inference")
-    sv.add_argument("--model", required=True, help="checkpoint directory, or 'minilm' for the bundled MiniLM-L6")
+    sv.add_argument("--model", required=True,
+                    help="checkpoint directory, 'minilm' (the bundled MiniLM-L6) or 'smollm2' (SmolLM2-135M-Instruct)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=7301, help="0 picks a free port (printed)")
     sv.add_argument("--dealer", required=True, help="dealer HOST:PORT")
@@ -418,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("ranges", "rsqrt input ranges measured in MiniLM-L6 on real sentences"),
         ("sites", "rsqrt call sites at 128-512 tokens on adversarial texts: ranges, headroom, failure odds"),
         ("soak", "many private inferences of long and adversarial texts against the plaintext model"),
+        ("llm", "SmolLM2-135M next-token predictions: plaintext, original functions and Comet's, private"),
     ):
         sp = bsub.add_parser(what, help=help_)
         import_module(f"cometpi.bench.{what}").add_arguments(sp)

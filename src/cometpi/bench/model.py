@@ -124,7 +124,7 @@ def extrapolate(one: dict, two: dict, layers: int) -> dict:
         out[key] = lin(one[key], two[key])
     if two.get("seconds_dealer_prefetched") is not None:
         out["seconds_dealer_prefetched"] = lin(one["seconds_dealer_prefetched"], two["seconds_dealer_prefetched"])
-    per_layer = ("layernorm", "linear", "attention matmul", "softmax", "gelu")  # embedding, head: once
+    per_layer = ("layernorm", "linear", "attention matmul", "softmax", "gelu", "rotary", "swiglu gate")  # else once
     out["by_layer_type"] = {
         k: ({f: lin(one["by_layer_type"].get(k, {}).get(f, 0), v[f]) for f in v} if k in per_layer else v)
         for k, v in two["by_layer_type"].items()
@@ -181,7 +181,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="one tiny case (smoke run)")
-    p.add_argument("--model", choices=["bert-base", "minilm"], default=None,
+    p.add_argument("--model", choices=["bert-base", "minilm", "smollm2"], default=None,
                    help="run one case only (with --seq, --batch, --guess, ...) and upsert its row into --out")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
@@ -219,6 +219,8 @@ def main(args) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="cometpi-bench-") as tmp:
             dirs = {"bert-base": bert_base_dir(Path(tmp)), "minilm": resolve_model_dir("minilm")}
+            if args.model == "smollm2":
+                dirs["smollm2"] = resolve_model_dir("smollm2")
             if args.model:
                 approx = {"gelu": args.gelu, "softmax": args.softmax, "guess": args.guess, "sigma": args.sigma}
                 if args.gelu == "smu":
