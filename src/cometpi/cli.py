@@ -182,6 +182,37 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .serve import save_json
+    from .service import PrivateClient, format_bytes
+
+    if (args.prompt is None) == (args.chat is None):
+        raise SystemExit("give a prompt or --chat MESSAGE (one of them)")
+    with PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
+                       model_hash=args.model_hash, timeout=args.timeout, net=_net(args)) as client:
+        a = client.arch
+        print(f"connected: {a.kind}, {a.layers} layers, hidden {a.hidden}, model hash {client.card['model_hash']}, "
+              f"approximations {client.approx.gelu}/{client.approx.softmax}/{client.approx.guess}; weights masked "
+              f"in {client.setup_seconds:.1f} s", file=sys.stderr, flush=True)
+        for piece in client.generate(args.chat or args.prompt, max_new_tokens=args.max_new_tokens,
+                                     chat=args.chat is not None, fixed_length=args.fixed_length):
+            print(piece["text"], end="", flush=True)
+        print()
+        g = client.last_generation
+        pre, steps = g["prefill"], g["per_token"]
+        line = (f"prefill ({g['prompt_tokens']} tokens): {format_bytes(pre['online_bytes'])} online, "
+                f"{pre['rounds']} rounds, {pre['seconds']:.1f} s")
+        if steps:
+            n = len(steps)
+            line += (f"; per token ({n} more): {format_bytes(sum(s['online_bytes'] for s in steps) / n)}, "
+                     f"{sum(s['rounds'] for s in steps) / n:.0f} rounds, {sum(s['seconds'] for s in steps) / n:.2f} s; "
+                     f"KV cache {format_bytes(g['kv_cache_bytes_per_party'])} per party")
+        print(line, file=sys.stderr)
+        if args.json:
+            save_json(args.json, {"generation": g, "card": client.card})
+    return 0
+
+
 def _with_note(row: dict) -> str:
     """The echoed text of an ``infer`` result, after '(truncated to K of N tokens)' if it was cut."""
     from .service import truncation_note
@@ -332,6 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--json", default=None, help="write results and costs to this JSON file")
     _add_config(inf)
     inf.set_defaults(fn=cmd_infer)
+
+    gen = sub.add_parser("generate", help="generate text privately (greedy, KV cache in shares) from an LM server")
+    gen.add_argument("prompt", nargs="?", default=None, help="prompt text (or --chat)")
+    gen.add_argument("--chat", default=None, metavar="MESSAGE",
+                     help="one user message through the tokenizer's chat template")
+    gen.add_argument("--server", required=True, help="model server HOST:PORT")
+    gen.add_argument("--dealer", required=True, help="dealer HOST:PORT")
+    gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: SmolLM2's for its vocabulary)")
+    gen.add_argument("--model-hash", default=None, help="refuse a server whose model hash differs")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default %(default)s)")
+    gen.add_argument("--fixed-length", action="store_true",
+                     help="always run --max-new-tokens steps: the server does not learn where the text ended")
+    gen.add_argument("--json", default=None, help="write the text, token ids and costs to this JSON file")
+    _add_config(gen)
+    gen.set_defaults(fn=cmd_generate)
 
     ft = sub.add_parser("finetune", help="fine-tune a BERT classifier for the secure approximations")
     ft.add_argument("--variant", default="comet", choices=["exact", "comet", "comet-rsqrt", "mpcformer"],

@@ -9,7 +9,7 @@ weights are (in, out)).  Shapes are commented as in nanoGPT: (B, T, d), (B, nh, 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -423,8 +423,9 @@ def _rope(ops, t, arch, positions):
         return ops.mul_const_sum([(t, cos), (t[..., idx], sin * sign)])
 
 
-def _attention(ops, h, i, arch, B, T, mask, cfg):
+def _attention(ops, h, i, arch, B, T, mask, cfg, cache=None):
     d, nh, nkv = arch.hidden, arch.heads, arch.n_kv
+    start = cache.length if cache is not None else 0
     hs, rep = d // nh, nh // nkv
     with ops.span("attention"):
         qkv = ops.linear(h, f"layers.{i}.attn.qkv", bias=arch.bias)  # (B*T, (nh + 2 nkv) hs)
@@ -432,13 +433,21 @@ def _attention(ops, h, i, arch, B, T, mask, cfg):
         k, v = (qkv[:, d + j * nkv * hs : d + (j + 1) * nkv * hs].reshape(B, T, nkv, hs).transpose(1, 2)
                 for j in range(2))  # (B, nkv, T, hs)
         if arch.rope_theta:
-            pos = torch.arange(T)
+            pos = torch.arange(start, start + T)
             q, k = _rope(ops, q, arch, pos), _rope(ops, k, arch, pos)
+        if cache is not None:  # keys and values of the earlier positions, kept as shares between steps
+            if i < len(cache.k):
+                k, v = ops.cat([cache.k[i], k], 2), ops.cat([cache.v[i], v], 2)
+                cache.k[i], cache.v[i] = k, v
+            else:
+                cache.k.append(k)
+                cache.v.append(v)
+        S = start + T  # keys
         # grouped-query attention: the rep query heads of a KV head share its keys (no copies of k, v)
         qg = q.reshape(B, nkv, rep * T, hs)
-        scores = ops.matmul(qg, k.transpose(-2, -1)).reshape(B, nh, T, T)  # 1/sqrt(hs) is folded into W_q
+        scores = ops.matmul(qg, k.transpose(-2, -1)).reshape(B, nh, T, S)  # 1/sqrt(hs) is folded into W_q
         probs = _softmax(ops, scores, mask, cfg)
-        ctx = ops.matmul(probs.reshape(B, nkv, rep * T, T), v).reshape(B, nh, T, hs)
+        ctx = ops.matmul(probs.reshape(B, nkv, rep * T, S), v).reshape(B, nh, T, hs)
         ctx = ctx.transpose(1, 2).reshape(B * T, d)  # (B*T, d)
         return ops.linear(ctx, f"layers.{i}.attn.out", bias=arch.bias)
 
@@ -460,6 +469,27 @@ def _tanh(ops, x, cfg):
     return ops.sub(ops.mul_pow2(sigmoid(ops, ops.mul_pow2(x, 1)), 1), ops.const_like(x, 1.0))
 
 
+@dataclass
+class KVCache:
+    """Each layer's rotated keys and values, (B, kv_heads, positions, head_dim) backend values (shares on
+    the secure path: neither party learns them), kept between decoding steps; ``length`` positions."""
+
+    k: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+    length: int = 0
+
+    def nbytes(self) -> int:
+        """This party's memory for the cache (8 B per ring element)."""
+        return sum(8 * math.prod(getattr(t, "shape", ())) for t in (*self.k, *self.v))
+
+
+def decode_mask(batch: int, start: int, length: int) -> torch.Tensor:
+    """(B, 1, T, start + T) causal mask of T new positions over start cached ones."""
+    i = torch.arange(length)[:, None] + start
+    j = torch.arange(start + length)[None, :]
+    return (j <= i).to(torch.int64)[None, None].expand(batch, 1, length, start + length)
+
+
 def key_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
     """(B, 1, 1 or T, T) 0/1 mask of the keys each query may attend to."""
     B, T = attention_mask.shape
@@ -470,9 +500,13 @@ def key_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=None,
-            attention_mask: torch.Tensor | None = None, secret_mask=None, on_layer=None, all_positions: bool = False):
+            attention_mask: torch.Tensor | None = None, secret_mask=None, on_layer=None, all_positions: bool = False,
+            cache: KVCache | None = None):
     """Run the model; returns logits (B, labels) / (B, vocab) at the last position (``all_positions``:
     (B, T, vocab)) / hidden (B, T, d).
+
+    ``cache`` (decoders): the T positions follow ``cache.length`` earlier ones whose keys and values
+    the cache holds; the new ones are appended (no padding: every row has the same length).
 
     ``input_ids`` (B, T) are needed by the party that owns the text (the client; floats: always).
     ``attention_mask`` (B, T) is public (it reveals the lengths); with ``secret_mask`` (an AShare of
@@ -480,15 +514,23 @@ def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=
     ``on_layer`` (optional) is called after each layer (a progress bar).
     """
     B, T, d = batch, length, arch.hidden
+    start = 0 if cache is None else cache.length
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.int64)
-    mask = secret_mask if secret_mask is not None else key_mask(attention_mask, arch.causal)
+    if cache is not None:
+        if not arch.causal or secret_mask is not None or not bool(attention_mask.all()):
+            raise ValueError("a KV cache needs a decoder and unpadded rows")
+        mask = decode_mask(B, start, T)
+    else:
+        mask = secret_mask if secret_mask is not None else key_mask(attention_mask, arch.causal)
     if secret_mask is not None and arch.causal:
         raise ValueError("hiding the length is supported for BERT and RoBERTa only")
+    if start + T > arch.max_positions:
+        raise ValueError(f"{start + T} positions exceed the model's {arch.max_positions}")
     with ops.span("embeddings"):
         h = ops.embed(input_ids, n_tokens=B * T)  # (B*T, d)
         if not arch.rope_theta:
-            pos = torch.arange(T).repeat(B) + arch.position_offset
+            pos = torch.arange(start, start + T).repeat(B) + arch.position_offset
             h = ops.add_param(h, "embeddings.position", pos)
         if not arch.pre_ln:
             h = ops.add_param(h, "embeddings.token_type", torch.zeros(B * T, dtype=torch.int64))
@@ -497,7 +539,7 @@ def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=
         with ops.span("layer"):
             if arch.pre_ln:
                 h = ops.add(h, _attention(ops, _layernorm(ops, h, f"layers.{i}.ln1", cfg, arch.ln_eps, arch), i,
-                                          arch, B, T, mask, cfg))
+                                          arch, B, T, mask, cfg, cache))
                 h = ops.add(h, _ffn(ops, _layernorm(ops, h, f"layers.{i}.ln2", cfg, arch.ln_eps, arch), i, arch,
                                     cfg))
             else:
@@ -506,6 +548,8 @@ def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=
                 h = _layernorm(ops, ops.add(h, _ffn(ops, h, i, arch, cfg)), f"layers.{i}.ln2", cfg, arch.ln_eps)
         if on_layer is not None:
             on_layer()
+    if cache is not None:
+        cache.length += T
     with ops.span("head"):
         if arch.head == "none":
             return h.reshape(B, T, d)
@@ -582,3 +626,63 @@ def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, in
     out = forward(model, arch, cfg, batch=B, length=T, input_ids=input_ids, attention_mask=attention_mask,
                   secret_mask=secret, on_layer=on_layer)
     return model.reveal(out)
+
+
+#: Width of greedy decoding's argmax at f = 16 (LOGIT_BITS + f - 16): logits of a row within 2^(28-16) = 4096
+#: of each other (SmolLM2's stay within 60; ``RingOps`` raises ``HeadroomError`` beyond).
+LOGIT_BITS = 28
+
+
+def greedy_decode(ops, arch, cfg: ApproxConfig, *, prompt_ids=None, prompt_length: int, max_new: int,
+                  cache: KVCache | None = None, on_token=None, stop=None):
+    """Greedy decoding with a KV cache on any model backend: one prefill forward of the prompt, then
+    one position per step over the cached keys and values.  Each step's next token is the argmax of
+    the last position's logits, by the max tree of narrow comparisons and one sign test (on shares:
+    only the 0/1 marks of the argmax are revealed, to the client; ties reveal every maximum and the
+    first is taken).  Yields each token id (None on the server, which learns nothing but the number
+    of steps); ``stop(token)`` (the client's) ends the loop early, ``on_token`` sees each id.
+    Returns (as StopIteration's value) the cache."""
+    cache = KVCache() if cache is None else cache
+    ids, T = prompt_ids, prompt_length
+    f = getattr(ops, "frac_bits", 16)
+    for _ in range(max_new):
+        logits = forward(ops, arch, cfg, batch=1, length=T, input_ids=ids, cache=cache)  # (1, vocab)
+        with ops.span("argmax"):
+            marks = ops.reveal(ops.argmax_onehot(logits, -1, k=LOGIT_BITS + f - 16))
+        token = None if marks is None else int(torch.as_tensor(marks)[0].argmax())
+        if on_token is not None:
+            on_token(token)
+        end = stop is not None and stop(token)  # before the yield: the peer hears it at once
+        yield token
+        if end:
+            break
+        ids, T = (None if token is None else torch.tensor([[token]])), 1
+    return cache
+
+
+def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareModel, prompt_ids=None,
+                    prompt_length: int, max_new: int, eos_id: int | None = None, fixed_length: bool = False):
+    """One party's side of private greedy generation (a generator of token ids; None on the server).
+
+    The client passes its ``prompt_ids`` (1, T); both pass ``prompt_length`` and ``max_new``.  After
+    each token the client tells the server whether to go on (the server learns the number of tokens
+    generated, not which); with ``fixed_length`` both run ``max_new`` steps and no flag is sent (the
+    client discards what follows an end-of-sequence itself), so the server learns only max_new.
+    """
+    check_truncation(session.config, cfg)
+
+    def stop(token):
+        if fixed_length:
+            return False
+        if session.is_client:
+            end = eos_id is not None and token == eos_id
+            session.peer.send_json({"stop": bool(end)}, "decode-step")
+            return end
+        q = session.peer.recv_json("decode-step")
+        if not isinstance(q, dict) or not isinstance(q.get("stop"), bool):
+            raise ValueError(f"malformed decode-step message: {q!r}")
+        return q["stop"]
+
+    with session.span("generate"):
+        yield from greedy_decode(model, arch, cfg, prompt_ids=prompt_ids, prompt_length=prompt_length,
+                                 max_new=max_new, stop=stop)

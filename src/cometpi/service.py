@@ -7,10 +7,14 @@ queries::
 
     client -> server  {"op": "infer", "batch": B, "length": T, "mask": [[0/1...]] | null, "hide_length": bool}
     ...               the secure forward pass (dealer traffic offline)
+    client -> server  {"op": "generate", "length": T, "max_new": N, "fixed_length": bool}
+    ...               prefill, then per token: one decoding step over the KV cache (shares) and the
+                      client's {"stop": bool} (not sent with fixed_length)
     client -> server  {"op": "bye"}
 
 The attention mask is public unless ``hide_length``: then the client shares it and the server learns
-only the padded length T.
+only the padded length T.  Generation reveals the prompt length and the number of tokens generated
+(with ``fixed_length``: only N) to the server, and only the generated token ids to the client.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from tqdm import tqdm
 from . import checkpoint
 from .convert import Arch, params_hash
 from .core import Config, ConfigError, Session
-from .nn import PER_CHANNEL, ApproxConfig, ShareModel, prepare_params, secure_forward, trained_smu_lo
+from .nn import PER_CHANNEL, ApproxConfig, ShareModel, prepare_params, secure_forward, secure_generate, trained_smu_lo
 from .party import connect_client
 from .transport import DEFAULT_TIMEOUT, Traffic
 
 log = logging.getLogger("cometpi.service")
 MAX_BATCH = 64
+MAX_NEW_TOKENS = 1024
 IDLE_TIMEOUT = 300.0  # how long a session may sit between queries (the protocol's own waits use --timeout)
 
 
@@ -124,6 +129,13 @@ class ModelServer:
                 rep["peak_rss_mb"] = peak_rss_mb()
                 sess.peer.send_json(rep, "stats")
                 continue
+            if q.get("op") == "generate":
+                T, max_new, fixed = self._validate_generate(q)
+                with sess.span("generation"):
+                    for _ in secure_generate(sess, self.arch, self.approx, model=model, prompt_length=T,
+                                             max_new=max_new, fixed_length=fixed):
+                        pass
+                continue
             shape, mask, hide = self._validate(q)
             key = (*shape, hide, None if mask is None else tuple(mask.sum(1).tolist()))
             _prefetch(sess, plans.get(key))
@@ -132,6 +144,17 @@ class ModelServer:
                 secure_forward(sess, self.arch, self.approx, shape=shape, attention_mask=mask, hide_length=hide,
                                model=model)
             plans[key] = sess.provider.plan_since(start)
+
+    def _validate_generate(self, q: dict):
+        if self.arch.head != "lm":
+            raise ValueError(f"generation needs a model with an LM head (this one: {self.arch.head!r})")
+        T, n = q.get("length"), q.get("max_new")
+        if not (isinstance(n, int) and 0 < n <= MAX_NEW_TOKENS):
+            raise ValueError(f"max_new must be 1..{MAX_NEW_TOKENS}, got {n!r}")
+        if not (isinstance(T, int) and 0 < T and T + n <= self.arch.max_positions):
+            raise ValueError(f"prompt length {T!r} + {n} new tokens must fit the model's {self.arch.max_positions} "
+                             "positions")
+        return T, n, bool(q.get("fixed_length"))
 
     def _validate(self, q: dict):
         B, T = q.get("batch"), q.get("length")
@@ -242,6 +265,54 @@ class PrivateClient:
             stats[phase] = t.as_dict()
         return out, stats
 
+    def generate(self, prompt, *, max_new_tokens: int = 32, chat: bool = False, fixed_length: bool = False):
+        """Private greedy generation: an iterator of ``{"token": id, "text": piece}`` as each token is
+        produced (the server learns neither the prompt nor the tokens: only the prompt length and the
+        number of tokens, or with ``fixed_length`` only ``max_new_tokens``).  ``prompt``: text (with
+        ``chat``: one user message through the tokenizer's chat template) or a list of token ids.
+        Afterwards ``self.last_generation`` holds the ids, the text and the costs: prefill and per
+        token (online bytes, rounds, seconds) and the KV cache's size per party."""
+        if self.arch.head != "lm":
+            raise ValueError(f"the served model has no LM head (head {self.arch.head!r})")
+        if isinstance(prompt, str):
+            if chat:
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, return_tensors="pt")
+                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            else:
+                ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        else:
+            ids = torch.tensor([list(prompt)], dtype=torch.int64)
+        ids = torch.as_tensor(ids).reshape(1, -1)
+        T = ids.shape[1]
+        if T + max_new_tokens > self.arch.max_positions:
+            raise ValueError(f"{T} prompt tokens + {max_new_tokens} new exceed the model's {self.arch.max_positions}")
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        with self.sess.offline():
+            self.sess.peer.send_json({"op": "generate", "length": T, "max_new": max_new_tokens,
+                                      "fixed_length": fixed_length}, "query")
+        steps, out_ids, done = [], [], False
+        before, t0 = self.sess.meter.snapshot(), time.perf_counter()
+        with self.sess.span("generation"):
+            for token in secure_generate(self.sess, self.arch, self.approx, model=self.model, prompt_ids=ids,
+                                         prompt_length=T, max_new=max_new_tokens, eos_id=eos,
+                                         fixed_length=fixed_length):
+                after, t1 = self.sess.meter.snapshot(), time.perf_counter()
+                on = sum((after[k] - before[k] for k in after if k[1] == "online"), Traffic())
+                steps.append({"online_bytes": on.payload_bytes, "rounds": on.rounds, "seconds": t1 - t0})
+                before, t0 = after, t1
+                if done:  # fixed length: what follows the end of sequence is discarded, privately
+                    continue
+                out_ids.append(token)
+                done = eos is not None and token == eos
+                yield {"token": token, "text": self.tokenizer.decode([token])}
+        self.last_generation = {
+            "prompt_tokens": T, "ids": out_ids, "text": self.tokenizer.decode(out_ids, skip_special_tokens=True),
+            "steps": len(steps), "fixed_length": fixed_length, "prefill": steps[0] if steps else None,
+            "per_token": steps[1:],
+            "kv_cache_bytes_per_party": 2 * self.arch.layers * (T + len(steps) - 1) * self.arch.n_kv
+            * self.arch.head_dim * 8}
+
     def classify(self, texts: list[str], *, max_length: int = 128, pad_to: int | None = None,
                  hide_length: bool = False, progress: bool = False) -> list[dict]:
         """Label, confidence and logits per text (one private inference for the batch), and how many
@@ -316,6 +387,13 @@ def load_tokenizer(path: str | None, arch: Arch):
         from .data import minilm_path
 
         return BertTokenizerFast.from_pretrained(minilm_path(), local_files_only=True)
+    if arch.kind == "llama" and arch.vocab == 49152:  # SmolLM2's: from the cache, else from the GGUF (no weights)
+        from .data import SMOLLM2_DIR, cache_dir, smollm2_gguf
+
+        if (cache_dir() / SMOLLM2_DIR / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(cache_dir() / SMOLLM2_DIR, local_files_only=True)
+        gguf = smollm2_gguf()
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     raise ValueError(f"no tokenizer known for a {arch.kind} with {arch.vocab} tokens: pass --tokenizer DIR")
 
 

@@ -44,6 +44,19 @@ class _Additive:
     def sum(self, a, dim, keepdim=False):
         return a.sum(dim, keepdim)
 
+    def cat(self, values, dim):
+        """Concatenation (local on every backend)."""
+        if isinstance(values[0], AShare):
+            return values[0]._wrap(torch.cat([v.data for v in values], dim))
+        return torch.cat(values, dim)
+
+    def argmax_onehot(self, a, dim=-1, k=None):
+        """0/1 marks of the maximum along ``dim`` (ties: every maximum): [a - max >= 0], with the max
+        tree and the test at width k (narrow) or over the full ring."""
+        m = self.maximum(a, dim, k=k)
+        d = self.sub(a, m)
+        return self.drelu(d) if k is None else self.sign(d, k)
+
 
 class FloatOps(_Additive):
     """Plain float arithmetic; ``dtype`` float64 for analysis, float32 for training.

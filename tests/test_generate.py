@@ -1,0 +1,120 @@
+"""Private greedy generation with a KV cache in shares: cached equals uncached, private equals the
+plaintext simulation token for token, end of sequence and fixed length, on tiny Llama and GPT-2."""
+
+import pytest
+import torch
+
+from cometpi.convert import from_hf, reference_forward
+from cometpi.nn import (
+    ApproxConfig,
+    FloatModel,
+    KVCache,
+    RingModel,
+    ShareModel,
+    greedy_decode,
+    prepare_params,
+    secure_generate,
+)
+from cometpi.party import run_local
+
+from .test_convert import _tiny
+
+ORIGINAL = ApproxConfig.original()
+MODELS = [("LlamaForCausalLM", "llama"), ("GPT2LMHeadModel", "gpt2")]
+
+
+def _prompt(seed=11, n=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 99, (1, n), generator=g)
+
+
+def _uncached(arch, params, ids, steps):
+    """Greedy decoding by re-running the whole prefix every step (the exact reference)."""
+    out = ids
+    for _ in range(steps):
+        nxt = reference_forward(arch, params, out)[0, -1].argmax()
+        out = torch.cat([out, nxt.reshape(1, 1)], 1)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("cls,kind", MODELS)
+def test_cached_decoding_equals_rerunning_the_prefix(cls, kind):
+    arch, params = from_hf(_tiny(cls, seed=12))
+    ids = _prompt()
+    ops = FloatModel(prepare_params(arch, params, ApproxConfig.exact()))
+    cache = KVCache()
+    got = list(greedy_decode(ops, arch, ApproxConfig.exact(), prompt_ids=ids, prompt_length=5, max_new=6,
+                             cache=cache))
+    assert got == _uncached(arch, params, ids, 6)
+    assert cache.length == 5 + 5 and len(cache.k) == arch.layers  # the last token is not fed back
+    assert tuple(cache.k[0].shape) == (1, arch.n_kv, 10, arch.head_dim)
+
+
+@pytest.mark.parametrize("cls,kind", MODELS)
+def test_private_tokens_equal_the_simulation(cls, kind):
+    """Private greedy tokens (original functions, KV cache in shares) equal the fixed-point
+    simulation's; with an end-of-sequence id the client stops both parties there."""
+    arch, params = from_hf(_tiny(cls, seed=13))
+    ids = _prompt(14)
+    prepared = prepare_params(arch, params, ORIGINAL)
+    ring = list(greedy_decode(RingModel(prepared), arch, ORIGINAL, prompt_ids=ids, prompt_length=5, max_new=5))
+    plain = _uncached(arch, params, ids, 5)
+    eos = ring[2]
+
+    def job(s):
+        model = ShareModel(s, arch, prepared if not s.is_client else None)
+        kw = dict(model=model, prompt_ids=ids if s.is_client else None, prompt_length=5, max_new=5)
+        full = list(secure_generate(s, arch, ORIGINAL, fixed_length=True, **kw))
+        cut = list(secure_generate(s, arch, ORIGINAL, eos_id=eos if s.is_client else None, **kw))
+        return full, cut
+
+    (full, cut), (sfull, scut) = run_local(job, timeout=600)
+    assert full == ring
+    assert cut == ring[: ring.index(eos) + 1]
+    assert sfull == [None] * 5 and len(scut) == len(cut)  # the server: the number of steps, nothing else
+    assert plain[:3] == ring[:3]  # the original functions follow the plaintext model (margins permitting)
+
+
+def test_generate_over_three_processes(tmp_path):
+    """`cometpi serve` on a stock tiny Llama with SmolLM2's vocabulary (the original functions by default),
+    `cometpi generate` streams the simulation's greedy tokens, and reports prefill and per-token costs."""
+    import json
+    import subprocess
+    import sys
+
+    import transformers
+
+    from cometpi.serve import spawn, stop
+    from cometpi.service import load_tokenizer
+
+    torch.manual_seed(15)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=37, num_hidden_layers=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True, initializer_range=0.3)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "tiny-llama")
+    arch, params = from_hf(str(tmp_path / "tiny-llama"))
+    prompt = "The rain had started before dawn"
+    ids = load_tokenizer(None, arch)(prompt, return_tensors="pt")["input_ids"]
+    want = list(greedy_decode(RingModel(prepare_params(arch, params, ORIGINAL)), arch, ORIGINAL, prompt_ids=ids,
+                              prompt_length=ids.shape[1], max_new=4))
+    dealer, daddr = spawn(["dealer", "--port", "0"])
+    server = None
+    try:
+        server, saddr = spawn(["serve", "--model", str(tmp_path / "tiny-llama"), "--port", "0", "--dealer", daddr,
+                               "--once"], timeout=60)
+        r = subprocess.run([sys.executable, "-m", "cometpi", "generate", "--server", saddr, "--dealer", daddr,
+                            "--max-new-tokens", "4", "--fixed-length", "--json", str(tmp_path / "gen.json"), prompt],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        server.wait(30)
+    finally:
+        if server is not None:
+            stop(server)
+        stop(dealer)
+    g = json.loads((tmp_path / "gen.json").read_text())["generation"]
+    eos = 2 if 2 in want else None
+    assert g["ids"] == (want[: want.index(eos) + 1] if eos else want)
+    assert g["prompt_tokens"] == ids.shape[1] and g["steps"] == 4 and len(g["per_token"]) == 3
+    assert g["prefill"]["online_bytes"] > g["per_token"][0]["online_bytes"] > 0
+    assert "per token" in r.stderr and "KV cache" in r.stderr
