@@ -15,6 +15,7 @@ import pytest
 from cometpi.serve import spawn, stop
 from cometpi.transport import FAULT_EXIT_CODE
 
+from .test_generate import tiny_llama_dir  # noqa: F401  (fixture)
 from .test_service import tiny_bert_dir  # noqa: F401  (fixture)
 
 TIMEOUT = 10  # every party's receive timeout here: the bound on noticing a silent peer
@@ -113,5 +114,36 @@ def test_server_or_dealer_dies_and_the_client_fails_cleanly(tiny_bert_dir, frame
             assert server.poll() is None
     finally:
         stop(server)
+        stop(dealer)
+    assert not _zombies()
+
+
+def test_server_killed_mid_generation_and_the_client_fails_cleanly(tiny_llama_dir, tmp_path):  # noqa: F811
+    """Issue 13: the server is killed (SIGKILL) while it generates; `cometpi generate` exits with a clean
+    error within the timeout, leaves no JSON, and the dealer keeps running."""
+    dealer, daddr = spawn(["dealer", "--port", "0", "--pairing-timeout", str(TIMEOUT)], env=_env(None))
+    server = None
+    try:
+        server, saddr = spawn(["serve", "--model", str(tiny_llama_dir), "--port", "0", "--dealer", daddr,
+                               "--timeout", str(TIMEOUT)], timeout=60, env=_env(None))
+        out = tmp_path / "gen.json"
+        client = subprocess.Popen([sys.executable, "-m", "cometpi", "generate", "--server", saddr, "--dealer", daddr,
+                                   "--timeout", str(TIMEOUT), "--max-new-tokens", "40", "--fixed-length", "--json",
+                                   str(out), "The rain had started before dawn"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=_env(None))
+        line = client.stderr.readline()  # "connected: ..." once the weights are masked: generation starts
+        assert line.startswith("connected"), line
+        time.sleep(1.0)
+        server.kill()
+        t0 = time.perf_counter()
+        _, err = client.communicate(timeout=120)
+        seconds = time.perf_counter() - t0
+        assert client.returncode == 2, (client.returncode, err[-2000:])
+        assert "error" in err and "Traceback" not in err
+        assert seconds < 2 * TIMEOUT + 10 and not out.exists()
+        assert dealer.poll() is None
+    finally:
+        if server is not None:
+            stop(server)
         stop(dealer)
     assert not _zombies()

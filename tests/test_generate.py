@@ -75,25 +75,31 @@ def test_private_tokens_equal_the_simulation(cls, kind):
     assert plain[:3] == ring[:3]  # the original functions follow the plaintext model (margins permitting)
 
 
-def test_generate_over_three_processes(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A stock tiny Llama with SmolLM2's vocabulary (so SmolLM2's tokenizer works), saved as a checkpoint."""
+    import transformers
+
+    torch.manual_seed(15)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=37, num_hidden_layers=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True, initializer_range=0.3)
+    path = tmp_path_factory.mktemp("model") / "tiny-llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_generate_over_three_processes(tmp_path, tiny_llama_dir):
     """`cometpi serve` on a stock tiny Llama with SmolLM2's vocabulary (the original functions by default),
     `cometpi generate` streams the simulation's greedy tokens, and reports prefill and per-token costs."""
     import json
     import subprocess
     import sys
 
-    import transformers
-
     from cometpi.serve import spawn, stop
     from cometpi.service import load_tokenizer
 
-    torch.manual_seed(15)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=37, num_hidden_layers=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True, initializer_range=0.3)
-    model = transformers.LlamaForCausalLM(cfg)
-    model.save_pretrained(tmp_path / "tiny-llama")
-    arch, params = from_hf(str(tmp_path / "tiny-llama"))
+    arch, params = from_hf(str(tiny_llama_dir))
     prompt = "The rain had started before dawn"
     ids = load_tokenizer(None, arch)(prompt, return_tensors="pt")["input_ids"]
     want = list(greedy_decode(RingModel(prepare_params(arch, params, ORIGINAL)), arch, ORIGINAL, prompt_ids=ids,
@@ -101,7 +107,7 @@ def test_generate_over_three_processes(tmp_path):
     dealer, daddr = spawn(["dealer", "--port", "0"])
     server = None
     try:
-        server, saddr = spawn(["serve", "--model", str(tmp_path / "tiny-llama"), "--port", "0", "--dealer", daddr,
+        server, saddr = spawn(["serve", "--model", str(tiny_llama_dir), "--port", "0", "--dealer", daddr,
                                "--once"], timeout=60)
         r = subprocess.run([sys.executable, "-m", "cometpi", "generate", "--server", saddr, "--dealer", daddr,
                             "--max-new-tokens", "4", "--fixed-length", "--json", str(tmp_path / "gen.json"), prompt],

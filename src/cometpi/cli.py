@@ -471,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sites", "rsqrt call sites at 128-512 tokens on adversarial texts: ranges, headroom, failure odds"),
         ("soak", "many private inferences of long and adversarial texts against the plaintext model"),
         ("llm", "SmolLM2-135M next-token predictions: plaintext, original functions and Comet's, private"),
+        ("generate", "private generation with a KV cache: SmolLM2 continuations against plaintext, per-token cost"),
     ):
         sp = bsub.add_parser(what, help=help_)
         import_module(f"cometpi.bench.{what}").add_arguments(sp)

@@ -226,10 +226,22 @@ class PrivateClient:
             self.model = ShareModel(self.sess, self.arch, None)  # receives the masked weights (offline)
             self.plans: dict = {}
             self.setup_seconds = time.perf_counter() - t0
-            self.tokenizer = load_tokenizer(tokenizer, self.arch)
+            try:
+                self._tokenizer, self._tokenizer_error = load_tokenizer(tokenizer, self.arch), None
+            except ValueError as e:  # token ids still work (infer_ids, generate from ids); text needs one
+                self._tokenizer, self._tokenizer_error = None, e
         except BaseException:
             self.sess.close()
             raise
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise self._tokenizer_error
+        return self._tokenizer
+
+    def _decode(self, ids, **kw) -> str:
+        return self._tokenizer.decode(ids, **kw) if self._tokenizer is not None else ""
 
     def infer_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   hide_length: bool = False, progress: bool = False) -> tuple[torch.Tensor, dict]:
@@ -287,7 +299,7 @@ class PrivateClient:
         T = ids.shape[1]
         if T + max_new_tokens > self.arch.max_positions:
             raise ValueError(f"{T} prompt tokens + {max_new_tokens} new exceed the model's {self.arch.max_positions}")
-        eos = getattr(self.tokenizer, "eos_token_id", None)
+        eos = getattr(self._tokenizer, "eos_token_id", None)
         with self.sess.offline():
             self.sess.peer.send_json({"op": "generate", "length": T, "max_new": max_new_tokens,
                                       "fixed_length": fixed_length}, "query")
@@ -305,9 +317,9 @@ class PrivateClient:
                     continue
                 out_ids.append(token)
                 done = eos is not None and token == eos
-                yield {"token": token, "text": self.tokenizer.decode([token])}
+                yield {"token": token, "text": self._decode([token])}
         self.last_generation = {
-            "prompt_tokens": T, "ids": out_ids, "text": self.tokenizer.decode(out_ids, skip_special_tokens=True),
+            "prompt_tokens": T, "ids": out_ids, "text": self._decode(out_ids, skip_special_tokens=True),
             "steps": len(steps), "fixed_length": fixed_length, "prefill": steps[0] if steps else None,
             "per_token": steps[1:],
             "kv_cache_bytes_per_party": 2 * self.arch.layers * (T + len(steps) - 1) * self.arch.n_kv
