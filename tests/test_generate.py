@@ -124,3 +124,30 @@ def test_generate_over_three_processes(tmp_path, tiny_llama_dir):
     assert g["prompt_tokens"] == ids.shape[1] and g["steps"] == 4 and len(g["per_token"]) == 3
     assert g["prefill"]["online_bytes"] > g["per_token"][0]["online_bytes"] > 0
     assert "per token" in r.stderr and "KV cache" in r.stderr
+
+
+def test_sampling_with_the_clients_noise():
+    """Temperature sampling by the Gumbel-max trick: with the same noise the private tokens equal the
+    simulation's, the server's side is the greedy one (it never sees the noise), and a high temperature
+    departs from greedy decoding."""
+    arch, params = from_hf(_tiny("LlamaForCausalLM", seed=17))
+    ids = _prompt(18)
+    prepared = prepare_params(arch, params, ORIGINAL)
+    gen = torch.Generator().manual_seed(19)  # test noise, fixed so that both runs see the same
+    noise = [-torch.log(-torch.log(torch.rand(1, arch.vocab, generator=gen, dtype=torch.float64).clamp_min(1e-12)))
+             for _ in range(5)]
+    ring = list(greedy_decode(RingModel(prepared), arch, ORIGINAL, prompt_ids=ids, prompt_length=5, max_new=5,
+                              temperature=2.0, noise=lambda i: noise[i]))
+    greedy = list(greedy_decode(RingModel(prepared), arch, ORIGINAL, prompt_ids=ids, prompt_length=5, max_new=5))
+    assert ring != greedy
+
+    def job(s):
+        model = ShareModel(s, arch, prepared if not s.is_client else None)
+        return list(secure_generate(s, arch, ORIGINAL, model=model, prompt_ids=ids if s.is_client else None,
+                                    prompt_length=5, max_new=5, fixed_length=True,
+                                    temperature=2.0 if s.is_client else 0.0, noise=lambda i: noise[i]))
+
+    assert run_local(job, timeout=600)[0] == ring
+    with pytest.raises(ValueError, match="temperature"):
+        next(greedy_decode(RingModel(prepared), arch, ORIGINAL, prompt_ids=ids, prompt_length=5, max_new=1,
+                           temperature=-1.0))

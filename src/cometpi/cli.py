@@ -195,7 +195,8 @@ def cmd_generate(args) -> int:
               f"approximations {client.approx.gelu}/{client.approx.softmax}/{client.approx.guess}; weights masked "
               f"in {client.setup_seconds:.1f} s", file=sys.stderr, flush=True)
         for piece in client.generate(args.chat or args.prompt, max_new_tokens=args.max_new_tokens,
-                                     chat=args.chat is not None, fixed_length=args.fixed_length):
+                                     chat=args.chat is not None, fixed_length=args.fixed_length,
+                                     temperature=args.temperature):
             print(piece["text"], end="", flush=True)
         print()
         g = client.last_generation
@@ -375,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default %(default)s)")
     gen.add_argument("--fixed-length", action="store_true",
                      help="always run --max-new-tokens steps: the server does not learn where the text ended")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0: greedy (default); t > 0: sample softmax(logits / t) with the client's own noise "
+                          "(Gumbel-max; the server learns neither the noise nor t)")
     gen.add_argument("--json", default=None, help="write the text, token ids and costs to this JSON file")
     _add_config(gen)
     gen.set_defaults(fn=cmd_generate)

@@ -39,7 +39,7 @@ from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
 from .approx.splines import activation as spline_activation
 from .convert import rotary_tables, rotate_half_index
 from .core import ConfigError, Role, Session, TruncMode
-from .ring import FixedPoint
+from .ring import FixedPoint, uniform01
 
 PER_CHANNEL = "per-channel"
 #: ``spline``: the model's own activation (erf or tanh GeLU, SiLU) by splines (``approx.splines``); ``erf`` and
@@ -207,6 +207,9 @@ class FloatModel(FloatOps):
     def mul_const_sum(self, pairs):
         return sum(a * torch.as_tensor(c, dtype=a.dtype) for a, c in pairs)
 
+    def add_client_value(self, x, v):
+        return x + torch.as_tensor(v, dtype=x.dtype)
+
     def reveal(self, x):
         return x
 
@@ -238,6 +241,9 @@ class RingModel(RingOps):
     def mul_const_sum(self, pairs):
         """sum of a * c for public real tensors c, with one truncation."""
         return self.shift(sum(checked_product(a, self.fp.encode(c)) for a, c in pairs), self.fp.frac_bits)
+
+    def add_client_value(self, x, v):
+        return x + self.fp.encode(v)
 
     def reveal(self, x):
         return self.fp.decode(x)
@@ -282,6 +288,10 @@ class ShareModel(ShareOps):
             t = a.mul_int(torch.broadcast_to(self.fp.encode(c), a.shape).contiguous())
             acc = t if acc is None else acc + t
         return P.truncate(acc, self.fp.frac_bits)
+
+    def add_client_value(self, x, v):
+        """x + v for a value v the client alone knows (added to its own share: local)."""
+        return x._wrap(x.data + self.fp.encode(v).to(x.data.device))
 
     def reveal(self, x):
         return self.s.reveal_float(x, Role.CLIENT)
@@ -633,20 +643,36 @@ def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, in
 LOGIT_BITS = 28
 
 
+def gumbel_noise(shape) -> torch.Tensor:
+    """Gumbel(0, 1) samples -log(-log U) from the CSPRNG (U uniform in (0, 1), 53 bits): in [-3.6, 36.7]."""
+    u = uniform01(shape).clamp_min(2.0**-53)
+    return -torch.log(-torch.log(u))
+
+
 def greedy_decode(ops, arch, cfg: ApproxConfig, *, prompt_ids=None, prompt_length: int, max_new: int,
-                  cache: KVCache | None = None, on_token=None, stop=None):
-    """Greedy decoding with a KV cache on any model backend: one prefill forward of the prompt, then
-    one position per step over the cached keys and values.  Each step's next token is the argmax of
-    the last position's logits, by the max tree of narrow comparisons and one sign test (on shares:
-    only the 0/1 marks of the argmax are revealed, to the client; ties reveal every maximum and the
-    first is taken).  Yields each token id (None on the server, which learns nothing but the number
-    of steps); ``stop(token)`` (the client's) ends the loop early, ``on_token`` sees each id.
+                  cache: KVCache | None = None, on_token=None, stop=None, temperature: float = 0.0, noise=None):
+    """Greedy decoding (or sampling) with a KV cache on any model backend: one prefill forward of the
+    prompt, then one position per step over the cached keys and values.  Each step's next token is
+    the argmax of the last position's logits, by the max tree of narrow comparisons and one sign test
+    (on shares: only the 0/1 marks of the argmax are revealed, to the client; ties reveal every
+    maximum and the first is taken).  With ``temperature`` t > 0 it is a sample of softmax(logits / t)
+    by the Gumbel-max trick: argmax(logits / t + g) = argmax(logits + t g) with g ~ Gumbel(0, 1) per
+    vocabulary entry drawn by the client (``noise(step)``, default ``gumbel_noise`` from the CSPRNG) and
+    t g added to its own share: the server computes exactly what it does for greedy decoding and
+    learns neither g nor t.  Yields each token id (None on the server, which learns nothing but the
+    number of steps); ``stop(token)`` (the client's) ends the loop early, ``on_token`` sees each id.
     Returns (as StopIteration's value) the cache."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     cache = KVCache() if cache is None else cache
     ids, T = prompt_ids, prompt_length
     f = getattr(ops, "frac_bits", 16)
-    for _ in range(max_new):
+    owns_text = not isinstance(ops, ShareModel) or ops.s.is_client
+    for step in range(max_new):
         logits = forward(ops, arch, cfg, batch=1, length=T, input_ids=ids, cache=cache)  # (1, vocab)
+        if temperature > 0 and owns_text:  # the server's side is the same as for greedy decoding
+            g = noise(step) if noise is not None else gumbel_noise((1, arch.vocab))
+            logits = ops.add_client_value(logits, temperature * g)
         with ops.span("argmax"):
             marks = ops.reveal(ops.argmax_onehot(logits, -1, k=LOGIT_BITS + f - 16))
         token = None if marks is None else int(torch.as_tensor(marks)[0].argmax())
@@ -661,7 +687,8 @@ def greedy_decode(ops, arch, cfg: ApproxConfig, *, prompt_ids=None, prompt_lengt
 
 
 def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareModel, prompt_ids=None,
-                    prompt_length: int, max_new: int, eos_id: int | None = None, fixed_length: bool = False):
+                    prompt_length: int, max_new: int, eos_id: int | None = None, fixed_length: bool = False,
+                    temperature: float = 0.0, noise=None):
     """One party's side of private greedy generation (a generator of token ids; None on the server).
 
     The client passes its ``prompt_ids`` (1, T); both pass ``prompt_length`` and ``max_new``.  After
@@ -685,4 +712,4 @@ def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareMo
 
     with session.span("generate"):
         yield from greedy_decode(model, arch, cfg, prompt_ids=prompt_ids, prompt_length=prompt_length,
-                                 max_new=max_new, stop=stop)
+                                 max_new=max_new, stop=stop, temperature=temperature, noise=noise)

@@ -131,7 +131,7 @@ class ModelServer:
                 continue
             if q.get("op") == "generate":
                 T, max_new, fixed = self._validate_generate(q)
-                with sess.span("generation"):
+                with sess.span("generation"):  # sampling changes only the client's side (its noise)
                     for _ in secure_generate(sess, self.arch, self.approx, model=model, prompt_length=T,
                                              max_new=max_new, fixed_length=fixed):
                         pass
@@ -277,13 +277,15 @@ class PrivateClient:
             stats[phase] = t.as_dict()
         return out, stats
 
-    def generate(self, prompt, *, max_new_tokens: int = 32, chat: bool = False, fixed_length: bool = False):
+    def generate(self, prompt, *, max_new_tokens: int = 32, chat: bool = False, fixed_length: bool = False,
+                 temperature: float = 0.0):
         """Private greedy generation: an iterator of ``{"token": id, "text": piece}`` as each token is
         produced (the server learns neither the prompt nor the tokens: only the prompt length and the
         number of tokens, or with ``fixed_length`` only ``max_new_tokens``).  ``prompt``: text (with
         ``chat``: one user message through the tokenizer's chat template) or a list of token ids.
         Afterwards ``self.last_generation`` holds the ids, the text and the costs: prefill and per
-        token (online bytes, rounds, seconds) and the KV cache's size per party."""
+        token (online bytes, rounds, seconds) and the KV cache's size per party.  ``temperature`` > 0
+        samples (the Gumbel-max trick with the client's own CSPRNG noise, ``nn.greedy_decode``)."""
         if self.arch.head != "lm":
             raise ValueError(f"the served model has no LM head (head {self.arch.head!r})")
         if isinstance(prompt, str):
@@ -308,7 +310,7 @@ class PrivateClient:
         with self.sess.span("generation"):
             for token in secure_generate(self.sess, self.arch, self.approx, model=self.model, prompt_ids=ids,
                                          prompt_length=T, max_new=max_new_tokens, eos_id=eos,
-                                         fixed_length=fixed_length):
+                                         fixed_length=fixed_length, temperature=temperature):
                 after, t1 = self.sess.meter.snapshot(), time.perf_counter()
                 on = sum((after[k] - before[k] for k in after if k[1] == "online"), Traffic())
                 steps.append({"online_bytes": on.payload_bytes, "rounds": on.rounds, "seconds": t1 - t0})
@@ -320,7 +322,8 @@ class PrivateClient:
                 yield {"token": token, "text": self._decode([token])}
         self.last_generation = {
             "prompt_tokens": T, "ids": out_ids, "text": self._decode(out_ids, skip_special_tokens=True),
-            "steps": len(steps), "fixed_length": fixed_length, "prefill": steps[0] if steps else None,
+            "steps": len(steps), "fixed_length": fixed_length, "temperature": temperature,
+            "prefill": steps[0] if steps else None,
             "per_token": steps[1:],
             "kv_cache_bytes_per_party": 2 * self.arch.layers * (T + len(steps) - 1) * self.arch.n_kv
             * self.arch.head_dim * 8}
