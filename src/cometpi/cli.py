@@ -31,6 +31,44 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                         "default: none)")
 
 
+def _add_tls(p: argparse.ArgumentParser, role: str) -> None:
+    g = p.add_argument_group("TLS (mutual authentication by pinned certificates; `cometpi keygen` makes them)")
+    g.add_argument("--tls", default=None, metavar="PREFIX",
+                   help="this party's key and certificate: PREFIX.key and PREFIX.crt")
+    if role == "client":
+        g.add_argument("--server-cert", default=None, help="the model server's certificate (pinned)")
+    if role == "server":
+        g.add_argument("--allow-clients", action="append", default=[], metavar="PATH",
+                       help="certificate file or directory of the clients admitted (repeatable)")
+    if role in ("client", "server"):
+        g.add_argument("--dealer-cert", default=None, help="the dealer's certificate (pinned)")
+    if role == "dealer":
+        g.add_argument("--allow-servers", action="append", default=[], metavar="PATH",
+                       help="certificate file or directory of the model servers admitted (repeatable)")
+        g.add_argument("--allow-clients", action="append", default=[], metavar="PATH",
+                       help="certificate file or directory of the clients admitted (repeatable)")
+    g.add_argument("--insecure-plaintext", action="store_true",
+                   help="allow plaintext TCP off loopback (seeds, shares and the model card in the clear; warns)")
+
+
+def _party_tls(args, role: str):
+    from .tls import PartyTls
+
+    if role == "client":
+        peers = [args.server_cert] if args.server_cert else []
+    else:
+        peers = args.allow_clients
+    return PartyTls.from_args(args.tls, peers, args.dealer_cert, role)
+
+
+def cmd_keygen(args) -> int:
+    from .tls import keygen
+
+    out = keygen(args.name, args.out, days=args.days)
+    print(f"key {out['key']}\ncertificate {out['cert']}\nfingerprint {out['fingerprint']}")
+    return 0
+
+
 def _net(args):
     from .transport import NETWORKS
 
@@ -63,8 +101,12 @@ def _add_approx(p: argparse.ArgumentParser) -> None:
 
 def cmd_dealer(args) -> int:
     from .dealer import DealerServer
+    from .tls import check_plaintext, dealer_tls
 
-    srv = DealerServer(args.host, args.port, pairing_timeout=args.pairing_timeout)
+    tls, allow = dealer_tls(args.tls, args.allow_servers, args.allow_clients)
+    if tls is None:
+        check_plaintext(args.host, args.insecure_plaintext, "the dealer's port")
+    srv = DealerServer(args.host, args.port, pairing_timeout=args.pairing_timeout, tls=tls, allow=allow)
     print(f"cometpi dealer listening on {srv.address[0]}:{srv.address[1]}", flush=True)
     try:
         srv.serve_forever()
@@ -133,7 +175,7 @@ def cmd_serve(args) -> int:
           flush=True)
     serve_forever(server.handle, host=args.host, port=args.port, dealer=args.dealer, config=_config(args),
                   timeout=args.timeout, extra=server.card, once=args.once, banner="model server", net=_net(args),
-                  workers=args.workers)
+                  workers=args.workers, tls=_party_tls(args, "server"), insecure_plaintext=args.insecure_plaintext)
     return 0
 
 
@@ -142,7 +184,8 @@ def cmd_infer(args) -> int:
     from .service import PrivateClient, format_bytes, truncation_note
 
     with PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
-                       model_hash=args.model_hash, timeout=args.timeout, net=_net(args)) as client:
+                       model_hash=args.model_hash, timeout=args.timeout, net=_net(args),
+                       tls=_party_tls(args, "client"), insecure_plaintext=args.insecure_plaintext) as client:
         a = client.arch
         print(f"connected: {a.kind}, {a.layers} layers, hidden {a.hidden}, model hash {client.card['model_hash']}, "
               f"approximations {client.approx.gelu}/{client.approx.softmax}/{client.approx.guess} "
@@ -189,7 +232,8 @@ def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.chat is None):
         raise SystemExit("give a prompt or --chat MESSAGE (one of them)")
     with PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
-                       model_hash=args.model_hash, timeout=args.timeout, net=_net(args)) as client:
+                       model_hash=args.model_hash, timeout=args.timeout, net=_net(args),
+                       tls=_party_tls(args, "client"), insecure_plaintext=args.insecure_plaintext) as client:
         a = client.arch
         print(f"connected: {a.kind}, {a.layers} layers, hidden {a.hidden}, model hash {client.card['model_hash']}, "
               f"approximations {client.approx.gelu}/{client.approx.softmax}/{client.approx.guess}; weights masked "
@@ -311,7 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=7300, help="0 picks a free port (printed)")
     d.add_argument("--pairing-timeout", type=float, default=30.0,
                    help="seconds to wait for the second party of a session")
+    _add_tls(d, "dealer")
     d.set_defaults(fn=cmd_dealer)
+
+    kg = sub.add_parser("keygen", help="a key and a self-signed certificate for one party (prints its fingerprint)")
+    kg.add_argument("--name", required=True, help="the party's name (the certificate's common name; file names)")
+    kg.add_argument("--out", default="keys", help="directory (default %(default)s)")
+    kg.add_argument("--days", type=int, default=365, help="validity (default %(default)s days)")
+    kg.set_defaults(fn=cmd_keygen)
 
     lin = sub.add_parser("linear", help="private X @ W demo: client owns X, server owns W")
     lsub = lin.add_subparsers(dest="linear_cmd", required=True)
@@ -345,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="sessions served at once (threads; default 1: clients "
                                                            "are served one after another)")
     _add_config(sv)
+    _add_tls(sv, "server")
     _add_approx(sv)
     sv.set_defaults(fn=cmd_serve)
 
@@ -363,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "only the padded length")
     inf.add_argument("--json", default=None, help="write results and costs to this JSON file")
     _add_config(inf)
+    _add_tls(inf, "client")
     inf.set_defaults(fn=cmd_infer)
 
     gen = sub.add_parser("generate", help="generate text privately (greedy, KV cache in shares) from an LM server")
@@ -381,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(Gumbel-max; the server learns neither the noise nor t)")
     gen.add_argument("--json", default=None, help="write the text, token ids and costs to this JSON file")
     _add_config(gen)
+    _add_tls(gen, "client")
     gen.set_defaults(fn=cmd_generate)
 
     ft = sub.add_parser("finetune", help="fine-tune a BERT classifier for the secure approximations")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 
 import torch
@@ -69,10 +70,12 @@ class DealerClient:
         self._wanted: int | None = None  # the index a party is blocked on in ``fetch``
         self._reader: threading.Thread | None = None
 
-    def hello(self, session_id: str, role: Role, config_hash: str) -> bytes:
-        """Register with the dealer for this session and role; returns this party's seed."""
+    def hello(self, session_id: str, role: Role, config_hash: str, peer: str | None = None) -> bytes:
+        """Register with the dealer for this session and role; returns this party's seed.  ``peer``: the
+        other party's certificate fingerprint (TLS links): the dealer hands out the session's seeds only
+        to two parties that name each other."""
         self.ch.send_json({"op": "hello", "version": PROTOCOL_VERSION, "session": session_id,
-                           "role": int(role), "config": config_hash}, "dealer-hello")
+                           "role": int(role), "config": config_hash, "peer": peer}, "dealer-hello")
         reply = self.ch.recv_json("dealer-hello")
         if not reply.get("ok"):
             raise DealerError(f"dealer refused the session: {reply.get('error')}")
@@ -236,29 +239,62 @@ class Provider:
 # --------------------------------------------------------------------------------------------------
 
 
-class DealerCore:
-    """The dealer's state: one pair of seeds per session. Thread-safe."""
+#: Sessions with only one party registered that the dealer holds at most (half-open registrations).
+MAX_HALF_OPEN = 256
 
-    def __init__(self, pairing_timeout: float = 30.0):
+
+class DealerCore:
+    """The dealer's state: one pair of seeds per session. Thread-safe.
+
+    With authenticated links (TLS), each registration carries the party's certificate fingerprint
+    (``identity``) and the fingerprint it names for its peer (``names``); ``allow`` maps a role to the
+    fingerprints admitted in it (None: any authenticated party).  A session's seeds are used only once
+    its two registrations name each other.  Half-open registrations are closed after
+    ``pairing_timeout`` and at most ``MAX_HALF_OPEN`` are held."""
+
+    def __init__(self, pairing_timeout: float = 30.0, allow: dict | None = None):
         self._cond = threading.Condition()
         self._seeds: dict[str, dict[int, bytes]] = {}
         self._connected: dict[str, set[int]] = {}
+        self._who: dict[str, dict[int, tuple]] = {}  # session -> role -> (identity, names, since, channel)
         self.pairing_timeout = pairing_timeout
+        self.allow = allow or {}
 
-    def register(self, session: str, role: int) -> bytes:
+    def register(self, session: str, role: int, identity: str | None = None, names: str | None = None,
+                 channel=None) -> bytes:
         if role not in (0, 1):
             raise DealerError(f"unknown role {role!r}")
         if not isinstance(session, str) or not 0 < len(session) <= 64:
             raise DealerError("invalid session id")
+        allowed = self.allow.get(role)
+        if allowed is not None and identity not in allowed:
+            raise DealerError(f"{Role(role).name} identity {identity} is not admitted by this dealer")
         with self._cond:
+            self._reap()
+            half_open = sum(len(w) == 1 and next(iter(w.values()))[2] != float("inf") for w in self._who.values())
+            if session not in self._seeds and half_open >= MAX_HALF_OPEN:  # reaped ones are on their way out
+                raise DealerError(f"too many half-open sessions ({MAX_HALF_OPEN}); try again later")
             seeds = self._seeds.setdefault(session, {})
             live = self._connected.setdefault(session, set())
             if role in live:
                 raise DealerError(f"role {Role(role).name} is already connected for session {session}")
             live.add(role)
             seeds[role] = new_seed()
+            self._who.setdefault(session, {})[role] = (identity, names, time.monotonic(), channel)
             self._cond.notify_all()
             return seeds[role]
+
+    def _reap(self) -> None:
+        """Close half-open registrations older than the pairing timeout (called with the lock held)."""
+        now = time.monotonic()
+        for sid, who in list(self._who.items()):
+            if len(who) == 1:
+                (role, (_, _, since, ch)), = who.items()
+                if now - since > self.pairing_timeout and ch is not None:
+                    log.warning("session %s: %s waited %.0f s for its peer: closed", sid, Role(role).name,
+                                now - since)
+                    who[role] = (*who[role][:2], float("inf"), None)
+                    ch.close()
 
     def unregister(self, session: str, role: int) -> None:
         """Forget a session once both of its parties have disconnected."""
@@ -268,6 +304,7 @@ class DealerCore:
             if not live:
                 self._connected.pop(session, None)
                 self._seeds.pop(session, None)
+                self._who.pop(session, None)
 
     def _both(self, session: str) -> tuple[bytes, bytes]:
         with self._cond:
@@ -275,6 +312,12 @@ class DealerCore:
             if not ok:
                 raise DealerError(f"the other party of session {session} did not connect to the dealer "
                                   f"within {self.pairing_timeout:g} s")
+            who = self._who.get(session, {})
+            if 0 in who and 1 in who and (who[0][0] is not None or who[1][0] is not None):
+                (c_id, c_names, *_), (s_id, s_names, *_) = who[0], who[1]
+                if c_names != s_id or s_names != c_id:
+                    raise DealerError(f"session {session}: its two registrations do not name each other "
+                                      f"(client {c_id} names {c_names}, server {s_id} names {s_names})")
             s = self._seeds[session]
             return s[0], s[1]
 
@@ -315,7 +358,12 @@ def serve_connection(core: DealerCore, ch: Channel) -> None:
         if hello.get("version") != PROTOCOL_VERSION:
             raise DealerError(f"party speaks protocol version {hello.get('version')}, "
                               f"dealer {PROTOCOL_VERSION}")
-        seed = core.register(hello.get("session"), hello.get("role"))
+        peer = getattr(ch, "peer", None)  # the authenticated identity on a TLS link
+        names = hello.get("peer")
+        if peer is not None and not isinstance(names, str):
+            raise DealerError("an authenticated party must name its peer's certificate fingerprint")
+        seed = core.register(hello.get("session"), hello.get("role"), None if peer is None else peer.fingerprint,
+                             names if peer is not None else None, ch)
         session, role = hello["session"], hello["role"]
         ch.send_json({"ok": True, "seed": seed.hex()}, "dealer-hello")
         log.info("session %s: %s connected", session, Role(role).name)
@@ -347,14 +395,17 @@ def serve_connection(core: DealerCore, ch: Channel) -> None:
 
 
 class DealerServer:
-    """The dealer process's TCP server: one thread per party connection."""
+    """The dealer process's TCP server: one thread per party connection.  With ``tls`` (a
+    ``tls.TlsConfig`` trusting the admitted servers' and clients' certificates) every link is TLS 1.3
+    with mutual authentication and ``allow`` ({role: fingerprints}) says who may register as what."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, idle_timeout: float = 3600.0,
-                 pairing_timeout: float = 30.0):
-        self.core = DealerCore(pairing_timeout)
+                 pairing_timeout: float = 30.0, tls=None, allow: dict | None = None):
+        self.core = DealerCore(pairing_timeout, allow)
         self.sock = listen(host, port)
         self.address = self.sock.getsockname()[:2]
         self.idle_timeout = idle_timeout
+        self.tls = tls
         self._stop = threading.Event()
 
     def serve_forever(self) -> None:
@@ -366,8 +417,23 @@ class DealerServer:
                 continue
             except OSError:
                 break
-            ch = TcpChannel(conn, link="dealer", timeout=self.idle_timeout, peer_name=f"party at {addr[0]}")
-            threading.Thread(target=serve_connection, args=(self.core, ch), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, addr), daemon=True).start()
+
+    def _serve(self, conn, addr) -> None:
+        name = f"party at {addr[0]}:{addr[1]}"
+        if self.tls is None:
+            ch = TcpChannel(conn, link="dealer", timeout=self.idle_timeout, peer_name=name)
+        else:
+            from .tls import TlsChannel
+
+            try:  # the handshake in this connection's thread: a slow peer does not block the others
+                ch = TlsChannel(conn, self.tls, server_side=True, link="dealer", timeout=min(self.idle_timeout, 30.0),
+                                peer_name=name)
+            except TransportError as e:
+                log.warning("refusing %s: %s", name, e)
+                return
+            ch._set_timeout(self.idle_timeout)
+        serve_connection(self.core, ch)
 
     def start(self) -> DealerServer:
         threading.Thread(target=self.serve_forever, name="dealer", daemon=True).start()

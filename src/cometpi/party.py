@@ -88,7 +88,8 @@ def _server_handshake(ch: Channel, config: Config, extra: dict | None) -> tuple[
 
 def _session(role: Role, peer: Channel, dealer: DealerClient, config: Config, sid: str, pair_seed: bytes,
              device=None, card: dict | None = None) -> Session:
-    seed = dealer.hello(sid, role, config.hash())
+    authenticated = getattr(peer, "peer", None)  # TLS: name the peer we authenticated to the dealer
+    seed = dealer.hello(sid, role, config.hash(), None if authenticated is None else authenticated.fingerprint)
     provider = Provider(role, seed, dealer, device=device)
     sess = Session(role, peer, provider, config, pair_seed=pair_seed, session_id=sid, meter=peer.meter,
                    device=device)
@@ -101,37 +102,62 @@ def _session(role: Role, peer: Channel, dealer: DealerClient, config: Config, si
 # --------------------------------------------------------------------------------------------------
 
 
-def _dealer_client(dealer: str, meter: Meter, timeout: float) -> DealerClient:
+def _dealer_client(dealer: str, meter: Meter, timeout: float, tls=None,
+                   insecure_plaintext: bool = False) -> DealerClient:
     host, port = parse_address(dealer)
+    if tls is None or tls.dealer is None:
+        from .tls import check_plaintext
+
+        check_plaintext(host, insecure_plaintext, "the dealer")
     return DealerClient(TcpChannel.connect(host, port, link="dealer", meter=meter, timeout=timeout,
-                                           peer_name=f"dealer at {dealer}", retries=10))
+                                           peer_name=f"dealer at {dealer}", retries=10,
+                                           tls=None if tls is None else tls.dealer))
 
 
 def connect_client(server: str, dealer: str, config: Config, *, timeout: float = DEFAULT_TIMEOUT,
-                   net: NetProfile | None = None, extra: dict | None = None, device=None) -> Session:
-    """The client's session: connect to the server, agree on the configuration, join the dealer."""
+                   net: NetProfile | None = None, extra: dict | None = None, device=None, tls=None,
+                   insecure_plaintext: bool = False) -> Session:
+    """The client's session: connect to the server, agree on the configuration, join the dealer.
+    ``tls`` (a ``tls.PartyTls``): both links in TLS 1.3 with the pinned server and dealer certificates;
+    without it plaintext TCP is refused off loopback unless ``insecure_plaintext``."""
     meter = Meter()
     host, port = parse_address(server)
+    if tls is None or tls.peer is None:
+        from .tls import check_plaintext
+
+        check_plaintext(host, insecure_plaintext, "the server")
     ch = TcpChannel.connect(host, port, meter=meter, timeout=timeout, net=net,
-                            peer_name=f"server at {server}", retries=10)
+                            peer_name=f"server at {server}", retries=10, tls=None if tls is None else tls.peer)
     try:
         sid, pair_seed, card = client_handshake(ch, config, extra)
-        return _session(Role.CLIENT, ch, _dealer_client(dealer, meter, timeout), config, sid, pair_seed,
-                        device, card)
+        return _session(Role.CLIENT, ch, _dealer_client(dealer, meter, timeout, tls, insecure_plaintext), config,
+                        sid, pair_seed, device, card)
     except BaseException:
         ch.close()
         raise
 
 
 def accept_server(conn: socket.socket, dealer: str, config: Config, *, timeout: float = DEFAULT_TIMEOUT,
-                  net: NetProfile | None = None, extra: dict | None = None, device=None) -> Session:
-    """The server's session over an accepted connection."""
+                  net: NetProfile | None = None, extra: dict | None = None, device=None, tls=None,
+                  insecure_plaintext: bool = False) -> Session:
+    """The server's session over an accepted connection (``tls``: the client must present one of the
+    admitted certificates; the dealer link is TLS too)."""
     meter = Meter()
-    ch = TcpChannel(conn, meter=meter, timeout=timeout, net=net, peer_name="client")
+    if tls is not None and tls.peer is not None:
+        from .tls import TlsChannel
+
+        try:
+            ch = TlsChannel(conn, tls.peer, server_side=True, meter=meter, timeout=timeout, net=net,
+                            peer_name="client")
+        except BaseException:
+            conn.close()
+            raise
+    else:
+        ch = TcpChannel(conn, meter=meter, timeout=timeout, net=net, peer_name="client")
     try:
         sid, pair_seed = server_handshake(ch, config, extra)
-        return _session(Role.SERVER, ch, _dealer_client(dealer, meter, timeout), config, sid, pair_seed,
-                        device, extra)
+        return _session(Role.SERVER, ch, _dealer_client(dealer, meter, timeout, tls, insecure_plaintext), config,
+                        sid, pair_seed, device, extra)
     except BaseException:
         ch.close()
         raise

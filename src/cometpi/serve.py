@@ -31,12 +31,16 @@ log = logging.getLogger("cometpi.serve")
 
 def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, dealer: str, config: Config,
                   timeout: float, extra: dict | None = None, once: bool = False, banner: str = "server",
-                  net=None, workers: int = 1) -> None:
+                  net=None, workers: int = 1, tls=None, insecure_plaintext: bool = False) -> None:
     """Accept clients and serve each in its own session; up to ``workers`` at once (threads sharing
     only read-only state such as the weights), later ones wait in the listen backlog.  A failing
     client is logged and the others go on.  ``once``: exit after the first client."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if tls is None:
+        from .tls import check_plaintext
+
+        check_plaintext(host, insecure_plaintext, "this server's port")
     sock = listen(host, port)
     h, p = sock.getsockname()[:2]
     many = f" ({workers} concurrent sessions)" if workers > 1 else ""
@@ -47,7 +51,8 @@ def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, d
     def serve_one(conn, addr) -> None:
         sess = None
         try:
-            sess = accept_server(conn, dealer, config, timeout=timeout, extra=extra, net=net)
+            sess = accept_server(conn, dealer, config, timeout=timeout, extra=extra, net=net, tls=tls,
+                                 insecure_plaintext=insecure_plaintext)
             handler(sess)
             log.info("client %s:%s served", *addr[:2])
         except (TransportError, ValueError, RuntimeError) as e:

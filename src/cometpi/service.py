@@ -211,9 +211,13 @@ class PrivateClient:
     """The client: tokenizes locally and runs private inferences against a model server."""
 
     def __init__(self, server: str, dealer: str, *, tokenizer: str | None = None, config: Config | None = None,
-                 model_hash: str | None = None, timeout: float = DEFAULT_TIMEOUT, net=None):
+                 model_hash: str | None = None, timeout: float = DEFAULT_TIMEOUT, net=None, tls=None,
+                 insecure_plaintext: bool = False):
+        """``tls``: a ``tls.PartyTls`` (the client's key, the pinned server and dealer certificates);
+        without it the server and the dealer must be on loopback unless ``insecure_plaintext``."""
         pin = {"model_hash": model_hash} if model_hash else None
-        self.sess = connect_client(server, dealer, config or Config(), timeout=timeout, net=net, extra=pin)
+        self.sess = connect_client(server, dealer, config or Config(), timeout=timeout, net=net, extra=pin, tls=tls,
+                                   insecure_plaintext=insecure_plaintext)
         try:
             card = self.sess.card
             if "arch" not in card:

@@ -493,12 +493,17 @@ class TcpChannel(Channel):
         self._writer.start()
 
     @classmethod
-    def connect(cls, host: str, port: int, *, connect_timeout: float = 10.0, retries: int = 0, **kw):
-        """Connect to ``host:port``; retry refused connections ``retries`` times (0.2 s apart)."""
+    def connect(cls, host: str, port: int, *, connect_timeout: float = 10.0, retries: int = 0, tls=None, **kw):
+        """Connect to ``host:port``; retry refused connections ``retries`` times (0.2 s apart).  With
+        ``tls`` (a ``tls.TlsConfig``) the link runs TLS 1.3 with pinned certificates (``tls.TlsChannel``)."""
         last = None
         for _ in range(retries + 1):
             try:
                 sock = socket.create_connection((host, port), timeout=connect_timeout)
+                if tls is not None:
+                    from .tls import TlsChannel
+
+                    return TlsChannel(sock, tls, server_side=False, **kw)
                 return cls(sock, **kw)
             except (TimeoutError, ConnectionRefusedError, OSError) as e:
                 last = e
