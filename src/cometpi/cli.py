@@ -125,7 +125,7 @@ def cmd_linear_serve(args) -> int:
         raise SystemExit(f"error: the weight must be 2-D, {args.weight} holds shape {tuple(w.shape)}")
     serve_forever(linear_server_handler(w), host=args.host, port=args.port, dealer=args.dealer,
                   config=_config(args), timeout=args.timeout, once=args.once, banner="linear server",
-                  net=_net(args))
+                  net=_net(args), tls=_party_tls(args, "server"), insecure_plaintext=args.insecure_plaintext)
     return 0
 
 
@@ -136,7 +136,8 @@ def cmd_linear_query(args) -> int:
     x = load_tensor(args.input, args.key)
     if x.ndim != 2:
         raise SystemExit(f"error: the input must be 2-D, {args.input} holds shape {tuple(x.shape)}")
-    sess = connect_client(args.server, args.dealer, _config(args), timeout=args.timeout, net=_net(args))
+    sess = connect_client(args.server, args.dealer, _config(args), timeout=args.timeout, net=_net(args),
+                          tls=_party_tls(args, "client"), insecure_plaintext=args.insecure_plaintext)
     try:
         y, report = linear_client(sess, x)
     finally:
@@ -374,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--dealer", required=True, help="dealer HOST:PORT")
     ls.add_argument("--once", action="store_true", help="exit after one client")
     _add_config(ls)
+    _add_tls(ls, "server")
     ls.set_defaults(fn=cmd_linear_serve)
     lq = lsub.add_parser("query", help="multiply a client-private matrix by the server's weight")
     lq.add_argument("--server", required=True)
@@ -383,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--out", required=True, help="safetensors file for X @ W")
     lq.add_argument("--stats", default=None, help="JSON file for bytes, rounds and seconds")
     _add_config(lq)
+    _add_tls(lq, "client")
     lq.set_defaults(fn=cmd_linear_query)
 
     sv = sub.add_parser("serve", help="serve a Hugging Face checkpoint for private inference")
@@ -530,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("soak", "many private inferences of long and adversarial texts against the plaintext model"),
         ("llm", "SmolLM2-135M next-token predictions: plaintext, original functions and Comet's, private"),
         ("generate", "private generation with a KV cache: SmolLM2 continuations against plaintext, per-token cost"),
+        ("tls", "a MiniLM private inference with and without TLS on loopback: seconds and bytes on the wire"),
     ):
         sp = bsub.add_parser(what, help=help_)
         import_module(f"cometpi.bench.{what}").add_arguments(sp)
