@@ -170,3 +170,50 @@ def test_plaintext_only_on_loopback():
     r = subprocess.run([sys.executable, "-m", "cometpi", "dealer", "--host", "0.0.0.0", "--port", "0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--tls" in r.stderr
+
+
+def test_operations_log_line_sigterm_and_per_client_limit(tiny_bert_dir, tmp_path):  # noqa: F811
+    """One JSON line per session on the server; a per-client limit on concurrent sessions; SIGTERM while a
+    session runs: the session finishes, then the server exits 0."""
+    import signal
+    import time
+
+    from cometpi.service import PrivateClient
+
+    dealer, daddr = spawn(["dealer", "--port", "0"])
+    server = None
+    try:
+        log = open(tmp_path / "server.err", "w")  # noqa: SIM115
+        server, saddr = spawn(["serve", "--model", str(tiny_bert_dir), "--port", "0", "--dealer", daddr,
+                               "--workers", "3", "--max-sessions-per-client", "1", "--timeout", "20"], timeout=60,
+                              stderr=log)
+        with PrivateClient(saddr, daddr, timeout=20) as first:
+            with pytest.raises(Exception, match="too many concurrent sessions"):
+                with PrivateClient(saddr, daddr, timeout=20) as second:
+                    second.classify(["no"])
+            server.send_signal(signal.SIGTERM)  # while `first` is open: it may finish its work
+            time.sleep(0.5)
+            assert first.classify(["a gorgeous, witty film"])[0]["label"] in ("rotten", "fresh")
+        assert server.wait(30) == 0
+        log.close()
+        err = (tmp_path / "server.err").read_text()
+    finally:
+        if server is not None:
+            stop(server)
+        stop(dealer)
+    lines = [json.loads(x) for x in err.splitlines() if x.startswith('{"event": "session"')]
+    assert len(lines) == 2 and {x["outcome"] for x in lines} >= {"ok"}
+    ok = next(x for x in lines if x["outcome"] == "ok")
+    assert ok["online_bytes"] > 0 and ok["rounds"] > 0 and "model_hash" in ok
+    assert any("too many concurrent sessions" in x["outcome"] for x in lines)
+
+
+def test_the_dealer_exits_cleanly_on_sigterm():
+    import signal
+
+    dealer, _ = spawn(["dealer", "--port", "0"])
+    try:
+        dealer.send_signal(signal.SIGTERM)
+        assert dealer.wait(15) == 0
+    finally:
+        stop(dealer)

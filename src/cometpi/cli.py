@@ -106,7 +106,12 @@ def cmd_dealer(args) -> int:
     tls, allow = dealer_tls(args.tls, args.allow_servers, args.allow_clients)
     if tls is None:
         check_plaintext(args.host, args.insecure_plaintext, "the dealer's port")
+    import signal
+
+    from .serve import DRAIN_SECONDS
+
     srv = DealerServer(args.host, args.port, pairing_timeout=args.pairing_timeout, tls=tls, allow=allow)
+    signal.signal(signal.SIGTERM, lambda *_: srv._stop.set())  # stop accepting; running sessions finish
     print(f"cometpi dealer listening on {srv.address[0]}:{srv.address[1]}", flush=True)
     try:
         srv.serve_forever()
@@ -114,6 +119,7 @@ def cmd_dealer(args) -> int:
         pass
     finally:
         srv.stop()
+        srv.drain(DRAIN_SECONDS)
     return 0
 
 
@@ -176,7 +182,8 @@ def cmd_serve(args) -> int:
           flush=True)
     serve_forever(server.handle, host=args.host, port=args.port, dealer=args.dealer, config=_config(args),
                   timeout=args.timeout, extra=server.card, once=args.once, banner="model server", net=_net(args),
-                  workers=args.workers, tls=_party_tls(args, "server"), insecure_plaintext=args.insecure_plaintext)
+                  workers=args.workers, tls=_party_tls(args, "server"), insecure_plaintext=args.insecure_plaintext,
+                  max_per_client=args.max_sessions_per_client)
     return 0
 
 
@@ -396,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dealer", required=True, help="dealer HOST:PORT")
     sv.add_argument("--once", action="store_true", help="exit after one client")
     sv.add_argument("--layers", type=int, default=None, help="serve only the first N layers (benchmarks)")
+    sv.add_argument("--max-sessions-per-client", type=int, default=None, metavar="N",
+                    help="concurrent sessions one client (certificate, or address without TLS) may hold")
     sv.add_argument("--workers", type=int, default=1, help="sessions served at once (threads; default 1: clients "
                                                            "are served one after another)")
     _add_config(sv)

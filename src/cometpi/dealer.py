@@ -351,6 +351,7 @@ def serve_connection(core: DealerCore, ch: Channel) -> None:
     queue is bounded (``DEALER_SEND_QUEUE_BYTES``): a party whose prefetch buffer is full holds the
     dealer back instead of the dealer's memory filling with its corrections."""
     session = role = None
+    t0, outcome = time.perf_counter(), "ok"
     if hasattr(ch, "max_queued_bytes"):
         ch.max_queued_bytes = DEALER_SEND_QUEUE_BYTES
     try:
@@ -378,6 +379,7 @@ def serve_connection(core: DealerCore, ch: Channel) -> None:
             for it in items:
                 ch.send(core.correction(session, role, it), "dealer-corr")
     except DealerError as e:
+        outcome = f"refused: {e}"
         log.warning("refusing dealer client: %s", e)
         try:
             if session is None:
@@ -387,11 +389,32 @@ def serve_connection(core: DealerCore, ch: Channel) -> None:
         except TransportError:
             pass
     except TransportError as e:
+        outcome = f"error: {e}"
         log.warning("dealer connection ended: %s", e)
     finally:
         if session is not None:
             core.unregister(session, role)
         ch.close()
+        _log_session(ch, session, role, outcome, time.perf_counter() - t0)
+
+
+def _log_session(ch: Channel, session, role, outcome: str, seconds: float) -> None:
+    """One structured JSON line per party connection (logger ``cometpi.dealer``, and stderr in the
+    dealer process): session, role, peer identity, bytes, seconds, outcome."""
+    import json
+    import sys
+
+    rep = ch.meter.report()
+    rec = {"event": "dealer-session", "session": session, "role": None if role is None else Role(role).name,
+           "peer": ch.peer_name, "outcome": outcome, "seconds": round(seconds, 3),
+           "bytes": sum(rep[p]["bytes_sent"] + rep[p]["bytes_recv"] for p in ("online", "offline"))}
+    peer = getattr(ch, "peer", None)
+    if peer is not None:
+        rec["identity"] = {"name": peer.name, "fingerprint": peer.fingerprint}
+    line = json.dumps(rec)
+    log.info(line)
+    if not isinstance(ch, MemoryChannel):  # the dealer process (not the in-process test dealer)
+        print(line, file=sys.stderr, flush=True)
 
 
 class DealerServer:
@@ -417,7 +440,15 @@ class DealerServer:
                 continue
             except OSError:
                 break
-            threading.Thread(target=self._serve, args=(conn, addr), daemon=True).start()
+            t = threading.Thread(target=self._serve, args=(conn, addr), daemon=True)
+            t.start()
+            self._threads = [x for x in getattr(self, "_threads", []) if x.is_alive()] + [t]
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the connections being served to end (after ``stop``)."""
+        deadline = time.monotonic() + timeout
+        for t in getattr(self, "_threads", []):
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _serve(self, conn, addr) -> None:
         name = f"party at {addr[0]}:{addr[1]}"

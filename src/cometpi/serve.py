@@ -29,12 +29,41 @@ from .transport import TransportError, listen
 log = logging.getLogger("cometpi.serve")
 
 
+#: Seconds running sessions get to finish after SIGTERM before the server exits anyway.
+DRAIN_SECONDS = 60.0
+
+
+def session_record(sess: Session | None, addr, extra: dict | None, outcome: str, seconds: float) -> dict:
+    """The one structured log line per session: peer identity, model hash, bytes, rounds, seconds, outcome."""
+    rec = {"event": "session", "peer": f"{addr[0]}:{addr[1]}", "outcome": outcome, "seconds": round(seconds, 3)}
+    peer = getattr(getattr(sess, "peer", None), "peer", None)
+    if peer is not None:
+        rec["identity"] = {"name": peer.name, "fingerprint": peer.fingerprint}
+    if extra and "model_hash" in extra:
+        rec["model_hash"] = extra["model_hash"]
+    if sess is not None:
+        rep = sess.meter.report()
+        for phase in ("online", "offline"):
+            rec[f"{phase}_bytes"] = rep[phase]["bytes_sent"] + rep[phase]["bytes_recv"]
+        rec["rounds"] = rep["online"]["rounds"]
+        wire = getattr(sess.peer, "wire", None)
+        if wire is not None:
+            rec["tls_wire_bytes"] = wire["sent"] + wire["recv"]
+    return rec
+
+
 def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, dealer: str, config: Config,
                   timeout: float, extra: dict | None = None, once: bool = False, banner: str = "server",
-                  net=None, workers: int = 1, tls=None, insecure_plaintext: bool = False) -> None:
+                  net=None, workers: int = 1, tls=None, insecure_plaintext: bool = False,
+                  max_per_client: int | None = None, stop_event: threading.Event | None = None) -> None:
     """Accept clients and serve each in its own session; up to ``workers`` at once (threads sharing
     only read-only state such as the weights), later ones wait in the listen backlog.  A failing
-    client is logged and the others go on.  ``once``: exit after the first client."""
+    client is logged and the others go on.  ``once``: exit after the first client.
+
+    Operations: one JSON log line per session (``session_record``, logger ``cometpi.serve``, also on
+    stderr); ``max_per_client`` concurrent sessions per client identity (its certificate with TLS, its
+    address without), more are refused with a named error; SIGTERM (in the main thread) or
+    ``stop_event`` stops accepting, lets running sessions finish within ``DRAIN_SECONDS`` and returns."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if tls is None:
@@ -47,36 +76,65 @@ def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, d
     print(f"cometpi {banner}{many} listening on {h}:{p}", flush=True)
     slots = threading.BoundedSemaphore(workers)
     running: list[threading.Thread] = []
+    stopping = stop_event or threading.Event()
+    per_client: dict[str, int] = {}
+    per_lock = threading.Lock()
+    if threading.current_thread() is threading.main_thread():
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
     def serve_one(conn, addr) -> None:
-        sess = None
+        sess, t0, outcome, key = None, time.perf_counter(), "ok", None
         try:
             sess = accept_server(conn, dealer, config, timeout=timeout, extra=extra, net=net, tls=tls,
                                  insecure_plaintext=insecure_plaintext)
+            ident = getattr(sess.peer, "peer", None)
+            key = ident.fingerprint if ident is not None else addr[0]
+            with per_lock:
+                per_client[key] = per_client.get(key, 0) + 1
+                over = max_per_client is not None and per_client[key] > max_per_client
+            if over:
+                raise ValueError(f"too many concurrent sessions for this client (at most {max_per_client})")
             handler(sess)
             log.info("client %s:%s served", *addr[:2])
         except (TransportError, ValueError, RuntimeError) as e:
+            outcome = f"error: {e}"
             log.error("client %s:%s failed: %s", addr[0], addr[1], e)
             print(f"error serving {addr[0]}:{addr[1]}: {e}", file=sys.stderr, flush=True)
             if sess is not None and not isinstance(e, TransportError):
                 sess.peer.send_error(e)  # a bad query: tell the client what was wrong
         except Exception as e:  # noqa: BLE001 - a bug in one session must not stop the server
+            outcome = f"internal error: {type(e).__name__}"
             log.exception("client %s:%s crashed the session", addr[0], addr[1])
             print(f"error serving {addr[0]}:{addr[1]}: internal error {type(e).__name__}: {e}", file=sys.stderr,
                   flush=True)
             if sess is not None:
                 sess.peer.send_error(f"internal server error ({type(e).__name__})")
         finally:
+            if key is not None:
+                with per_lock:
+                    per_client[key] -= 1
+            line = json.dumps(session_record(sess, addr, extra, outcome, time.perf_counter() - t0))
+            log.info(line)
+            print(line, file=sys.stderr, flush=True)
             if sess is not None:
                 sess.close()
             else:
                 conn.close()
             slots.release()
 
+    sock.settimeout(0.5)  # to notice SIGTERM between accepts
     try:
-        while True:
-            slots.acquire()
-            conn, addr = sock.accept()
+        while not stopping.is_set():
+            if not slots.acquire(timeout=0.5):
+                continue
+            try:
+                conn, addr = sock.accept()
+            except TimeoutError:
+                slots.release()
+                continue
+            conn.settimeout(None)
             if workers == 1:
                 serve_one(conn, addr)
             else:
@@ -86,18 +144,22 @@ def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, d
             if once:
                 break
     finally:
-        for t in running:
-            t.join(timeout)
         sock.close()
+        deadline = time.monotonic() + (DRAIN_SECONDS if stopping.is_set() else timeout)
+        for t in running:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if stopping.is_set():
+            print(f"cometpi {banner}: stopped (SIGTERM)", file=sys.stderr, flush=True)
 
 
-def spawn(args: list[str], *, ready: str = "listening on", timeout: float = 30.0, env=None):
+def spawn(args: list[str], *, ready: str = "listening on", timeout: float = 30.0, env=None, stderr=None):
     """Start ``python -m cometpi ARGS`` and wait for its 'listening on HOST:PORT' line.
 
-    Returns (process, "HOST:PORT").  The child's stderr passes through; it is killed on failure.
+    Returns (process, "HOST:PORT").  The child's stderr passes through (or goes to ``stderr``, e.g. a
+    file); it is killed on failure.
     """
     proc = subprocess.Popen([sys.executable, "-m", "cometpi", *args], stdout=subprocess.PIPE, text=True,
-                            env=env or {**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env=env or {**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=stderr)
     deadline = time.time() + timeout
     while time.time() < deadline:
         line = proc.stdout.readline()
