@@ -117,7 +117,8 @@ def test_finetune_writes_hf_checkpoints_that_learn(trained):
     assert rsqrt.smu_lo == pytest.approx(float(mu.min()) ** 2 * 0.999, rel=1e-6)
     assert ModelServer(str(root / "comet"), {"guess": "constant"}).approx.guess == "constant"
     with pytest.raises(ValueError, match="trained per-channel SMU mu"):
-        ModelServer(str(root / "exact"), {"smu_mu": "per-channel", "smu_lo": 0.01})
+        ModelServer(str(root / "exact"), {"gelu": "smu", "softmax": "relu", "smu_mu": "per-channel", "smu_lo": 0.01})
+    assert ModelServer(str(root / "exact")).approx.is_original  # an exact model: the original functions
 
 
 def test_per_channel_mu_private_matches_plaintext():

@@ -262,10 +262,18 @@ def evaluate(model_dir: str, *, name: str | None = None, data: str = "rt", text_
         recs = run_private(model_dir, approx_overrides, enc, y, subset, sim_pred, batch=batch, records=rec_path,
                            header=header, timeout=timeout)
         result["private"] = {**summarize_private(recs), "seed": seed, "batch": batch, "records": str(rec_path)}
+        # the original model (exact functions, plaintext) on the same rows: what a drop-in replacement must match
+        exact = predict(arch, params, ApproxConfig.exact(), {"input_ids": [enc["input_ids"][i] for i in subset]},
+                        ideal=True, desc="exact (private rows)").argmax(-1)
+        preds = torch.tensor([r["pred"] for r in recs])
+        result["private"]["exact_accuracy_same_rows"] = float((exact == y[subset]).double().mean())
+        result["private"]["agreement_with_exact"] = float((exact == preds).double().mean())
         p = result["private"]
         log(f"private on {p['n']} seeded test rows: accuracy {p['accuracy']:.4f} (simulated on the same rows "
-            f"{p['simulated_accuracy_same_rows']:.4f}), agreement {p['agreement_with_simulated']:.4f}, "
-            f"{p['online_bytes_per_example'] / 1e9:.2f} GB online and {p['seconds_per_example']:.1f} s per example")
+            f"{p['simulated_accuracy_same_rows']:.4f}, the exact plaintext model {p['exact_accuracy_same_rows']:.4f}), "
+            f"agreement {p['agreement_with_simulated']:.4f} with the simulation, {p['agreement_with_exact']:.4f} with "
+            f"the exact model, {p['online_bytes_per_example'] / 1e9:.2f} GB online and "
+            f"{p['seconds_per_example']:.1f} s per example")
     return result
 
 
