@@ -230,9 +230,11 @@ def main(args) -> int:
             with tempfile.TemporaryDirectory(prefix="cometpi-bench-") as tmp:
                 rows = cost(model_dir, daddr, "smollm2", args.lengths)
                 rows += cost(gpt2_small_dir(Path(tmp)), daddr, "gpt2-small", args.lengths)
-            res["cost"] = rows
-            res["cost_command"] = ("cometpi bench generate --prompts 0 --cost --lengths "
-                                   + " ".join(map(str, args.lengths)))
+            keep = {(r["model"], r["prompt_tokens"]) for r in rows}  # upsert: runs of other lengths stay
+            res["cost"] = sorted([r for r in res.get("cost", []) if (r["model"], r["prompt_tokens"]) not in keep]
+                                 + rows, key=lambda r: (r["model"], r["prompt_tokens"]))
+            cmd = "cometpi bench generate --prompts 0 --cost --lengths " + " ".join(map(str, args.lengths))
+            res["cost_commands"] = sorted(set(res.get("cost_commands", [])) | {cmd})
     finally:
         stop(dealer)
     tmp = out.with_suffix(".tmp")
