@@ -48,6 +48,7 @@ def test_cached_decoding_equals_rerunning_the_prefix(cls, kind):
     assert got == _uncached(arch, params, ids, 6)
     assert cache.length == 5 + 5 and len(cache.k) == arch.layers  # the last token is not fed back
     assert tuple(cache.k[0].shape) == (1, arch.n_kv, 10, arch.head_dim)
+    assert cache.nbytes() == 2 * arch.layers * 10 * arch.n_kv * arch.head_dim * 8
 
 
 @pytest.mark.parametrize("cls,kind", MODELS)
@@ -122,6 +123,8 @@ def test_generate_over_three_processes(tmp_path, tiny_llama_dir):
     eos = 2 if 2 in want else None
     assert g["ids"] == (want[: want.index(eos) + 1] if eos else want)
     assert g["prompt_tokens"] == ids.shape[1] and g["steps"] == 4 and len(g["per_token"]) == 3
+    # keys and values of the prompt and the 3 tokens fed back, 8 B per ring element, in each of 2 layers
+    assert g["kv_cache_bytes_per_party"] == 2 * 2 * (ids.shape[1] + 3) * arch.n_kv * arch.head_dim * 8
     assert g["prefill"]["online_bytes"] > g["per_token"][0]["online_bytes"] > 0
     assert "per token" in r.stderr and "KV cache" in r.stderr
 

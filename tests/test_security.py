@@ -37,6 +37,19 @@ RUNS = 4
 CFG = ApproxConfig(guess="constant")
 
 
+def _record(s, dtypes, got: list) -> None:
+    """Append every tensor of ``dtypes`` that session ``s`` receives to ``got`` (as flat int64)."""
+    recv = s.peer.recv
+
+    def recording(*a, **kw):
+        out = recv(*a, **kw)
+        if isinstance(out, torch.Tensor) and out.dtype in dtypes:
+            got.append(out.reshape(-1).to(torch.int64).clone())
+        return out
+
+    s.peer.recv = recording
+
+
 def _received(role: Role, ids, params, arch, cfg=CFG, dtypes=(torch.int64,)) -> list[torch.Tensor]:
     """Every tensor of ``dtypes`` ``role`` receives from its peer during one private inference (as
     int64: the narrow comparison opens int32 values, bit openings travel as packed uint8)."""
@@ -44,15 +57,7 @@ def _received(role: Role, ids, params, arch, cfg=CFG, dtypes=(torch.int64,)) -> 
 
     def job(s):
         if s.role == role:
-            recv = s.peer.recv
-
-            def recording(*a, **kw):
-                out = recv(*a, **kw)
-                if isinstance(out, torch.Tensor) and out.dtype in dtypes:
-                    got.append(out.reshape(-1).to(torch.int64).clone())
-                return out
-
-            s.peer.recv = recording
+            _record(s, dtypes, got)
         kw = dict(shape=tuple(ids.shape), attention_mask=torch.ones_like(ids))
         if s.is_client:
             return secure_forward(s, arch, cfg, input_ids=ids, **kw)
@@ -234,15 +239,7 @@ def test_server_view_while_decoding_is_independent_of_the_text():
 
         def job(s):
             if s.role == Role.SERVER:
-                recv = s.peer.recv
-
-                def recording(*a, **kw):
-                    out = recv(*a, **kw)
-                    if isinstance(out, torch.Tensor) and out.dtype in dtypes:
-                        got.append(out.reshape(-1).to(torch.int64).clone())
-                    return out
-
-                s.peer.recv = recording
+                _record(s, dtypes, got)
             model = ShareModel(s, arch, prepared if not s.is_client else None)
             return list(secure_generate(s, arch, cfg, model=model, prompt_ids=ids if s.is_client else None,
                                         prompt_length=4, max_new=3, fixed_length=True))

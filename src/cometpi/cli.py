@@ -187,17 +187,26 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _connect(args, out=None):
+    """The client's session from the command line (infer, generate), announced on ``out``."""
+    from .service import PrivateClient
+
+    client = PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
+                           model_hash=args.model_hash, timeout=args.timeout, net=_net(args),
+                           tls=_party_tls(args, "client"), insecure_plaintext=args.insecure_plaintext)
+    a, ap = client.arch, client.approx
+    print(f"connected: {a.kind}, {a.layers} layers, hidden {a.hidden}, model hash {client.card['model_hash']}, "
+          f"approximations {ap.gelu}/{ap.softmax}/{ap.guess} (sigma {ap.sigma:g}); weights masked in "
+          f"{client.setup_seconds:.1f} s", file=out or sys.stdout, flush=True)
+    return client
+
+
 def cmd_infer(args) -> int:
     from .serve import save_json
-    from .service import PrivateClient, format_bytes, truncation_note
+    from .service import format_bytes, truncation_note
 
-    with PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
-                       model_hash=args.model_hash, timeout=args.timeout, net=_net(args),
-                       tls=_party_tls(args, "client"), insecure_plaintext=args.insecure_plaintext) as client:
+    with _connect(args) as client:
         a = client.arch
-        print(f"connected: {a.kind}, {a.layers} layers, hidden {a.hidden}, model hash {client.card['model_hash']}, "
-              f"approximations {client.approx.gelu}/{client.approx.softmax}/{client.approx.guess} "
-              f"(sigma {client.approx.sigma:g}); weights masked in {client.setup_seconds:.1f} s", flush=True)
         if a.head == "classifier":
             rows = client.classify(args.texts, max_length=args.max_length, pad_to=args.pad_to,
                                    hide_length=args.hide_length, progress=True)
@@ -235,17 +244,11 @@ def cmd_infer(args) -> int:
 
 def cmd_generate(args) -> int:
     from .serve import save_json
-    from .service import PrivateClient, format_bytes
+    from .service import format_bytes
 
     if (args.prompt is None) == (args.chat is None):
         raise SystemExit("give a prompt or --chat MESSAGE (one of them)")
-    with PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
-                       model_hash=args.model_hash, timeout=args.timeout, net=_net(args),
-                       tls=_party_tls(args, "client"), insecure_plaintext=args.insecure_plaintext) as client:
-        a = client.arch
-        print(f"connected: {a.kind}, {a.layers} layers, hidden {a.hidden}, model hash {client.card['model_hash']}, "
-              f"approximations {client.approx.gelu}/{client.approx.softmax}/{client.approx.guess}; weights masked "
-              f"in {client.setup_seconds:.1f} s", file=sys.stderr, flush=True)
+    with _connect(args, out=sys.stderr) as client:  # stdout carries the generated text only
         for piece in client.generate(args.chat or args.prompt, max_new_tokens=args.max_new_tokens,
                                      chat=args.chat is not None, fixed_length=args.fixed_length,
                                      temperature=args.temperature):

@@ -430,6 +430,7 @@ class DealerServer:
         self.idle_timeout = idle_timeout
         self.tls = tls
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     def serve_forever(self) -> None:
         self.sock.settimeout(0.5)
@@ -442,12 +443,12 @@ class DealerServer:
                 break
             t = threading.Thread(target=self._serve, args=(conn, addr), daemon=True)
             t.start()
-            self._threads = [x for x in getattr(self, "_threads", []) if x.is_alive()] + [t]
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for the connections being served to end (after ``stop``)."""
         deadline = time.monotonic() + timeout
-        for t in getattr(self, "_threads", []):
+        for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
 
     def _serve(self, conn, addr) -> None:

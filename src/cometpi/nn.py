@@ -688,13 +688,14 @@ def greedy_decode(ops, arch, cfg: ApproxConfig, *, prompt_ids=None, prompt_lengt
 
 def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareModel, prompt_ids=None,
                     prompt_length: int, max_new: int, eos_id: int | None = None, fixed_length: bool = False,
-                    temperature: float = 0.0, noise=None):
+                    temperature: float = 0.0, noise=None, cache: KVCache | None = None):
     """One party's side of private greedy generation (a generator of token ids; None on the server).
 
     The client passes its ``prompt_ids`` (1, T); both pass ``prompt_length`` and ``max_new``.  After
     each token the client tells the server whether to go on (the server learns the number of tokens
     generated, not which); with ``fixed_length`` both run ``max_new`` steps and no flag is sent (the
     client discards what follows an end-of-sequence itself), so the server learns only max_new.
+    ``cache``: the KVCache to fill (its ``nbytes()`` is this party's memory for it afterwards).
     """
     check_truncation(session.config, cfg)
 
@@ -712,4 +713,4 @@ def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareMo
 
     with session.span("generate"):
         yield from greedy_decode(model, arch, cfg, prompt_ids=prompt_ids, prompt_length=prompt_length,
-                                 max_new=max_new, stop=stop, temperature=temperature, noise=noise)
+                                 max_new=max_new, stop=stop, temperature=temperature, noise=noise, cache=cache)

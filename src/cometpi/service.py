@@ -31,7 +31,16 @@ from tqdm import tqdm
 from . import checkpoint
 from .convert import Arch, params_hash
 from .core import Config, ConfigError, Session
-from .nn import PER_CHANNEL, ApproxConfig, ShareModel, prepare_params, secure_forward, secure_generate, trained_smu_lo
+from .nn import (
+    PER_CHANNEL,
+    ApproxConfig,
+    KVCache,
+    ShareModel,
+    prepare_params,
+    secure_forward,
+    secure_generate,
+    trained_smu_lo,
+)
 from .party import connect_client
 from .transport import DEFAULT_TIMEOUT, Traffic
 
@@ -292,16 +301,7 @@ class PrivateClient:
         samples (the Gumbel-max trick with the client's own CSPRNG noise, ``nn.greedy_decode``)."""
         if self.arch.head != "lm":
             raise ValueError(f"the served model has no LM head (head {self.arch.head!r})")
-        if isinstance(prompt, str):
-            if chat:
-                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                         add_generation_prompt=True, return_tensors="pt")
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            else:
-                ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        else:
-            ids = torch.tensor([list(prompt)], dtype=torch.int64)
-        ids = torch.as_tensor(ids).reshape(1, -1)
+        ids = self.encode_prompt(prompt, chat=chat)
         T = ids.shape[1]
         if T + max_new_tokens > self.arch.max_positions:
             raise ValueError(f"{T} prompt tokens + {max_new_tokens} new exceed the model's {self.arch.max_positions}")
@@ -309,12 +309,12 @@ class PrivateClient:
         with self.sess.offline():
             self.sess.peer.send_json({"op": "generate", "length": T, "max_new": max_new_tokens,
                                       "fixed_length": fixed_length}, "query")
-        steps, out_ids, done = [], [], False
+        steps, out_ids, done, cache = [], [], False, KVCache()
         before, t0 = self.sess.meter.snapshot(), time.perf_counter()
         with self.sess.span("generation"):
             for token in secure_generate(self.sess, self.arch, self.approx, model=self.model, prompt_ids=ids,
                                          prompt_length=T, max_new=max_new_tokens, eos_id=eos,
-                                         fixed_length=fixed_length, temperature=temperature):
+                                         fixed_length=fixed_length, temperature=temperature, cache=cache):
                 after, t1 = self.sess.meter.snapshot(), time.perf_counter()
                 on = sum((after[k] - before[k] for k in after if k[1] == "online"), Traffic())
                 steps.append({"online_bytes": on.payload_bytes, "rounds": on.rounds, "seconds": t1 - t0})
@@ -328,9 +328,20 @@ class PrivateClient:
             "prompt_tokens": T, "ids": out_ids, "text": self._decode(out_ids, skip_special_tokens=True),
             "steps": len(steps), "fixed_length": fixed_length, "temperature": temperature,
             "prefill": steps[0] if steps else None,
-            "per_token": steps[1:],
-            "kv_cache_bytes_per_party": 2 * self.arch.layers * (T + len(steps) - 1) * self.arch.n_kv
-            * self.arch.head_dim * 8}
+            "per_token": steps[1:], "kv_cache_bytes_per_party": cache.nbytes()}
+
+    def encode_prompt(self, prompt, *, chat: bool = False) -> torch.Tensor:
+        """(1, T) token ids of a prompt: text (with ``chat``: one user message through the tokenizer's chat
+        template, ready for the assistant's answer) or a list of ids."""
+        if not isinstance(prompt, str):
+            return torch.tensor([list(prompt)], dtype=torch.int64)
+        if chat:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, return_tensors="pt")
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in transformers >= 5
+        else:
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        return torch.as_tensor(ids).reshape(1, -1)
 
     def classify(self, texts: list[str], *, max_length: int = 128, pad_to: int | None = None,
                  hide_length: bool = False, progress: bool = False) -> list[dict]:

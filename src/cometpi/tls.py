@@ -21,7 +21,6 @@ import os
 import socket
 import ssl
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,25 +195,8 @@ class TlsChannel(TcpChannel):
             enc = self._out.read()
             super()._write(enc)
 
-    def _write_loop(self) -> None:
-        while True:
-            data = self._wq.get()
-            if data is None:
-                return
-            try:
-                self.sock.sendall(data)
-                self.wire["sent"] += len(data)
-                with self._qcond:
-                    self._queued -= len(data)
-                    self._qcond.notify_all()
-            except TimeoutError:
-                self._werr = PeerTimeout(f"{self.peer_name} did not accept data within {self.timeout:g} s")
-            except OSError as e:
-                self._werr = PeerDisconnected(f"connection to {self.peer_name} lost while sending: {e}")
-            if self._werr is not None:
-                with self._qcond:
-                    self._qcond.notify_all()
-                return
+    def _on_wire(self, n: int) -> None:
+        self.wire["sent"] += n
 
     def _read(self, n: int) -> bytes:
         buf = bytearray()
@@ -255,9 +237,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-_WARNED = set()
-
-
 def check_plaintext(host: str, insecure: bool, what: str) -> None:
     """Plaintext TCP is allowed on loopback only, unless ``--insecure-plaintext`` (which warns once)."""
     if is_loopback(host):
@@ -265,10 +244,10 @@ def check_plaintext(host: str, insecure: bool, what: str) -> None:
     if not insecure:
         raise TlsError(f"{what} at {host} is not on loopback: use --tls (TLS with pinned certificates), or "
                        "--insecure-plaintext to send seeds, shares and model cards in the clear")
-    if what not in _WARNED:
-        _WARNED.add(what)
-        warnings.warn(f"insecure_plaintext: {what} at {host} runs without TLS: anyone on the path can read the "
-                      "dealer's seeds and with them the text and the weights", UserWarning, stacklevel=2)
+    from .approx.newton import warn_insecure_once
+
+    warn_insecure_once(f"insecure_plaintext ({what})", f"{what} at {host} runs without TLS: anyone on the path "
+                       "can read the dealer's seeds and with them the text and the weights")
 
 
 @dataclass

@@ -520,6 +520,7 @@ class TcpChannel(Channel):
                 return
             try:
                 self.sock.sendall(data)
+                self._on_wire(len(data))
                 with self._qcond:
                     self._queued -= len(data)
                     self._qcond.notify_all()
@@ -531,6 +532,9 @@ class TcpChannel(Channel):
                 with self._qcond:
                     self._qcond.notify_all()
                 return
+
+    def _on_wire(self, n: int) -> None:
+        """Called by the writer thread after ``n`` bytes went onto the socket (TLS counts its records)."""
 
     def _write(self, data: bytes) -> None:
         if self._werr is not None:

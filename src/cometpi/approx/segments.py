@@ -75,6 +75,18 @@ def _increments(values, frac_bits: int) -> list[float]:
     return [(b - a) * 2.0**-frac_bits for a, b in zip(enc[:-1], enc[1:], strict=True)]
 
 
+def sign_relu_abs(ops, v, site: str, frac_bits: int):
+    """(b, ReLU(v), |v|) with b = [v >= 0] by ``drelu_narrow`` at width V_BITS + f - 16 (|v| < 4096), then
+    one product b v (no truncation) and |v| = 2 b v - v; ``site`` names the range in a DomainMonitor.
+    Cost: 6 rounds, 45.75 B/element."""
+    monitor = getattr(ops, "monitor", None)
+    if monitor is not None:  # the sign test's range (bench sites)
+        monitor.value(site, ops.output(v), 2.0 ** (V_BITS - 16))
+    b = ops.sign(v, V_BITS + frac_bits - 16)
+    bv = ops.mask(v, b)
+    return b, bv, ops.sub(ops.mul_pow2(bv, 1), v)
+
+
 def smu1_segments(ops, v, frac_bits: int | None = None):
     """SMU1(v) = ReLU(v) + g(|v|) by the segments, for |v| < 2^(V_BITS - 16) = 4096 (the sign test's
     range at every f; the simulation raises ``HeadroomError`` beyond it, the secure path would wrap).
@@ -90,12 +102,7 @@ def smu1_segments(ops, v, frac_bits: int | None = None):
     drop = f - KNOT_FRAC_BITS
     e = SLOPE_EXTRA_BITS
     with ops.span("smu"):
-        monitor = getattr(ops, "monitor", None)
-        if monitor is not None:  # the sign test's range (bench sites)
-            monitor.value("smu_ratio", ops.output(v), 2.0 ** (V_BITS - 16))
-        b = ops.sign(v, V_BITS + f - 16)
-        bv = ops.mask(v, b)
-        av = ops.sub(ops.mul_pow2(bv, 1), v)  # |v|
+        b, bv, av = sign_relu_abs(ops, v, "smu_ratio", f)
         coarse = ops.truncate(av, drop)  # |v| at 8 fractional bits
         fs = f + e
         a, slope = ops.thermometer(coarse, [k * 2.0**-drop for k in KNOTS[1:]], KNOT_FRAC_BITS + V_BITS - 16,
@@ -117,4 +124,5 @@ def fold_mu(w_up: torch.Tensor, b_up: torch.Tensor, w_down: torch.Tensor, mu) ->
     return w_up / mu, b_up / mu, w_down * mu.reshape(-1, 1) if mu.dim() else w_down * mu
 
 
-__all__ = ["KNOTS", "ALPHA", "BETA", "MAX_ERROR", "V_BITS", "g", "segments_ref", "smu1_segments", "fold_mu"]
+__all__ = ["KNOTS", "ALPHA", "BETA", "MAX_ERROR", "V_BITS", "g", "segments_ref", "sign_relu_abs", "smu1_segments",
+           "fold_mu"]

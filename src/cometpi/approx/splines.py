@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .segments import KNOT_FRAC_BITS, V_BITS, _increments
+from .segments import KNOT_FRAC_BITS, V_BITS, _increments, sign_relu_abs
 
 
 @dataclass(frozen=True)
@@ -196,12 +196,7 @@ def activation(ops, x, name: str):
     table = table_for(name)
     f = ops.frac_bits
     with ops.span("spline_act"):
-        monitor = getattr(ops, "monitor", None)
-        if monitor is not None:  # the sign test's range (bench sites)
-            monitor.value("activation_input", ops.output(x), 2.0 ** (V_BITS - 16))
-        b = ops.sign(x, V_BITS + f - 16)
-        relu = ops.mask(x, b)
-        u = ops.sub(ops.mul_pow2(relu, 1), x)  # |x|
+        _, relu, u = sign_relu_abs(ops, x, "activation_input", f)
         return ops.add(relu, eval_spline(ops, u, table, KNOT_FRAC_BITS + V_BITS - 16))
 
 

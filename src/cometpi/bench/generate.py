@@ -80,9 +80,7 @@ def accuracy(model_dir: str, daddr: str, n_prompts: int, new_tokens: int) -> dic
         with PrivateClient(saddr, daddr, tokenizer=model_dir, timeout=900) as client:
             tok = client.tokenizer
             for prompt in PROMPTS[:n_prompts]:
-                ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              return_tensors="pt")
-                ids = torch.as_tensor(ids["input_ids"] if hasattr(ids, "keys") else ids).reshape(1, -1)
+                ids = client.encode_prompt(prompt, chat=True)
                 t0 = time.perf_counter()
                 list(client.generate(ids[0].tolist(), max_new_tokens=new_tokens))
                 g = client.last_generation
