@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo bench lint clean
+.PHONY: setup test test-slow demo demo-chat bench lint clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/cometpi demo
+
+# private generation: SmolLM2-135M-Instruct answers one chat message (a few minutes on 2 cores)
+demo-chat: $(STAMP)
+	$(VENV)/bin/cometpi demo --chat
 
 bench: $(STAMP)
 	$(VENV)/bin/cometpi bench ops

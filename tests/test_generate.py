@@ -129,6 +129,17 @@ def test_generate_over_three_processes(tmp_path, tiny_llama_dir):
     assert "per token" in r.stderr and "KV cache" in r.stderr
 
 
+def test_generate_requests_are_checked(tiny_llama_dir):
+    from cometpi.service import ModelServer
+
+    server = ModelServer(str(tiny_llama_dir))
+    assert server._validate_generate({"length": 5, "max_new": 4, "top_k": True})[3] is True
+    with pytest.raises(ValueError, match="top_k must be true or false"):
+        server._validate_generate({"length": 5, "max_new": 4, "top_k": 40})  # k is the client's alone
+    with pytest.raises(ValueError, match="must fit"):
+        server._validate_generate({"length": 60, "max_new": 5})
+
+
 def test_sampling_with_the_clients_noise():
     """Temperature sampling by the Gumbel-max trick: with the same noise the private tokens equal the
     simulation's, the server's side is the greedy one (it never sees the noise), and a high temperature
@@ -151,6 +162,49 @@ def test_sampling_with_the_clients_noise():
                                     temperature=2.0 if s.is_client else 0.0, noise=lambda i: noise[i]))
 
     assert run_local(job, timeout=600)[0] == ring
+
+    # top-k (k = 3, the client's; the server passes True): the simulation's tokens, each among the top 3
+    topk = list(greedy_decode(RingModel(prepared), arch, ORIGINAL, prompt_ids=ids, prompt_length=5, max_new=5,
+                              temperature=2.0, top_k=3, noise=lambda i: noise[i]))
+    ctx = ids
+    for tok in topk:
+        top3 = reference_forward(arch, params, ctx)[0, -1].topk(3).indices.tolist()
+        assert tok in top3
+        ctx = torch.cat([ctx, torch.tensor([[tok]])], 1)
+
+    def job_k(s):
+        model = ShareModel(s, arch, prepared if not s.is_client else None)
+        return list(secure_generate(s, arch, ORIGINAL, model=model, prompt_ids=ids if s.is_client else None,
+                                    prompt_length=5, max_new=5, fixed_length=True, top_k=3 if s.is_client else True,
+                                    temperature=2.0 if s.is_client else 0.0, noise=lambda i: noise[i]))
+
+    assert run_local(job_k, timeout=600)[0] == topk
     with pytest.raises(ValueError, match="temperature"):
         next(greedy_decode(RingModel(prepared), arch, ORIGINAL, prompt_ids=ids, prompt_length=5, max_new=1,
                            temperature=-1.0))
+
+
+def test_dealer_lookahead_fetches_the_coming_layers_ahead():
+    """With the lookahead (the default) both parties guess the next layers' dealer requests from the
+    layers done and fetch them ahead: no guess is wrong, the tokens are the same as without it, and the
+    server sends a fraction of the dealer messages it sends when every correction is fetched on demand."""
+    from cometpi.core import Config
+    from cometpi.protocols import KINDS
+
+    arch, params = from_hf(_tiny("LlamaForCausalLM", seed=21, num_hidden_layers=4))
+    ids = _prompt(22)
+    prepared = prepare_params(arch, params, ORIGINAL)
+
+    def job(s):
+        model = ShareModel(s, arch, prepared if not s.is_client else None)
+        before = s.meter.total(link="dealer").msgs_sent
+        toks = list(secure_generate(s, arch, ORIGINAL, model=model, prompt_ids=ids if s.is_client else None,
+                                    prompt_length=5, max_new=4, fixed_length=True))
+        mine = sum(KINDS[k].receiver == s.role for _, k, _ in s.provider.plan)
+        return toks, s.provider.mispredictions, s.meter.total(link="dealer").msgs_sent - before, mine
+
+    (on, miss, _, _), (_, smiss, smsgs, sreq) = run_local(job, timeout=600)
+    (off, _, _, _), (_, _, omsgs, oreq) = run_local(job, config=Config(lookahead=False), timeout=600)
+    assert on == off and miss == smiss == 0
+    assert omsgs >= oreq > 0  # without: one request message per correction (the weights' setup aside)
+    assert smsgs < 0.6 * omsgs  # with: layers 2-3 of the prefill, 1-3 of each step and the tails in batches

@@ -252,6 +252,74 @@ def test_plan_mismatch_is_an_error():
         run_local(fn)
 
 
+def test_a_wrong_speculation_is_abandoned_at_fresh_indices(rng):
+    """A speculated plan that the run does not follow is no error: both parties drop the guessed
+    indices (the dealer answered them once; none is asked again) and continue past them."""
+    X, Y = uniform(rng, (4, 4)), uniform(rng, (4, 4))
+
+    def work(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        y = s.share(None if s.is_client else Y, owner=Role.SERVER, shape=Y.shape)
+        return P.mul(x, y)
+
+    _, (_, wrong) = run_local(lambda s: (P.mul(s.zeros((3,)), s.zeros((3,))), s.provider.plan_since(0)))
+
+    def fn(s):
+        s.provider.speculate(wrong)  # the requests of a product of another shape
+        z = work(s)
+        return s.reveal_float(z, Role.CLIENT), s.provider.mispredictions, [i for i, *_ in s.provider.plan]
+
+    (z, miss, idx), (_, smiss, sidx) = run_local(fn)
+    assert miss == smiss == 1 and idx == sidx
+    assert not set(range(len(wrong))) & set(idx) and idx == sorted(set(idx))  # skipped, each index once
+    assert float((z - q(X) * q(Y)).abs().max()) <= ULP
+
+
+def test_a_right_speculation_is_fetched_ahead(rng):
+    X = uniform(rng, (6, 6))
+
+    def work(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        return P.mul(x, x)
+
+    (_, plan), _ = run_local(lambda s: (work(s), s.provider.plan_since(0)))
+
+    def fn(s):
+        P.mul(s.zeros((2,)), s.zeros((2,)))  # the speculated requests start at a later index
+        n = s.provider.speculate(plan)
+        s.provider.wait_prefetched(10)
+        before = s.meter.total(link="dealer")
+        z = work(s)
+        after = s.meter.total(link="dealer")
+        return s.reveal_float(z, Role.CLIENT), n, (after - before).msgs_sent, s.provider.mispredictions
+
+    (z, n, _, miss), (_, sn, smsgs, smiss) = run_local(fn)
+    assert miss == smiss == 0 and n == 0 and sn == len(plan) and smsgs == 0  # the server asked for nothing
+    assert float((z - q(X) * q(X)).abs().max()) <= ULP
+
+
+def test_a_replayed_plan_after_an_unused_guess_starts_at_fresh_indices(rng):
+    X = uniform(rng, (5,))
+
+    def work(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        return P.mul(x, x)
+
+    (_, plan), _ = run_local(lambda s: (work(s), s.provider.plan_since(0)))
+
+    def fn(s):
+        s.provider.speculate(plan)  # a guess nothing uses (as a decoding tail before another query)
+        s.provider.prefetch_relative(plan)
+        start = s.provider.index
+        s.provider.wait_prefetched(10)
+        z = work(s)
+        return s.reveal_float(z, Role.CLIENT), start, s.provider.mispredictions
+
+    (z, start, miss), (_, sstart, _) = run_local(fn)
+    assert start == sstart == len(plan) and miss == 1  # the guessed indices were skipped, not reused
+    assert float((z - q(X) * q(X)).abs().max()) <= ULP
+
+
 def test_embedding_lookup_in_a_32_bit_ring_is_exact_and_costs_as_documented(rng):
     assert "Cost: 2 rounds; 4 B x T x V client -> server" in P.embedding_lookup.__doc__
     V, d, T = 37, 6, 5

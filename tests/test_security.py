@@ -254,3 +254,34 @@ def test_server_view_while_decoding_is_independent_of_the_text():
     views_a, views_b = [v for v, _ in runs_a], [v for v, _ in runs_b]
     assert sum(t.numel() for v in views_a for t in v if t.numel()) > 10_000
     _assert_same_distribution(views_a, views_b)
+
+
+def test_server_view_while_sampling_is_independent_of_k_and_t():
+    """Top-k sampling (issue 13): k enters as a value the client adds to its own share and t scales the
+    client's own noise, so the server's view for (k, t) = (1, 0.5) and (20, 2.0) has one distribution."""
+    from cometpi.nn import ShareModel, prepare_params, secure_generate
+
+    arch, params = from_hf(_tiny("LlamaForCausalLM", seed=16, num_hidden_layers=1))
+    cfg = ApproxConfig.original()
+    prepared = prepare_params(arch, params, cfg)
+    dtypes = (torch.int64, torch.int32, torch.uint8)
+    ids = torch.tensor([[2, 97, 13, 61]])
+
+    def view(k, t):
+        got: list[torch.Tensor] = []
+
+        def job(s):
+            if s.role == Role.SERVER:
+                _record(s, dtypes, got)
+            model = ShareModel(s, arch, prepared if not s.is_client else None)
+            return list(secure_generate(s, arch, cfg, model=model, prompt_ids=ids if s.is_client else None,
+                                        prompt_length=4, max_new=2, fixed_length=True,
+                                        top_k=k if s.is_client else True, temperature=t if s.is_client else 0.0))
+
+        run_local(job)
+        return got
+
+    views_a = [view(1, 0.5) for _ in range(RUNS)]
+    views_b = [view(20, 2.0) for _ in range(RUNS)]
+    assert sum(t.numel() for v in views_a for t in v if t.numel()) > 10_000
+    _assert_same_distribution(views_a, views_b)

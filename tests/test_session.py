@@ -101,6 +101,18 @@ def test_dealer_refuses_oversized_and_malformed_requests():
         core.register("s", 0)
 
 
+def test_dealer_answers_each_index_once():
+    """Two corrections at one index would let their receiver solve for the other party's material."""
+    core = DealerCore(pairing_timeout=1)
+    core.register("s", 0)
+    core.register("s", 1)
+    core.correction("s", 1, [7, "mul", {"shape": [2]}])
+    with pytest.raises(DealerError, match="already answered"):
+        core.correction("s", 1, [7, "mul", {"shape": [3]}])
+    with pytest.raises(DealerError, match="already answered"):
+        core.correction("s", 1, [7, "trunc", {"shape": [2]}])
+
+
 def test_dealer_waits_a_bounded_time_for_the_other_party():
     dealer = LocalDealer(pairing_timeout=0.5)
     link = dealer.connect(Meter(), timeout=5)

@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _config(args):
     from .core import Config
 
-    return Config(frac_bits=args.frac_bits, trunc=args.trunc)
+    return Config(frac_bits=args.frac_bits, trunc=args.trunc, lookahead=not args.no_lookahead)
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,9 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trunc", choices=["exact", "local"], default="exact",
                    help="truncation after products: exact (wrap-corrected, 1 round) or local "
                         "(SecureML, 0 rounds, rare large errors); default %(default)s")
+    p.add_argument("--no-lookahead", action="store_true",
+                   help="fetch each dealer correction when it is needed instead of guessing the coming layers' "
+                        "requests and fetching them ahead (both parties must agree)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for any peer message (default %(default)g)")
     p.add_argument("--net", choices=["lan", "wan", "bolt-wan"], default=None,
@@ -251,7 +254,7 @@ def cmd_generate(args) -> int:
     with _connect(args, out=sys.stderr) as client:  # stdout carries the generated text only
         for piece in client.generate(args.chat or args.prompt, max_new_tokens=args.max_new_tokens,
                                      chat=args.chat is not None, fixed_length=args.fixed_length,
-                                     temperature=args.temperature):
+                                     temperature=args.temperature, top_k=args.top_k):
             print(piece["text"], end="", flush=True)
         print()
         g = client.last_generation
@@ -447,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0,
                      help="0: greedy (default); t > 0: sample softmax(logits / t) with the client's own noise "
                           "(Gumbel-max; the server learns neither the noise nor t)")
+    gen.add_argument("--top-k", type=int, default=None, metavar="K",
+                     help="with --temperature: sample among the K largest logits only (the server learns that "
+                          "top-k is on, not K)")
     gen.add_argument("--json", default=None, help="write the text, token ids and costs to this JSON file")
     _add_config(gen)
     _add_tls(gen, "client")
@@ -516,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--guess", default="thermometer", choices=["thermometer", "comet", "constant"],
                     help="rsqrt initial guess (default: %(default)s, the secure informative guess; comet: "
                          "Comet's flooded guess at sigma 40, about 10x the bytes)")
+    dm.add_argument("--chat", nargs="?", const="What is the capital of France?", default=None, metavar="MESSAGE",
+                    help="instead: SmolLM2-135M-Instruct answers MESSAGE privately (greedy, KV cache in shares; "
+                         "a few minutes on 2 cores; `make demo-chat`), beside the plaintext model's answer")
+    dm.add_argument("--max-new-tokens", type=int, default=12, help="with --chat (default %(default)s)")
     dm.set_defaults(fn=cmd_demo)
 
     ed = sub.add_parser("engine-demo", help="engine demo: a private X @ W over three processes")

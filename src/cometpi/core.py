@@ -53,6 +53,9 @@ class Config:
 
     frac_bits: int = 16
     trunc: TruncMode = TruncMode.EXACT
+    #: guess the dealer requests of coming layers and fetch them ahead (``nn.DealerLookahead``); both
+    #: parties must agree: a wrong guess makes them skip indices
+    lookahead: bool = True
 
     def __post_init__(self) -> None:
         FixedPoint(self.frac_bits)  # validates f

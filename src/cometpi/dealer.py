@@ -68,6 +68,7 @@ class DealerClient:
         self._error: BaseException | None = None
         self._closing = False
         self._wanted: int | None = None  # the index a party is blocked on in ``fetch``
+        self._drop: set[int] = set()  # requested corrections no longer wanted (a wrong speculation)
         self._reader: threading.Thread | None = None
 
     def hello(self, session_id: str, role: Role, config_hash: str, peer: str | None = None) -> bytes:
@@ -110,8 +111,11 @@ class DealerClient:
                 with self._cond:
                     idx = self._pending.popleft()
                     self._pending_set.discard(idx)
-                    self._cache[idx] = t
-                    self._cached_bytes += t.numel() * t.element_size()
+                    if idx in self._drop:
+                        self._drop.discard(idx)
+                    else:
+                        self._cache[idx] = t
+                        self._cached_bytes += t.numel() * t.element_size()
                     self._cond.notify_all()
         except BaseException as e:  # noqa: BLE001 - handed to the waiting party thread
             with self._cond:
@@ -142,6 +146,18 @@ class DealerClient:
                 raise DealerError(f"dealer link failed: {err!r}") from err
             assert not ok
             raise PeerTimeout(f"no answer from the dealer within {self.ch.timeout:g} s for request {idx}")
+
+    def discard(self, indices) -> None:
+        """Forget requested corrections that will not be used (a speculation that proved wrong): held
+        ones are freed, outstanding ones dropped on arrival.  Their indices are never used again."""
+        with self._cond:
+            for idx in indices:
+                t = self._cache.pop(idx, None)
+                if t is not None:
+                    self._cached_bytes -= t.numel() * t.element_size()
+                elif idx in self._pending_set:
+                    self._drop.add(idx)
+            self._cond.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait until no requested correction is outstanding, or the buffer is full (the rest then
@@ -182,16 +198,24 @@ class Provider:
         self.index = 0
         self.plan: list[list] = []
         self._expected: dict[int, list] = {}
+        self._speculated: set[int] = set()  # expected indices that are guesses (``speculate``)
+        self._spec_end = 0  # the index after the last speculated one
+        self.mispredictions = 0  # speculations abandoned (``speculate``)
 
     def get(self, kind: str, **params):
         """Material of ``kind`` for this party (see the table in the module docstring)."""
         k = KINDS[kind]
-        idx, self.index = self.index, self.index + 1
+        idx = self.index
         item = [idx, kind, params]
-        self.plan.append(item)
         exp = self._expected.pop(idx, None)
         if exp is not None and exp[1:] != item[1:]:
-            raise DealerError(f"request {idx} is {kind} {params}, but the prefetched plan said {exp[1:]}")
+            if idx not in self._speculated:
+                raise DealerError(f"request {idx} is {kind} {params}, but the prefetched plan said {exp[1:]}")
+            idx = self._abandon_speculation(idx)
+            item = [idx, kind, params]
+        self._speculated.discard(idx)
+        self.index = idx + 1
+        self.plan.append(item)
         own = getattr(k, "own_party", k.own)(self.role, self.prg, idx, params)
         corr = None
         if k.receiver == self.role:
@@ -203,6 +227,40 @@ class Provider:
             out = tuple(t.to(self.device) for t in out) if isinstance(out, tuple) else (
                 out if out is None else out.to(self.device))
         return out
+
+    def speculate(self, plan: list[list]) -> int:
+        """Prefetch a *guess* of the coming requests: ``plan`` (relative, as from ``plan_since``) placed
+        after what is already speculated (e.g. the next layer of a model, guessed from the layer just
+        done).  Unlike ``prefetch``, a request that differs from the guess is no error: both parties
+        (which make the same guesses and the same requests) then abandon every speculated index from
+        there on and continue at a fresh one, so no index is used twice (the dealer refuses that:
+        two corrections at one index would reveal the other party's material).  Does nothing where a
+        replayed plan already covers those indices.  Returns the number of corrections requested."""
+        at = max(self.index, self._spec_end)
+        items = [[at + i, kind, p] for i, kind, p in plan]
+        if not items or any(it[0] in self._expected for it in items):
+            return 0
+        for it in items:
+            self._expected[it[0]] = it
+            self._speculated.add(it[0])
+        self._spec_end = at + len(items)
+        mine = [it for it in items if KINDS[it[1]].receiver == self.role]
+        if mine and self.link is not None:
+            self.link.request(mine)
+        return len(mine)
+
+    def _abandon_speculation(self, idx: int) -> int:
+        """A request differs from the speculated one at ``idx``: drop every speculated index from ``idx``
+        on (requested corrections are discarded) and return the first fresh index."""
+        dropped = [i for i in self._speculated if i >= idx]
+        for i in dropped:
+            self._expected.pop(i, None)
+        self._speculated.difference_update(dropped)
+        if self.link is not None:
+            self.link.discard(dropped)
+        self.mispredictions += 1
+        log.debug("speculated dealer plan abandoned at request %d (%d indices skipped)", idx, len(dropped))
+        return self._spec_end
 
     def prefetch(self, plan: list[list]) -> int:
         """Request, ahead of time, every correction of ``plan`` (a previous run's ``plan``) that this
@@ -216,11 +274,16 @@ class Provider:
         return len(mine)
 
     def plan_since(self, start: int) -> list[list]:
-        """The requests made since index ``start``, with indices relative to it (a reusable plan)."""
-        return [[i - start, k, p] for i, k, p in self.plan if i >= start]
+        """The requests made since index ``start``, numbered from 0 (a reusable plan; indices skipped
+        by an abandoned speculation are not part of it)."""
+        return [[n, k, p] for n, (_, k, p) in enumerate(it for it in self.plan if it[0] >= start)]
 
     def prefetch_relative(self, plan: list[list]) -> int:
-        """``prefetch`` a relative plan (from ``plan_since``) for the requests starting now."""
+        """``prefetch`` a relative plan (from ``plan_since``) for the requests starting now.  Guesses
+        still outstanding (``speculate``: a guessed tail a query did not use) are abandoned first, so
+        the plan starts at a fresh index (both parties do the same)."""
+        if self._speculated:
+            self.index = self._abandon_speculation(min(self._speculated))
         return self.prefetch([[self.index + i, k, p] for i, k, p in plan])
 
     def wait_prefetched(self, timeout: float | None = None) -> None:
@@ -232,6 +295,36 @@ class Provider:
     def close(self) -> None:
         if self.link is not None:
             self.link.close()
+
+
+def plan_delta(a: list[list], b: list[list]) -> dict | None:
+    """How plan ``b`` (relative, of one layer) follows plan ``a`` (the layer before): the parameters
+    that grow by a constant, as {name: increment} (the index of the layer's weights, ``widx``), when
+    the two plans are otherwise equal request for request; None when they differ in any other way or
+    a parameter grows by different amounts."""
+    if len(a) != len(b):
+        return None
+    rule: dict[str, int] = {}
+    for (_, ka, pa), (_, kb, pb) in zip(a, b, strict=True):
+        if ka != kb or pa.keys() != pb.keys():
+            return None
+        for name, va in pa.items():
+            vb = pb[name]
+            if type(va) is int and type(vb) is int:
+                if rule.setdefault(name, vb - va) != vb - va:
+                    return None
+            elif va != vb:
+                return None
+    return {name: d for name, d in rule.items() if d}
+
+
+def plan_shift(plan: list[list], delta: dict | None) -> list[list] | None:
+    """The guess of the next layer's requests: ``plan`` with each parameter of ``delta`` (from
+    ``plan_delta``) increased; None without a delta."""
+    if delta is None:
+        return None
+    return [[i, kind, {k: v + delta[k] if k in delta and type(v) is int else v for k, v in p.items()}]
+            for i, kind, p in plan]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,6 +350,7 @@ class DealerCore:
         self._seeds: dict[str, dict[int, bytes]] = {}
         self._connected: dict[str, set[int]] = {}
         self._who: dict[str, dict[int, tuple]] = {}  # session -> role -> (identity, names, since, channel)
+        self._served: dict[str, set[int]] = {}  # session -> request indices answered (each at most once)
         self.pairing_timeout = pairing_timeout
         self.allow = allow or {}
 
@@ -305,6 +399,7 @@ class DealerCore:
                 self._connected.pop(session, None)
                 self._seeds.pop(session, None)
                 self._who.pop(session, None)
+                self._served.pop(session, None)
 
     def _both(self, session: str) -> tuple[bytes, bytes]:
         with self._cond:
@@ -332,11 +427,18 @@ class DealerCore:
         if k.receiver is None or int(k.receiver) != role:
             raise DealerError(f"{Role(role).name} may not ask for corrections of kind {kind}")
         s0, s1 = self._both(session)
+        with self._cond:  # a second correction at one index would reveal the other party's material there
+            served = self._served.setdefault(session, set())
+            if idx in served:
+                raise DealerError(f"request {idx} of session {session} was already answered: an index is used once")
+            served.add(idx)
         try:
             own0 = k.own(Role.CLIENT, AesCtrPrg(s0), idx, params)
             own1 = k.own(Role.SERVER, AesCtrPrg(s1), idx, params)
             return k.correct(own0, own1, params)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            with self._cond:
+                served.discard(idx)  # nothing was sent for it
             if isinstance(e, DealerError):
                 raise
             raise DealerError(f"bad parameters for {kind}: {e}") from None

@@ -8,6 +8,10 @@
    and prints label and confidence with the plaintext model's answer beside, then the bytes
    (online and offline), rounds and seconds.
 4. The processes are stopped and reaped.
+
+``cometpi demo --chat [MESSAGE]`` (``make demo-chat``) runs the generation job instead: SmolLM2-135M-
+Instruct (real weights, from its registry package) answers one chat message privately, token by token
+over a KV cache in shares, with the plaintext model's greedy answer beside it.
 """
 
 from __future__ import annotations
@@ -58,7 +62,64 @@ def example_sentences(n: int) -> list[tuple[str, str]]:
     return [r for pair in zip(pos, neg, strict=False) for r in pair] + pos[len(neg):]
 
 
+def chat(args) -> int:
+    """The generation job: dealer and SmolLM2 server processes, this process the client."""
+    from .bench.generate import _plaintext_greedy
+    from .convert import from_hf
+    from .data import smollm2_path
+    from .serve import spawn, stop
+    from .service import PrivateClient, format_bytes
+
+    t_start = time.perf_counter()
+    model = smollm2_path()
+    dealer, daddr = spawn(["dealer", "--port", "0"])
+    print(f"[demo] dealer process pid {dealer.pid} on {daddr}")
+    server = None
+    try:
+        server, saddr = spawn(["serve", "--model", model, "--port", "0", "--dealer", daddr, "--once",
+                               "--timeout", "600"], timeout=300)
+        print(f"[demo] model server process pid {server.pid} on {saddr} holds SmolLM2-135M-Instruct's weights; this "
+              f"process (the client, pid {os.getpid()}) holds the message and sees the answer")
+        with PrivateClient(saddr, daddr, tokenizer=model, timeout=600) as client:
+            ids = client.encode_prompt(args.chat, chat=True)
+            print(f"[demo] weights masked in {client.setup_seconds:.1f} s; user: {args.chat!r} ({ids.shape[1]} "
+                  f"tokens through the chat template)\n[demo] private answer, token by token: ", end="", flush=True)
+            for piece in client.generate(ids[0].tolist(), max_new_tokens=args.max_new_tokens):
+                print(piece["text"], end="", flush=True)
+            g = client.last_generation
+            print()
+        server.wait(60)
+    finally:
+        if server is not None:
+            stop(server)
+        stop(dealer)
+    arch, params = from_hf(model)
+    plain, margins = _plaintext_greedy(arch, params, ids, args.max_new_tokens, client.tokenizer.eos_token_id)
+    print(f"[demo] plaintext model's answer: {client.tokenizer.decode(plain, skip_special_tokens=True)!r}")
+    first = next((i for i, (a, b) in enumerate(zip(g["ids"], plain, strict=False)) if a != b), None)
+    if first is None and len(plain) == len(g["ids"]):
+        print("[demo] the private tokens equal the plaintext model's")
+    else:
+        first = min(len(plain), len(g["ids"])) if first is None else first
+        margin = f"{margins[first]:.3g}" if first < len(margins) else "n/a"
+        print(f"[demo] NOTE: the private answer departs from the plaintext model's at token {first} (the plaintext "
+              f"model's top-2 logit margin there: {margin}; the original functions approximate GeLU/SiLU, exp and "
+              "RMSNorm to about 1e-4)")
+    pre, per = g["prefill"], g["per_token"]
+    line = (f"[demo] cost: prefill {format_bytes(pre['online_bytes'])} online, {pre['rounds']:,} rounds, "
+            f"{pre['seconds']:.0f} s")
+    if per:
+        n = len(per)
+        line += (f"; per token {format_bytes(sum(s['online_bytes'] for s in per) / n)}, "
+                 f"{sum(s['rounds'] for s in per) / n:,.0f} rounds, {sum(s['seconds'] for s in per) / n:.1f} s")
+    print(line + f"; KV cache {format_bytes(g['kv_cache_bytes_per_party'])} per party")
+    print(f"[demo] done in {time.perf_counter() - t_start:.0f} s; dealer and server stopped")
+    return 0
+
+
 def main(args) -> int:
+    if getattr(args, "chat", None):
+        return chat(args)
     from . import checkpoint
     from .nn import plaintext_forward
     from .serve import spawn, stop

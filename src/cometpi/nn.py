@@ -39,7 +39,9 @@ from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
 from .approx.splines import activation as spline_activation
 from .convert import rotary_tables, rotate_half_index
 from .core import ConfigError, Role, Session, TruncMode
-from .ring import FixedPoint, uniform01
+from .dealer import plan_delta, plan_shift
+from .ring import FixedPoint
+from .sampling import LOGIT_BITS, choose, gumbel_noise  # noqa: F401 - LOGIT_BITS, gumbel_noise: public here too
 
 PER_CHANNEL = "per-channel"
 #: ``spline``: the model's own activation (erf or tanh GeLU, SiLU) by splines (``approx.splines``); ``erf`` and
@@ -207,9 +209,6 @@ class FloatModel(FloatOps):
     def mul_const_sum(self, pairs):
         return sum(a * torch.as_tensor(c, dtype=a.dtype) for a, c in pairs)
 
-    def add_client_value(self, x, v):
-        return x + torch.as_tensor(v, dtype=x.dtype)
-
     def reveal(self, x):
         return x
 
@@ -242,9 +241,6 @@ class RingModel(RingOps):
         """sum of a * c for public real tensors c, with one truncation."""
         return self.shift(sum(checked_product(a, self.fp.encode(c)) for a, c in pairs), self.fp.frac_bits)
 
-    def add_client_value(self, x, v):
-        return x + self.fp.encode(v)
-
     def reveal(self, x):
         return self.fp.decode(x)
 
@@ -260,6 +256,8 @@ class ShareModel(ShareOps):
             raise ValueError("the server must hold the parameters")
         self.enc = {k: self.fp.encode(v) for k, v in params.items()} if self.server else {}
         self.w = prepare_private(session, arch, params if self.server else None)
+        # the dealer material of coming layers, guessed and fetched ahead (Config.lookahead)
+        self.lookahead = DealerLookahead(session.provider if session.config.lookahead else None)
 
     def linear(self, x, name, bias=True):
         y = P.matmul_private(x, self.w[name + ".weight"])
@@ -288,10 +286,6 @@ class ShareModel(ShareOps):
             t = a.mul_int(torch.broadcast_to(self.fp.encode(c), a.shape).contiguous())
             acc = t if acc is None else acc + t
         return P.truncate(acc, self.fp.frac_bits)
-
-    def add_client_value(self, x, v):
-        """x + v for a value v the client alone knows (added to its own share: local)."""
-        return x._wrap(x.data + self.fp.encode(v).to(x.data.device))
 
     def reveal(self, x):
         return self.s.reveal_float(x, Role.CLIENT)
@@ -493,6 +487,73 @@ class KVCache:
         return sum(8 * math.prod(getattr(t, "shape", ())) for t in (*self.k, *self.v))
 
 
+class DealerLookahead:
+    """Prefetches the dealer material of layers not yet run, guessed from the layers just done, so that
+    a first query of a shape and every decoding step wait on the dealer for their first layers only.
+
+    Every layer makes the same requests but for the index of its weights: the guess of layer i+1 is
+    layer i's plan moved on by the difference between two consecutive layers (``dealer.plan_delta``,
+    learnt once from layers 0 and 1 and kept for later forwards).  ``AHEAD`` layers are kept
+    requested ahead; each guess is checked request by request (``Provider.speculate``), and the first
+    wrong one ends the guessing for the rest of the forward.  ``tail_begin``/``tail_end`` do the same
+    for what follows the last layer of a decoding step (the final norm, the LM head, the argmax: the
+    same requests at every step), guessed from the step before.  ``ShareModel`` keeps one per session
+    (both parties make the same guesses); without a provider (floats, ring simulation) it does nothing,
+    and nothing where a replayed plan of the whole query already covers the indices."""
+
+    AHEAD = 2
+
+    def __init__(self, provider=None):
+        self.p = provider
+        self.delta = None  # plan_delta of two consecutive layers
+        self.tail: list | None = None
+        self._tail_start = None
+        self.on = False
+        self.decoding = False  # set by greedy_decode: only its forwards end in the guessed tail
+
+    def forward_begin(self, layers: int) -> None:
+        self.layers, self.ahead, self.last, self.guess = layers, 0, None, None
+        self.on = self.p is not None
+        self._misses = self.p.mispredictions if self.on else 0
+
+    def layer_begin(self) -> None:
+        if self.on:
+            self._start = self.p.index
+
+    def layer_end(self, i: int) -> None:
+        if not self.on:
+            return
+        if self.p.mispredictions != self._misses:  # a layer was not as guessed: stop, learn again next time
+            self.on, self.delta = False, None
+            return
+        plan = self.p.plan_since(self._start)
+        if self.last is not None and self.delta is None:
+            self.delta = plan_delta(self.last, plan)
+        self.last = plan
+        if self.delta is None:
+            self.on = i == 0  # after layers 0 and 1 without a delta: the layers differ, no guessing
+            return
+        if self.guess is None:
+            self.guess, self.ahead = plan, i + 1
+        while self.ahead < min(i + 1 + self.AHEAD, self.layers):
+            guess = plan_shift(self.guess, self.delta)
+            if guess is None:
+                self.on = False
+                return
+            self.p.speculate(guess)
+            self.guess, self.ahead = guess, self.ahead + 1
+
+    def tail_begin(self) -> None:
+        if self.p is not None and self.decoding:
+            if self.tail is not None:
+                self.p.speculate(self.tail)
+            self._tail_start = self.p.index
+
+    def tail_end(self) -> None:
+        if self.p is not None and self._tail_start is not None:
+            self.tail, self._tail_start = self.p.plan_since(self._tail_start), None
+
+
 def decode_mask(batch: int, start: int, length: int) -> torch.Tensor:
     """(B, 1, T, start + T) causal mask of T new positions over start cached ones."""
     i = torch.arange(length)[:, None] + start
@@ -521,7 +582,8 @@ def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=
     ``input_ids`` (B, T) are needed by the party that owns the text (the client; floats: always).
     ``attention_mask`` (B, T) is public (it reveals the lengths); with ``secret_mask`` (an AShare of
     the client's 0/1 key mask (B, 1, 1, T)) the padded length is all the server learns.
-    ``on_layer`` (optional) is called after each layer (a progress bar).
+    ``on_layer`` (optional) is called after each layer (a progress bar).  On shares the ShareModel's
+    ``DealerLookahead`` fetches the coming layers' dealer material ahead.
     """
     B, T, d = batch, length, arch.hidden
     start = 0 if cache is None else cache.length
@@ -545,7 +607,10 @@ def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=
         if not arch.pre_ln:
             h = ops.add_param(h, "embeddings.token_type", torch.zeros(B * T, dtype=torch.int64))
             h = _layernorm(ops, h, "embeddings.ln", cfg, arch.ln_eps)
+    lookahead = getattr(ops, "lookahead", None) or DealerLookahead()
+    lookahead.forward_begin(arch.layers)
     for i in range(arch.layers):
+        lookahead.layer_begin()
         with ops.span("layer"):
             if arch.pre_ln:
                 h = ops.add(h, _attention(ops, _layernorm(ops, h, f"layers.{i}.ln1", cfg, arch.ln_eps, arch), i,
@@ -556,10 +621,12 @@ def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=
                 h = _layernorm(ops, ops.add(h, _attention(ops, h, i, arch, B, T, mask, cfg)), f"layers.{i}.ln1", cfg,
                                arch.ln_eps)
                 h = _layernorm(ops, ops.add(h, _ffn(ops, h, i, arch, cfg)), f"layers.{i}.ln2", cfg, arch.ln_eps)
+        lookahead.layer_end(i)
         if on_layer is not None:
             on_layer()
     if cache is not None:
         cache.length += T
+    lookahead.tail_begin()
     with ops.span("head"):
         if arch.head == "none":
             return h.reshape(B, T, d)
@@ -638,43 +705,36 @@ def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, in
     return model.reveal(out)
 
 
-#: Width of greedy decoding's argmax at f = 16 (LOGIT_BITS + f - 16): logits of a row within 2^(28-16) = 4096
-#: of each other (SmolLM2's stay within 60; ``RingOps`` raises ``HeadroomError`` beyond).
-LOGIT_BITS = 28
-
-
-def gumbel_noise(shape) -> torch.Tensor:
-    """Gumbel(0, 1) samples -log(-log U) from the CSPRNG (U uniform in (0, 1), 53 bits): in [-3.6, 36.7]."""
-    u = uniform01(shape).clamp_min(2.0**-53)
-    return -torch.log(-torch.log(u))
-
-
 def greedy_decode(ops, arch, cfg: ApproxConfig, *, prompt_ids=None, prompt_length: int, max_new: int,
-                  cache: KVCache | None = None, on_token=None, stop=None, temperature: float = 0.0, noise=None):
+                  cache: KVCache | None = None, on_token=None, stop=None, temperature: float = 0.0, top_k=None,
+                  noise=None):
     """Greedy decoding (or sampling) with a KV cache on any model backend: one prefill forward of the
     prompt, then one position per step over the cached keys and values.  Each step's next token is
-    the argmax of the last position's logits, by the max tree of narrow comparisons and one sign test
-    (on shares: only the 0/1 marks of the argmax are revealed, to the client; ties reveal every
-    maximum and the first is taken).  With ``temperature`` t > 0 it is a sample of softmax(logits / t)
-    by the Gumbel-max trick: argmax(logits / t + g) = argmax(logits + t g) with g ~ Gumbel(0, 1) per
-    vocabulary entry drawn by the client (``noise(step)``, default ``gumbel_noise`` from the CSPRNG) and
-    t g added to its own share: the server computes exactly what it does for greedy decoding and
-    learns neither g nor t.  Yields each token id (None on the server, which learns nothing but the
-    number of steps); ``stop(token)`` (the client's) ends the loop early, ``on_token`` sees each id.
-    Returns (as StopIteration's value) the cache."""
+    chosen by ``sampling.choose`` from the last position's logits: the argmax by the max tree of
+    narrow comparisons and one sign test (on shares: only its 0/1 marks are revealed, to the client;
+    ties reveal every maximum and the first is taken); with ``temperature`` t > 0 a sample of
+    softmax(logits / t) by the Gumbel-max trick, the noise drawn by the client (``noise(step)``,
+    default ``gumbel_noise`` from the CSPRNG) and added to its own share; with ``top_k`` only among
+    the k largest logits (k is the client's; the server passes any true value).  The server computes
+    the same for every t and k and learns neither, nor the noise.  Yields each token id (None on the
+    server, which learns nothing but the number of steps); ``stop(token)`` (the client's) ends the loop
+    early, ``on_token`` sees each id.  Returns (as StopIteration's value) the cache."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     cache = KVCache() if cache is None else cache
     ids, T = prompt_ids, prompt_length
-    f = getattr(ops, "frac_bits", 16)
     owns_text = not isinstance(ops, ShareModel) or ops.s.is_client
+    lookahead = getattr(ops, "lookahead", None) or DealerLookahead()
     for step in range(max_new):
-        logits = forward(ops, arch, cfg, batch=1, length=T, input_ids=ids, cache=cache)  # (1, vocab)
-        if temperature > 0 and owns_text:  # the server's side is the same as for greedy decoding
-            g = noise(step) if noise is not None else gumbel_noise((1, arch.vocab))
-            logits = ops.add_client_value(logits, temperature * g)
-        with ops.span("argmax"):
-            marks = ops.reveal(ops.argmax_onehot(logits, -1, k=LOGIT_BITS + f - 16))
+        lookahead.decoding = True
+        try:
+            logits = forward(ops, arch, cfg, batch=1, length=T, input_ids=ids, cache=cache)  # (1, vocab)
+            g = noise(step) if noise is not None and temperature > 0 and owns_text else None
+            marks = ops.reveal(choose(ops, logits, temperature=temperature, top_k=top_k, noise=g,
+                                      owns_text=owns_text))
+            lookahead.tail_end()
+        finally:
+            lookahead.decoding = False
         token = None if marks is None else int(torch.as_tensor(marks)[0].argmax())
         if on_token is not None:
             on_token(token)
@@ -688,7 +748,7 @@ def greedy_decode(ops, arch, cfg: ApproxConfig, *, prompt_ids=None, prompt_lengt
 
 def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareModel, prompt_ids=None,
                     prompt_length: int, max_new: int, eos_id: int | None = None, fixed_length: bool = False,
-                    temperature: float = 0.0, noise=None, cache: KVCache | None = None):
+                    temperature: float = 0.0, top_k=None, noise=None, cache: KVCache | None = None):
     """One party's side of private greedy generation (a generator of token ids; None on the server).
 
     The client passes its ``prompt_ids`` (1, T); both pass ``prompt_length`` and ``max_new``.  After
@@ -713,4 +773,5 @@ def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareMo
 
     with session.span("generate"):
         yield from greedy_decode(model, arch, cfg, prompt_ids=prompt_ids, prompt_length=prompt_length,
-                                 max_new=max_new, stop=stop, temperature=temperature, noise=noise, cache=cache)
+                                 max_new=max_new, stop=stop, temperature=temperature, top_k=top_k, noise=noise,
+                                 cache=cache)

@@ -139,10 +139,10 @@ class ModelServer:
                 sess.peer.send_json(rep, "stats")
                 continue
             if q.get("op") == "generate":
-                T, max_new, fixed = self._validate_generate(q)
-                with sess.span("generation"):  # sampling changes only the client's side (its noise)
+                T, max_new, fixed, top_k = self._validate_generate(q)
+                with sess.span("generation"):  # sampling changes only the client's side (its noise, t, k)
                     for _ in secure_generate(sess, self.arch, self.approx, model=model, prompt_length=T,
-                                             max_new=max_new, fixed_length=fixed):
+                                             max_new=max_new, fixed_length=fixed, top_k=top_k):
                         pass
                 continue
             shape, mask, hide = self._validate(q)
@@ -163,7 +163,10 @@ class ModelServer:
         if not (isinstance(T, int) and 0 < T and T + n <= self.arch.max_positions):
             raise ValueError(f"prompt length {T!r} + {n} new tokens must fit the model's {self.arch.max_positions} "
                              "positions")
-        return T, n, bool(q.get("fixed_length"))
+        top_k = q.get("top_k", False)
+        if not isinstance(top_k, bool):
+            raise ValueError(f"top_k must be true or false (k is the client's), got {top_k!r}")
+        return T, n, bool(q.get("fixed_length")), top_k
 
     def _validate(self, q: dict):
         B, T = q.get("batch"), q.get("length")
@@ -291,30 +294,38 @@ class PrivateClient:
         return out, stats
 
     def generate(self, prompt, *, max_new_tokens: int = 32, chat: bool = False, fixed_length: bool = False,
-                 temperature: float = 0.0):
+                 temperature: float = 0.0, top_k: int | None = None):
         """Private greedy generation: an iterator of ``{"token": id, "text": piece}`` as each token is
         produced (the server learns neither the prompt nor the tokens: only the prompt length and the
         number of tokens, or with ``fixed_length`` only ``max_new_tokens``).  ``prompt``: text (with
         ``chat``: one user message through the tokenizer's chat template) or a list of token ids.
         Afterwards ``self.last_generation`` holds the ids, the text and the costs: prefill and per
         token (online bytes, rounds, seconds) and the KV cache's size per party.  ``temperature`` > 0
-        samples (the Gumbel-max trick with the client's own CSPRNG noise, ``nn.greedy_decode``)."""
+        samples (the Gumbel-max trick with the client's own CSPRNG noise, ``nn.greedy_decode``), with
+        ``top_k`` among the k largest logits only (``sampling``: the server learns that top-k is on,
+        not k)."""
         if self.arch.head != "lm":
             raise ValueError(f"the served model has no LM head (head {self.arch.head!r})")
         ids = self.encode_prompt(prompt, chat=chat)
         T = ids.shape[1]
         if T + max_new_tokens > self.arch.max_positions:
             raise ValueError(f"{T} prompt tokens + {max_new_tokens} new exceed the model's {self.arch.max_positions}")
+        if top_k is not None:
+            if temperature <= 0:
+                raise ValueError("top-k sampling needs a temperature > 0 (greedy decoding already takes the top 1)")
+            if not 1 <= top_k <= self.arch.vocab:
+                raise ValueError(f"top_k must be 1..{self.arch.vocab} (the vocabulary), got {top_k}")
         eos = getattr(self._tokenizer, "eos_token_id", None)
         with self.sess.offline():
             self.sess.peer.send_json({"op": "generate", "length": T, "max_new": max_new_tokens,
-                                      "fixed_length": fixed_length}, "query")
+                                      "fixed_length": fixed_length, "top_k": top_k is not None}, "query")
         steps, out_ids, done, cache = [], [], False, KVCache()
         before, t0 = self.sess.meter.snapshot(), time.perf_counter()
         with self.sess.span("generation"):
             for token in secure_generate(self.sess, self.arch, self.approx, model=self.model, prompt_ids=ids,
                                          prompt_length=T, max_new=max_new_tokens, eos_id=eos,
-                                         fixed_length=fixed_length, temperature=temperature, cache=cache):
+                                         fixed_length=fixed_length, temperature=temperature, top_k=top_k,
+                                         cache=cache):
                 after, t1 = self.sess.meter.snapshot(), time.perf_counter()
                 on = sum((after[k] - before[k] for k in after if k[1] == "online"), Traffic())
                 steps.append({"online_bytes": on.payload_bytes, "rounds": on.rounds, "seconds": t1 - t0})
@@ -326,7 +337,7 @@ class PrivateClient:
                 yield {"token": token, "text": self._decode([token])}
         self.last_generation = {
             "prompt_tokens": T, "ids": out_ids, "text": self._decode(out_ids, skip_special_tokens=True),
-            "steps": len(steps), "fixed_length": fixed_length, "temperature": temperature,
+            "steps": len(steps), "fixed_length": fixed_length, "temperature": temperature, "top_k": top_k,
             "prefill": steps[0] if steps else None,
             "per_token": steps[1:], "kv_cache_bytes_per_party": cache.nbytes()}
 

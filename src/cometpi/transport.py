@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 2  # 2: the narrow comparison's dealer tables as words, packed AND triples (issue 11)
+PROTOCOL_VERSION = 3  # 2: the narrow comparison's dealer tables as words, packed AND triples (issue 11); 3: guessed
+# dealer plans (a wrong guess skips indices, so both parties must guess alike), each index answered once
 MAGIC = b"CP"
 HEADER = struct.Struct("!2sBBIIQdB")
 MAX_NDIM = 8

@@ -125,6 +125,10 @@ class FloatOps(_Additive):
             g1 = local_quarter_factor(x.detach().double() - r, bit_trick)
             return (g0 * g1 * 2.0**scale).to(x.dtype)
 
+    def add_client_value(self, x, v):
+        """x + v for a value v that only the client knows (on shares: local, the server adds nothing)."""
+        return x + torch.as_tensor(v, dtype=x.dtype)
+
     def drelu(self, a):
         return (a >= 0).to(a.dtype)
 
@@ -236,6 +240,9 @@ class RingOps(_Additive):
         g0 = gp.encode(local_quarter_factor(self.fp.decode(r), bit_trick))
         g1 = gp.encode(local_quarter_factor(self.fp.decode(x - r), bit_trick))
         return self.shift(g0 * g1, guess_shift(self.fp, scale))
+
+    def add_client_value(self, x, v):
+        return x + self.fp.encode(v)
 
     def drelu(self, a):
         return (a >= 0).to(DTYPE)
@@ -415,6 +422,13 @@ class ShareOps(_Additive):
             gp = FixedPoint(self.fp.frac_bits + GUESS_EXTRA_BITS)
             g = gp.encode(local_quarter_factor(self.fp.decode(flooded.data), bit_trick))
             return P.mul_private_pair(g, s, trunc_bits=guess_shift(self.fp, scale))
+
+    def add_client_value(self, x, v):
+        """x + v for a value v the client alone knows: added to the client's own share (local); the
+        server, which has no v (None), adds nothing."""
+        if not self.s.is_client:
+            return x
+        return x._wrap(x.data + self.fp.encode(v).to(x.data.device))
 
     def drelu(self, a):
         return P.drelu(a)

@@ -1,0 +1,104 @@
+"""Choosing the next token from shared logits: greedy, temperature and top-k sampling.
+
+Only the 0/1 marks of the chosen token are revealed, to the client; the server learns nothing but the
+number of steps and whether top-k is on (not k, not the temperature, not the noise).
+
+* **Greedy**: the argmax by the narrow max tree and one sign test (``argmax_onehot``).
+* **Temperature t**: the Gumbel-max trick, argmax(l / t + g) = argmax(l + t g), with g ~ Gumbel(0, 1)
+  per vocabulary entry drawn by the client from the CSPRNG and t g added to its own share (local).
+* **Top-k**: before the argmax, every entry more than the k-th largest logit below the maximum is
+  pushed down by ``TOPK_BIG`` (k is the client's: it enters as a value the client adds to its share).
+  The k-th largest is found by bisection on shares: u = max(l) - l >= 0, and the smallest theta on the
+  grid ``TOPK_RES`` x {0 .. 2^TOPK_STEPS - 1} with #{u <= theta} >= k, one bit of theta per step (a
+  comparison of every u against theta + 2^j RES, a sum, one comparison of the count with k).  What
+  is kept is {u <= theta}: the k largest and any within ``TOPK_RES`` of the k-th (ties, as
+  transformers' ``TopKLogitsWarper`` keeps them), at most everything within ``TOPK_RES`` x
+  (2^TOPK_STEPS - 1) = 32 of the maximum (an entry further down has a probability below e^-32/t of
+  the top one's; it is dropped even when fewer than k are kept).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ring import uniform01
+
+#: Width of the argmax's comparisons at f = 16 (LOGIT_BITS + f - 16): logits of a row within 2^(28-16) =
+#: 4096 of each other (SmolLM2's stay within 60; ``RingOps`` raises ``HeadroomError`` beyond).
+LOGIT_BITS = 28
+
+#: Top-k's bisection: theta on the grid TOPK_RES x {0, ..., 2^TOPK_STEPS - 1} (in logits below the max).
+TOPK_RES = 2.0**-6
+TOPK_STEPS = 11
+
+#: What top-k subtracts from the entries it drops: 2^(LOGIT_BITS - 16) logits, more than any row's
+#: spread, so a dropped entry never wins the argmax (which then runs at width LOGIT_BITS + 1).
+TOPK_BIG = 2.0 ** (LOGIT_BITS - 16)
+
+
+def gumbel_noise(shape) -> torch.Tensor:
+    """Gumbel(0, 1) samples -log(-log U) from the CSPRNG (U uniform in (0, 1), 53 bits): in [-3.6, 36.7]."""
+    u = uniform01(shape).clamp_min(2.0**-53)
+    return -torch.log(-torch.log(u))
+
+
+def _cmp_rounds(k: int) -> int:
+    """Rounds of ``compare_many`` at width k (its docstring): 2 + ceil(log2 ceil(k / 4))."""
+    return 2 + math.ceil(math.log2(-(-k // 4)))
+
+
+def choice_rounds(vocab: int, frac_bits: int = 16, top_k: bool = False) -> int:
+    """Online rounds of ``choose`` for one row: the max tree (ceil(log2 V) levels of a comparison and a
+    product) and the sign test; with top-k first a max tree, TOPK_STEPS bisection steps (a comparison
+    of every entry, one of the count) and the keep test, and the argmax one bit wider.  SmolLM2 (V =
+    49,152, f = 16), online, both directions: 101 rounds and 2,924,642 B greedy, 312 rounds and
+    13,382,622 B with top-k (10.5 MB more: a second max tree and 12 comparisons of every entry)."""
+    k = LOGIT_BITS + frac_bits - 16
+    levels = math.ceil(math.log2(vocab))
+    if not top_k:
+        return levels * (_cmp_rounds(k) + 1) + _cmp_rounds(k)
+    kc = vocab.bit_length() + frac_bits
+    return (levels * (_cmp_rounds(k) + 1) + TOPK_STEPS * (_cmp_rounds(k) + _cmp_rounds(kc)) + _cmp_rounds(k)
+            + levels * (_cmp_rounds(k + 1) + 1) + _cmp_rounds(k + 1))
+
+
+def top_k_filter(ops, logits, k, *, owns_text: bool = True):
+    """``logits`` (B, V) with every entry outside the top k (up to ties within ``TOPK_RES``; module
+    docstring) lowered by ``TOPK_BIG``.  ``k``: the client's (ignored elsewhere); the server runs the
+    same steps for any k.  Domain: each row's logits within 2^(LOGIT_BITS - 16) of each other."""
+    f = getattr(ops, "frac_bits", 16)
+    width = LOGIT_BITS + f - 16
+    B, V = logits.shape
+    with ops.span("top_k"):
+        u = ops.sub(ops.maximum(logits, -1, k=width), logits)  # (B, V), >= 0
+        theta = ops.const_like(logits[:, 0], 0.0)  # (B,)
+        kw = V.bit_length() + f  # the count's comparison: |count - k| <= V
+        for j in reversed(range(TOPK_STEPS)):
+            step = 2.0**j * TOPK_RES
+            below = ops.compare_thresholds(ops.sub(theta[:, None], u), [-(step - TOPK_RES)], width)  # (B, V, 1)
+            count = ops.weighted_bits(ops.sum(below, -2), [1.0])  # (B,): #{u <= theta + step - res}
+            if owns_text:
+                count = ops.add_client_value(count, -float(k))
+            enough = ops.compare_thresholds(count, [0.0], kw)  # (B, 1): the count reached k
+            theta = ops.sub(ops.add_const(theta, step), ops.weighted_bits(enough, [step]))
+        keep = ops.compare_thresholds(ops.sub(theta[:, None], u), [0.0], width)  # (B, V, 1): u <= theta
+        return ops.add_const(ops.add(logits, ops.weighted_bits(keep, [TOPK_BIG])), -TOPK_BIG)
+
+
+def choose(ops, logits, *, temperature: float = 0.0, top_k=None, noise=None, owns_text: bool = True):
+    """The 0/1 marks (B, V) of the next token (revealed to the client by the caller): greedy, or with
+    ``temperature`` > 0 a sample (Gumbel-max, ``noise``: the client's Gumbel(0, 1) draws, default
+    ``gumbel_noise``), restricted with ``top_k`` to the k largest logits.  The server (``owns_text``
+    False) passes ``top_k`` truthy or not; its steps do not depend on k or the temperature."""
+    f = getattr(ops, "frac_bits", 16)
+    width = LOGIT_BITS + f - 16
+    if top_k:
+        logits = top_k_filter(ops, logits, top_k, owns_text=owns_text)
+        width += 1
+    if temperature > 0 and owns_text:  # the server's side is the same as for greedy decoding
+        g = noise if noise is not None else gumbel_noise(tuple(logits.shape))
+        logits = ops.add_client_value(logits, temperature * g)
+    with ops.span("argmax"):
+        return ops.argmax_onehot(logits, -1, k=width)
