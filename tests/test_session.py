@@ -111,6 +111,11 @@ def test_dealer_answers_each_index_once():
         core.correction("s", 1, [7, "mul", {"shape": [3]}])
     with pytest.raises(DealerError, match="already answered"):
         core.correction("s", 1, [7, "trunc", {"shape": [2]}])
+    core.correction("s", 1, [3, "mul", {"shape": [2]}])  # lower indices are fine (guessed plans run ahead)
+    with pytest.raises(DealerError, match="outside this session's range"):
+        core.correction("s", 1, [1 << 40, "mul", {"shape": [2]}])  # no unbounded bookkeeping
+    with pytest.raises(DealerError, match="outside this session's range"):
+        core.correction("s", 1, [-1, "mul", {"shape": [2]}])
 
 
 def test_dealer_waits_a_bounded_time_for_the_other_party():

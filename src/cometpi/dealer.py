@@ -18,6 +18,7 @@ interface).  Each kind's docstring says what it holds and what its correction co
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -276,7 +277,8 @@ class Provider:
     def plan_since(self, start: int) -> list[list]:
         """The requests made since index ``start``, numbered from 0 (a reusable plan; indices skipped
         by an abandoned speculation are not part of it)."""
-        return [[n, k, p] for n, (_, k, p) in enumerate(it for it in self.plan if it[0] >= start)]
+        first = bisect.bisect_left(self.plan, start, key=lambda it: it[0])  # the plan is in index order
+        return [[n, k, p] for n, (_, k, p) in enumerate(self.plan[first:])]
 
     def prefetch_relative(self, plan: list[list]) -> int:
         """``prefetch`` a relative plan (from ``plan_since``) for the requests starting now.  Guesses
@@ -332,6 +334,37 @@ def plan_shift(plan: list[list], delta: dict | None) -> list[list] | None:
 # --------------------------------------------------------------------------------------------------
 
 
+class ServedIndices:
+    """The request indices of a session the dealer has answered, one bit each (a long session of 10^8
+    requests holds 12.5 MB).  An index may lie at most ``WINDOW`` beyond the highest one answered (the
+    parties guess a few layers ahead, never millions of requests), so no request can make it grow
+    without bound."""
+
+    WINDOW = 1 << 22
+
+    def __init__(self):
+        self.bits = bytearray()
+        self.top = -1
+
+    def add(self, idx: int) -> bool:
+        """Mark ``idx`` answered; False if it already was."""
+        if not 0 <= idx <= max(self.top, 0) + self.WINDOW:
+            raise DealerError(f"request index {idx} is outside this session's range (0..{self.top + self.WINDOW})")
+        byte, bit = divmod(idx, 8)
+        if byte >= len(self.bits):
+            self.bits.extend(bytes(byte + 1 - len(self.bits) + 4096))
+        if self.bits[byte] >> bit & 1:
+            return False
+        self.bits[byte] |= 1 << bit
+        self.top = max(self.top, idx)
+        return True
+
+    def discard(self, idx: int) -> None:
+        byte, bit = divmod(idx, 8)
+        if byte < len(self.bits):
+            self.bits[byte] &= ~(1 << bit) & 0xFF
+
+
 #: Sessions with only one party registered that the dealer holds at most (half-open registrations).
 MAX_HALF_OPEN = 256
 
@@ -350,7 +383,7 @@ class DealerCore:
         self._seeds: dict[str, dict[int, bytes]] = {}
         self._connected: dict[str, set[int]] = {}
         self._who: dict[str, dict[int, tuple]] = {}  # session -> role -> (identity, names, since, channel)
-        self._served: dict[str, set[int]] = {}  # session -> request indices answered (each at most once)
+        self._served: dict[str, ServedIndices] = {}  # session -> request indices answered (each at most once)
         self.pairing_timeout = pairing_timeout
         self.allow = allow or {}
 
@@ -428,10 +461,9 @@ class DealerCore:
             raise DealerError(f"{Role(role).name} may not ask for corrections of kind {kind}")
         s0, s1 = self._both(session)
         with self._cond:  # a second correction at one index would reveal the other party's material there
-            served = self._served.setdefault(session, set())
-            if idx in served:
+            served = self._served.setdefault(session, ServedIndices())
+            if not served.add(idx):
                 raise DealerError(f"request {idx} of session {session} was already answered: an index is used once")
-            served.add(idx)
         try:
             own0 = k.own(Role.CLIENT, AesCtrPrg(s0), idx, params)
             own1 = k.own(Role.SERVER, AesCtrPrg(s1), idx, params)

@@ -334,7 +334,7 @@ class PrivateClient:
                     continue
                 out_ids.append(token)
                 done = eos is not None and token == eos
-                yield {"token": token, "text": self._decode([token])}
+                yield {"token": token, "text": self._decode([token], skip_special_tokens=True)}
         self.last_generation = {
             "prompt_tokens": T, "ids": out_ids, "text": self._decode(out_ids, skip_special_tokens=True),
             "steps": len(steps), "fixed_length": fixed_length, "temperature": temperature, "top_k": top_k,
