@@ -23,8 +23,7 @@ def _logits(V, seed=0, spread=12.0):
 
 
 def _kept(ops, logits, k):
-    out = top_k_filter(ops, ops.input(logits) if isinstance(ops, RingOps) else logits, k)
-    vals = ops.output(out) if isinstance(ops, RingOps) else out
+    vals = ops.output(top_k_filter(ops, ops.input(logits), k))
     return set(torch.nonzero(vals[0] > logits[0].min() - 1).flatten().tolist())
 
 

@@ -223,33 +223,36 @@ def test_no_pickle_anywhere():
     assert not offenders, offenders
 
 
+def _generation_view(arch, cfg, prepared, ids, **gen):
+    """(what the server receives, the client's tokens) over one private fixed-length generation;
+    ``gen``: ``secure_generate`` keywords, (client value, server value) pairs for those that differ."""
+    from cometpi.nn import ShareModel, secure_generate
+
+    got: list[torch.Tensor] = []
+
+    def job(s):
+        if s.role == Role.SERVER:
+            _record(s, (torch.int64, torch.int32, torch.uint8), got)
+        model = ShareModel(s, arch, prepared if not s.is_client else None)
+        kw = {k: v[0] if s.is_client else v[1] for k, v in gen.items()}
+        return list(secure_generate(s, arch, cfg, model=model, prompt_ids=ids if s.is_client else None,
+                                    prompt_length=ids.shape[1], fixed_length=True, **kw))
+
+    return got, run_local(job)[0]
+
+
 def test_server_view_while_decoding_is_independent_of_the_text():
     """Private generation (issue 13) on a tiny Llama with the original functions: the prefill and every
     decoding step over the KV cache in shares, fixed length (no stop flags).  The server's view for two
     different prompts, hence two different generated texts, has the same distribution."""
-    from cometpi.nn import ShareModel, prepare_params, secure_generate
+    from cometpi.nn import prepare_params
 
     arch, params = from_hf(_tiny("LlamaForCausalLM", seed=16, num_hidden_layers=1))
     cfg = ApproxConfig.original()
     prepared = prepare_params(arch, params, cfg)
-    dtypes = (torch.int64, torch.int32, torch.uint8)
-
-    def view(ids):
-        got: list[torch.Tensor] = []
-
-        def job(s):
-            if s.role == Role.SERVER:
-                _record(s, dtypes, got)
-            model = ShareModel(s, arch, prepared if not s.is_client else None)
-            return list(secure_generate(s, arch, cfg, model=model, prompt_ids=ids if s.is_client else None,
-                                        prompt_length=4, max_new=3, fixed_length=True))
-
-        tokens = run_local(job)[0]
-        return got, tokens
-
     a, b = torch.full((1, 4), 5, dtype=torch.int64), torch.tensor([[2, 97, 13, 61]])
-    runs_a = [view(a) for _ in range(RUNS)]
-    runs_b = [view(b) for _ in range(RUNS)]
+    runs_a = [_generation_view(arch, cfg, prepared, a, max_new=(3, 3)) for _ in range(RUNS)]
+    runs_b = [_generation_view(arch, cfg, prepared, b, max_new=(3, 3)) for _ in range(RUNS)]
     assert runs_a[0][1] != runs_b[0][1]  # the texts differ
     views_a, views_b = [v for v, _ in runs_a], [v for v, _ in runs_b]
     assert sum(t.numel() for v in views_a for t in v if t.numel()) > 10_000
@@ -259,27 +262,16 @@ def test_server_view_while_decoding_is_independent_of_the_text():
 def test_server_view_while_sampling_is_independent_of_k_and_t():
     """Top-k sampling (issue 13): k enters as a value the client adds to its own share and t scales the
     client's own noise, so the server's view for (k, t) = (1, 0.5) and (20, 2.0) has one distribution."""
-    from cometpi.nn import ShareModel, prepare_params, secure_generate
+    from cometpi.nn import prepare_params
 
     arch, params = from_hf(_tiny("LlamaForCausalLM", seed=16, num_hidden_layers=1))
     cfg = ApproxConfig.original()
     prepared = prepare_params(arch, params, cfg)
-    dtypes = (torch.int64, torch.int32, torch.uint8)
     ids = torch.tensor([[2, 97, 13, 61]])
 
     def view(k, t):
-        got: list[torch.Tensor] = []
-
-        def job(s):
-            if s.role == Role.SERVER:
-                _record(s, dtypes, got)
-            model = ShareModel(s, arch, prepared if not s.is_client else None)
-            return list(secure_generate(s, arch, cfg, model=model, prompt_ids=ids if s.is_client else None,
-                                        prompt_length=4, max_new=2, fixed_length=True,
-                                        top_k=k if s.is_client else True, temperature=t if s.is_client else 0.0))
-
-        run_local(job)
-        return got
+        return _generation_view(arch, cfg, prepared, ids, max_new=(2, 2), top_k=(k, True),
+                                temperature=(t, 0.0))[0]
 
     views_a = [view(1, 0.5) for _ in range(RUNS)]
     views_b = [view(20, 2.0) for _ in range(RUNS)]

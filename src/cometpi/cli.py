@@ -247,7 +247,7 @@ def cmd_infer(args) -> int:
 
 def cmd_generate(args) -> int:
     from .serve import save_json
-    from .service import format_bytes
+    from .service import generation_costs
 
     if (args.prompt is None) == (args.chat is None):
         raise SystemExit("give a prompt or --chat MESSAGE (one of them)")
@@ -258,15 +258,7 @@ def cmd_generate(args) -> int:
             print(piece["text"], end="", flush=True)
         print()
         g = client.last_generation
-        pre, steps = g["prefill"], g["per_token"]
-        line = (f"prefill ({g['prompt_tokens']} tokens): {format_bytes(pre['online_bytes'])} online, "
-                f"{pre['rounds']} rounds, {pre['seconds']:.1f} s")
-        if steps:
-            n = len(steps)
-            line += (f"; per token ({n} more): {format_bytes(sum(s['online_bytes'] for s in steps) / n)}, "
-                     f"{sum(s['rounds'] for s in steps) / n:.0f} rounds, {sum(s['seconds'] for s in steps) / n:.2f} s; "
-                     f"KV cache {format_bytes(g['kv_cache_bytes_per_party'])} per party")
-        print(line, file=sys.stderr)
+        print(generation_costs(g), file=sys.stderr)
         if args.json:
             save_json(args.json, {"generation": g, "card": client.card})
     return 0

@@ -64,11 +64,11 @@ def example_sentences(n: int) -> list[tuple[str, str]]:
 
 def chat(args) -> int:
     """The generation job: dealer and SmolLM2 server processes, this process the client."""
-    from .bench.generate import _plaintext_greedy
+    from .bench.generate import _plaintext_greedy, first_divergence
     from .convert import from_hf
     from .data import smollm2_path
     from .serve import spawn, stop
-    from .service import PrivateClient, format_bytes
+    from .service import PrivateClient, generation_costs
 
     t_start = time.perf_counter()
     model = smollm2_path()
@@ -96,23 +96,15 @@ def chat(args) -> int:
     arch, params = from_hf(model)
     plain, margins = _plaintext_greedy(arch, params, ids, args.max_new_tokens, client.tokenizer.eos_token_id)
     print(f"[demo] plaintext model's answer: {client.tokenizer.decode(plain, skip_special_tokens=True)!r}")
-    first = next((i for i, (a, b) in enumerate(zip(g["ids"], plain, strict=False)) if a != b), None)
-    if first is None and len(plain) == len(g["ids"]):
+    first = first_divergence(g["ids"], plain)
+    if first is None:
         print("[demo] the private tokens equal the plaintext model's")
     else:
-        first = min(len(plain), len(g["ids"])) if first is None else first
         margin = f"{margins[first]:.3g}" if first < len(margins) else "n/a"
         print(f"[demo] NOTE: the private answer departs from the plaintext model's at token {first} (the plaintext "
               f"model's top-2 logit margin there: {margin}; the original functions approximate GeLU/SiLU, exp and "
               "RMSNorm to about 1e-4)")
-    pre, per = g["prefill"], g["per_token"]
-    line = (f"[demo] cost: prefill {format_bytes(pre['online_bytes'])} online, {pre['rounds']:,} rounds, "
-            f"{pre['seconds']:.0f} s")
-    if per:
-        n = len(per)
-        line += (f"; per token {format_bytes(sum(s['online_bytes'] for s in per) / n)}, "
-                 f"{sum(s['rounds'] for s in per) / n:,.0f} rounds, {sum(s['seconds'] for s in per) / n:.1f} s")
-    print(line + f"; KV cache {format_bytes(g['kv_cache_bytes_per_party'])} per party")
+    print(f"[demo] cost: {generation_costs(g)}")
     print(f"[demo] done in {time.perf_counter() - t_start:.0f} s; dealer and server stopped")
     return 0
 

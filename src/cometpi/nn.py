@@ -41,7 +41,7 @@ from .convert import rotary_tables, rotate_half_index
 from .core import ConfigError, Role, Session, TruncMode
 from .dealer import plan_delta, plan_shift
 from .ring import FixedPoint
-from .sampling import LOGIT_BITS, choose, gumbel_noise  # noqa: F401 - LOGIT_BITS, gumbel_noise: public here too
+from .sampling import choose
 
 PER_CHANNEL = "per-channel"
 #: ``spline``: the model's own activation (erf or tanh GeLU, SiLU) by splines (``approx.splines``); ``erf`` and

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .protocols import cmp_chunks
 from .ring import uniform01
 
 #: Width of the argmax's comparisons at f = 16 (LOGIT_BITS + f - 16): logits of a row within 2^(28-16) =
@@ -46,7 +47,7 @@ def gumbel_noise(shape) -> torch.Tensor:
 
 def _cmp_rounds(k: int) -> int:
     """Rounds of ``compare_many`` at width k (its docstring): 2 + ceil(log2 ceil(k / 4))."""
-    return 2 + math.ceil(math.log2(-(-k // 4)))
+    return 2 + math.ceil(math.log2(cmp_chunks(k)))
 
 
 def choice_rounds(vocab: int, frac_bits: int = 16, top_k: bool = False) -> int:

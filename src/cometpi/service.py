@@ -445,6 +445,18 @@ def truncation_note(row: dict) -> str:
     return f"(truncated to {row['tokens_used']:,} of {row['tokens']:,} tokens)"
 
 
+def generation_costs(g: dict) -> str:
+    """One line of a generation's costs (``PrivateClient.last_generation``): prefill, mean per token, KV cache."""
+    pre, steps = g["prefill"], g["per_token"]
+    line = (f"prefill ({g['prompt_tokens']} tokens): {format_bytes(pre['online_bytes'])} online, "
+            f"{pre['rounds']} rounds, {pre['seconds']:.1f} s")
+    if steps:
+        n = len(steps)
+        line += (f"; per token ({n} more): {format_bytes(sum(s['online_bytes'] for s in steps) / n)}, "
+                 f"{sum(s['rounds'] for s in steps) / n:.0f} rounds, {sum(s['seconds'] for s in steps) / n:.2f} s")
+    return line + f"; KV cache {format_bytes(g['kv_cache_bytes_per_party'])} per party"
+
+
 def format_bytes(n: float) -> str:
     """1234567 -> '1.2 MB' (decimal units)."""
     if n < 1000:

@@ -49,6 +49,12 @@ PROMPTS = [
 ]
 
 
+def first_divergence(got: list[int], want: list[int]) -> int | None:
+    """The first position where two token lists differ (one ending early counts), or None."""
+    first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+    return min(len(got), len(want)) if first is None and len(got) != len(want) else first
+
+
 def _plaintext_greedy(arch, params, ids: torch.Tensor, n: int, eos: int | None):
     """Greedy continuation by the plaintext float64 model with a KV cache (cached = uncached: tests),
     with each step's top-2 margin."""
@@ -93,9 +99,7 @@ def accuracy(model_dir: str, daddr: str, n_prompts: int, new_tokens: int) -> dic
                 list(client.generate(ids[0].tolist(), max_new_tokens=new_tokens))
                 g = client.last_generation
                 plain, margins = _plaintext_greedy(arch, params, ids, new_tokens, tok.eos_token_id)
-                first = next((i for i, (a, b) in enumerate(zip(g["ids"], plain, strict=False)) if a != b), None)
-                if first is None and len(g["ids"]) != len(plain):
-                    first = min(len(g["ids"]), len(plain))
+                first = first_divergence(g["ids"], plain)
                 row = {"prompt": prompt, "prompt_tokens": g["prompt_tokens"], "private_text": g["text"],
                        "plaintext_text": tok.decode(plain, skip_special_tokens=True), "equal": first is None,
                        "tokens": len(g["ids"]), "seconds": time.perf_counter() - t0,
