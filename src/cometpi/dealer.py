@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import bisect
 import logging
+import socket
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
 from .core import Role
 from .protocols import KINDS
-from .protocols.material import DealerError
-from .ring import AesCtrPrg, new_seed
+from .protocols.material import Cost, DealerError
+from .ring import AesCtrPrg, new_seed, request_label
 from .transport import (
     PROTOCOL_VERSION,
     Channel,
@@ -217,7 +219,7 @@ class Provider:
         self._speculated.discard(idx)
         self.index = idx + 1
         self.plan.append(item)
-        own = getattr(k, "own_party", k.own)(self.role, self.prg, idx, params)
+        own = getattr(k, "own_party", k.own)(self.role, self.prg, request_label(idx, kind, params), params)
         corr = None
         if k.receiver == self.role:
             if self.link is None:
@@ -334,35 +336,115 @@ def plan_shift(plan: list[list], delta: dict | None) -> list[list] | None:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DealerLimits:
+    """Bounds on what anyone who can connect can make the dealer spend (docs/robustness.md).  A
+    request beyond them is refused with a ``DealerError`` naming the bound, before anything is
+    allocated for it, and the party's dealer link ends with that error (the other sessions go on)."""
+
+    #: Party links served at once (one thread each); more are refused at once.
+    max_connections: int = 64
+    #: Seconds from accepting a link to a complete registration (TLS handshake and hello together).
+    handshake_timeout: float = 10.0
+    #: Bytes of one correction (one frame).
+    max_correction_bytes: int = 1 << 30
+    #: Bytes the dealer computes with for one request (both parties' parts and the correction).
+    max_work_bytes: int = 1 << 33
+    #: Multiply-accumulates of one request's product (a BERT-base/128 embedding is 3.0e9, SmolLM2's at 2,048
+    #: tokens 5.8e10).
+    max_request_macs: int = 1 << 37
+    #: Requests answered per session (a SmolLM2 decoding step makes about 2,000).
+    max_session_requests: int = 1 << 26
+    #: Bytes of corrections sent per session (a BERT-base/128 query with the defaults takes 2.2 GB).
+    max_session_bytes: int = 1 << 38
+    #: How far a request index may lie beyond the highest one answered, or behind it.
+    index_window: int = 1 << 22
+
+
 class ServedIndices:
-    """The request indices of a session the dealer has answered, one bit each (a long session of 10^8
-    requests holds 12.5 MB).  An index may lie at most ``WINDOW`` beyond the highest one answered (the
-    parties guess a few layers ahead, never millions of requests), so no request can make it grow
-    without bound."""
+    """The request indices of a session the dealer has answered, one bit each, within a sliding
+    window: an index must lie within ``window`` of the highest one answered (ahead or behind), so
+    the bitmap never covers more than 2 x window indices (1 MiB at the default 2^22) however the
+    indices are chosen.  The parties guess a few layers ahead and prefetch one query's plan, never
+    millions of requests."""
 
-    WINDOW = 1 << 22
+    CHUNK = 1 << 16  # indices per bitmap chunk (8 KiB)
 
-    def __init__(self):
-        self.bits = bytearray()
+    def __init__(self, window: int = DealerLimits.index_window):
+        self.window = window
+        self.chunks: dict[int, bytearray] = {}
         self.top = -1
+
+    def _check(self, idx: int) -> None:
+        low, high = max(self.top - self.window, 0), max(self.top, 0) + self.window
+        if not low <= idx <= high:
+            raise DealerError(f"request index {idx} is outside this session's range ({low}..{high}: "
+                              f"within {self.window:,} of the highest index answered)")
 
     def add(self, idx: int) -> bool:
         """Mark ``idx`` answered; False if it already was."""
-        if not 0 <= idx <= max(self.top, 0) + self.WINDOW:
-            raise DealerError(f"request index {idx} is outside this session's range (0..{self.top + self.WINDOW})")
-        byte, bit = divmod(idx, 8)
-        if byte >= len(self.bits):
-            self.bits.extend(bytes(byte + 1 - len(self.bits) + 4096))
-        if self.bits[byte] >> bit & 1:
+        self._check(idx)
+        c, off = divmod(idx, self.CHUNK)
+        chunk = self.chunks.get(c)
+        if chunk is None:
+            chunk = self.chunks[c] = bytearray(self.CHUNK // 8)
+        byte, bit = divmod(off, 8)
+        if chunk[byte] >> bit & 1:
             return False
-        self.bits[byte] |= 1 << bit
-        self.top = max(self.top, idx)
+        chunk[byte] |= 1 << bit
+        if idx > self.top:
+            self.top = idx
+            first = max(self.top - self.window, 0) // self.CHUNK
+            for old in [k for k in self.chunks if k < first]:
+                del self.chunks[old]
         return True
 
     def discard(self, idx: int) -> None:
-        byte, bit = divmod(idx, 8)
-        if byte < len(self.bits):
-            self.bits[byte] &= ~(1 << bit) & 0xFF
+        chunk = self.chunks.get(idx // self.CHUNK)
+        if chunk is not None:
+            byte, bit = divmod(idx % self.CHUNK, 8)
+            chunk[byte] &= ~(1 << bit) & 0xFF
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.chunks) * self.CHUNK // 8
+
+
+class SessionBudget:
+    """What one session has had from the dealer: answered indices, requests and correction bytes."""
+
+    def __init__(self, limits: DealerLimits):
+        self.limits = limits
+        self.served = ServedIndices(limits.index_window)
+        self.requests = 0
+        self.bytes = 0
+
+    def admit(self, session: str, idx: int, kind: str, cost: Cost) -> None:
+        """Check one request against the limits and charge it (call with the dealer's lock held)."""
+        lim = self.limits
+        for what, value, bound in (("correction", cost.corr_bytes, lim.max_correction_bytes),
+                                   ("working memory", cost.work_bytes, lim.max_work_bytes)):
+            if value > bound:
+                raise DealerError(f"request {idx} ({kind}) needs {value:,} bytes of {what}, over this dealer's "
+                                  f"limit of {bound:,}")
+        if cost.macs > lim.max_request_macs:
+            raise DealerError(f"request {idx} ({kind}) needs {cost.macs:,} multiply-accumulates, over this "
+                              f"dealer's limit of {lim.max_request_macs:,}")
+        if self.requests >= lim.max_session_requests:
+            raise DealerError(f"session {session} has had its {lim.max_session_requests:,} requests")
+        if self.bytes + cost.corr_bytes > lim.max_session_bytes:
+            raise DealerError(f"session {session} would exceed its budget of {lim.max_session_bytes:,} bytes "
+                              "of dealer material")
+        if not self.served.add(idx):
+            raise DealerError(f"request {idx} of session {session} was already answered: an index is used once")
+        self.requests += 1
+        self.bytes += cost.corr_bytes
+
+    def refund(self, idx: int, cost: Cost) -> None:
+        """Nothing was sent for request ``idx`` (it failed): uncharge it."""
+        self.served.discard(idx)
+        self.requests -= 1
+        self.bytes -= cost.corr_bytes
 
 
 #: Sessions with only one party registered that the dealer holds at most (half-open registrations).
@@ -378,12 +460,14 @@ class DealerCore:
     its two registrations name each other.  Half-open registrations are closed after
     ``pairing_timeout`` and at most ``MAX_HALF_OPEN`` are held."""
 
-    def __init__(self, pairing_timeout: float = 30.0, allow: dict | None = None):
+    def __init__(self, pairing_timeout: float = 30.0, allow: dict | None = None,
+                 limits: DealerLimits | None = None):
+        self.limits = limits or DealerLimits()
         self._cond = threading.Condition()
         self._seeds: dict[str, dict[int, bytes]] = {}
         self._connected: dict[str, set[int]] = {}
         self._who: dict[str, dict[int, tuple]] = {}  # session -> role -> (identity, names, since, channel)
-        self._served: dict[str, ServedIndices] = {}  # session -> request indices answered (each at most once)
+        self._budget: dict[str, SessionBudget] = {}  # session -> indices answered (each once), requests, bytes
         self.pairing_timeout = pairing_timeout
         self.allow = allow or {}
 
@@ -432,7 +516,7 @@ class DealerCore:
                 self._connected.pop(session, None)
                 self._seeds.pop(session, None)
                 self._who.pop(session, None)
-                self._served.pop(session, None)
+                self._budget.pop(session, None)
 
     def _both(self, session: str) -> tuple[bytes, bytes]:
         with self._cond:
@@ -450,40 +534,59 @@ class DealerCore:
             return s[0], s[1]
 
     def correction(self, session: str, role: int, item) -> torch.Tensor:
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)
+        """The correction of one request ``item`` ([index, kind, params]) of ``role`` in ``session``,
+        after checking it against this dealer's limits (refused with a ``DealerError`` otherwise)."""
+        if not (isinstance(item, list) and len(item) == 3 and type(item[0]) is int and isinstance(item[1], str)
                 and isinstance(item[2], dict)):
             raise DealerError(f"malformed request item {item!r:.200}")
         idx, kind, params = item
         k = KINDS.get(kind)
         if k is None:
-            raise DealerError(f"unknown kind of material {kind!r}")
+            raise DealerError(f"unknown kind of material {kind!r:.40}")
         if k.receiver is None or int(k.receiver) != role:
             raise DealerError(f"{Role(role).name} may not ask for corrections of kind {kind}")
-        s0, s1 = self._both(session)
-        with self._cond:  # a second correction at one index would reveal the other party's material there
-            served = self._served.setdefault(session, ServedIndices())
-            if not served.add(idx):
-                raise DealerError(f"request {idx} of session {session} was already answered: an index is used once")
+        if idx < 0:
+            raise DealerError(f"request index {idx} is outside this session's range")
         try:
-            own0 = k.own(Role.CLIENT, AesCtrPrg(s0), idx, params)
-            own1 = k.own(Role.SERVER, AesCtrPrg(s1), idx, params)
-            return k.correct(own0, own1, params)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            with self._cond:
-                served.discard(idx)  # nothing was sent for it
+            cost = k.cost(params)
+            request_label(idx, kind, params)
+        except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, DealerError):
                 raise
-            raise DealerError(f"bad parameters for {kind}: {e}") from None
+            raise DealerError(f"bad parameters for {kind}: {e!r:.200}") from None
+        s0, s1 = self._both(session)
+        with self._cond:
+            budget = self._budget.setdefault(session, SessionBudget(self.limits))
+            budget.admit(session, idx, kind, cost)
+        try:
+            return compute_correction(kind, idx, params, AesCtrPrg(s0), AesCtrPrg(s1))
+        except (KeyError, TypeError, ValueError, RuntimeError, MemoryError) as e:
+            with self._cond:
+                budget.refund(idx, cost)  # nothing was sent for it
+            if isinstance(e, DealerError):
+                raise
+            if isinstance(e, MemoryError):
+                raise DealerError(f"the dealer ran out of memory for request {idx} ({kind})") from None
+            raise DealerError(f"bad parameters for {kind}: {e!r:.200}") from None
+
+
+def compute_correction(kind: str, idx: int, params: dict, prg0: AesCtrPrg, prg1: AesCtrPrg) -> torch.Tensor:
+    """The correction of request ``idx`` of ``kind`` from the two parties' seed expansions: each
+    party's part is drawn under the request's own label (``ring.request_label``), so the correction
+    depends on nothing a party uses for any other request (tests/test_deviating.py)."""
+    k, label = KINDS[kind], request_label(idx, kind, params)
+    return k.correct(k.own(Role.CLIENT, prg0, label, params), k.own(Role.SERVER, prg1, label, params), params)
 
 
 #: Corrections the dealer queues per party link before it waits for the party to read.
 DEALER_SEND_QUEUE_BYTES = 1 << 28
 
 
-def serve_connection(core: DealerCore, ch: Channel) -> None:
+def serve_connection(core: DealerCore, ch: Channel, registered=None) -> None:
     """Serve one party's dealer connection until it closes (runs in its own thread).  The link's send
     queue is bounded (``DEALER_SEND_QUEUE_BYTES``): a party whose prefetch buffer is full holds the
-    dealer back instead of the dealer's memory filling with its corrections."""
+    dealer back instead of the dealer's memory filling with its corrections.  ``registered`` is called
+    once the party is registered (``DealerServer`` stops its handshake deadline there)."""
     session = role = None
     t0, outcome = time.perf_counter(), "ok"
     if hasattr(ch, "max_queued_bytes"):
@@ -500,6 +603,8 @@ def serve_connection(core: DealerCore, ch: Channel) -> None:
         seed = core.register(hello.get("session"), hello.get("role"), None if peer is None else peer.fingerprint,
                              names if peer is not None else None, ch)
         session, role = hello["session"], hello["role"]
+        if registered is not None:
+            registered()
         ch.send_json({"ok": True, "seed": seed.hex()}, "dealer-hello")
         log.info("session %s: %s connected", session, Role(role).name)
         while True:
@@ -552,13 +657,17 @@ def _log_session(ch: Channel, session, role, outcome: str, seconds: float) -> No
 
 
 class DealerServer:
-    """The dealer process's TCP server: one thread per party connection.  With ``tls`` (a
-    ``tls.TlsConfig`` trusting the admitted servers' and clients' certificates) every link is TLS 1.3
-    with mutual authentication and ``allow`` ({role: fingerprints}) says who may register as what."""
+    """The dealer process's TCP server: one thread per party connection, at most
+    ``limits.max_connections`` at once (more are refused at once), each of which must complete its
+    registration (TLS handshake and hello) within ``limits.handshake_timeout`` seconds.  With ``tls``
+    (a ``tls.TlsConfig`` trusting the admitted servers' and clients' certificates) every link is TLS
+    1.3 with mutual authentication and ``allow`` ({role: fingerprints}) says who may register as what."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, idle_timeout: float = 3600.0,
-                 pairing_timeout: float = 30.0, tls=None, allow: dict | None = None):
-        self.core = DealerCore(pairing_timeout, allow)
+                 pairing_timeout: float = 30.0, tls=None, allow: dict | None = None,
+                 limits: DealerLimits | None = None):
+        self.core = DealerCore(pairing_timeout, allow, limits)
+        self.limits = self.core.limits
         self.sock = listen(host, port)
         self.address = self.sock.getsockname()[:2]
         self.idle_timeout = idle_timeout
@@ -575,9 +684,27 @@ class DealerServer:
                 continue
             except OSError:
                 break
+            self._threads = [x for x in self._threads if x.is_alive()]
+            if len(self._threads) >= self.limits.max_connections:
+                self._refuse(conn, addr)
+                continue
             t = threading.Thread(target=self._serve, args=(conn, addr), daemon=True)
             t.start()
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            self._threads.append(t)
+
+    def _refuse(self, conn, addr) -> None:
+        """Too many links: say so (a plaintext party reads it as the reply to its hello) and hang up."""
+        why = f"dealer busy: {self.limits.max_connections} connections already (try again later)"
+        log.warning("refusing party at %s:%s: %s", addr[0], addr[1], why)
+        if self.tls is None:
+            ch = TcpChannel(conn, link="dealer", timeout=1.0, peer_name=f"party at {addr[0]}:{addr[1]}")
+            try:
+                ch.send_json({"ok": False, "error": why}, "dealer-hello")
+            except TransportError:
+                pass
+            ch.close()
+        else:
+            conn.close()
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for the connections being served to end (after ``stop``)."""
@@ -587,19 +714,25 @@ class DealerServer:
 
     def _serve(self, conn, addr) -> None:
         name = f"party at {addr[0]}:{addr[1]}"
+        # one deadline for the TLS handshake and the hello together: a peer that trickles bytes is cut off
+        watchdog = threading.Timer(self.limits.handshake_timeout, _hang_up, args=(conn, name))
+        watchdog.daemon = True
+        watchdog.start()
         if self.tls is None:
             ch = TcpChannel(conn, link="dealer", timeout=self.idle_timeout, peer_name=name)
         else:
             from .tls import TlsChannel
 
             try:  # the handshake in this connection's thread: a slow peer does not block the others
-                ch = TlsChannel(conn, self.tls, server_side=True, link="dealer", timeout=min(self.idle_timeout, 30.0),
-                                peer_name=name)
+                ch = TlsChannel(conn, self.tls, server_side=True, link="dealer",
+                                timeout=self.limits.handshake_timeout, peer_name=name)
             except TransportError as e:
+                watchdog.cancel()
                 log.warning("refusing %s: %s", name, e)
+                conn.close()
                 return
             ch._set_timeout(self.idle_timeout)
-        serve_connection(self.core, ch)
+        serve_connection(self.core, ch, registered=watchdog.cancel)
 
     def start(self) -> DealerServer:
         threading.Thread(target=self.serve_forever, name="dealer", daemon=True).start()
@@ -608,6 +741,14 @@ class DealerServer:
     def stop(self) -> None:
         self._stop.set()
         self.sock.close()
+
+
+def _hang_up(conn, name: str) -> None:
+    log.warning("%s did not register within the handshake deadline: closed", name)
+    try:
+        conn.shutdown(socket.SHUT_RDWR)  # wakes the connection's thread from its blocked read
+    except OSError:
+        pass
 
 
 class LocalDealer:

@@ -161,7 +161,8 @@ def _base_model(model_dir: str, labels: list[str], seed: int):
     id2label = dict(enumerate(labels))
     kw = {"num_labels": len(labels), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     return transformers.BertForSequenceClassification.from_pretrained(
-        model_dir, local_files_only=True, attn_implementation="eager", ignore_mismatched_sizes=False, **kw)
+        model_dir, local_files_only=True, attn_implementation="eager", ignore_mismatched_sizes=False,
+        use_safetensors=True, **kw)
 
 
 def finetune(cfg: FinetuneConfig, train_rows, dev_rows, out_dir: str, *, base: str, labels: list[str],

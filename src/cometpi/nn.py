@@ -41,7 +41,7 @@ from .convert import rotary_tables, rotate_half_index
 from .core import ConfigError, Role, Session, TruncMode
 from .dealer import plan_delta, plan_shift
 from .ring import FixedPoint
-from .sampling import choose
+from .sampling import choose, marks_to_indices, top_marks
 
 PER_CHANNEL = "per-channel"
 #: ``spline``: the model's own activation (erf or tanh GeLU, SiLU) by splines (``approx.splines``); ``erf`` and
@@ -682,14 +682,23 @@ def check_truncation(config, cfg: ApproxConfig) -> None:
                        "1 MiniLM/128 inference in 4 returns a wrong answer; use --trunc exact (the default)")
 
 
+#: What a private inference reveals to the client (``secure_forward``'s ``output``).
+OUTPUTS = ("logits", "label", "topk")
+
+
 def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, input_ids=None, shape=None,
                    attention_mask=None, hide_length: bool = False, model: ShareModel | None = None,
-                   on_layer=None):
+                   on_layer=None, output: str = "logits", k: int = 1):
     """One party's side of a private inference; the client gets the output (float), the server None.
 
     The server passes ``params`` (or a prepared ``model``), the client ``input_ids`` (B, T); both
     pass ``shape`` (B, T) and the public ``attention_mask`` (or ``hide_length``: the client shares its
     mask and the server sees only the padded length).
+
+    ``output`` (both parties pass the same): ``logits`` reveals the model's output to the client;
+    ``label`` and ``topk`` (the ``k`` best) keep the logits in shares and reveal only the 0/1 marks of
+    ``sampling.top_marks`` (the secure argmax, k rounds): the client gets (B, k) int64 indices, best
+    first (``label``: k = 1).  A head with logits only (classifier, LM).
     """
     check_truncation(session.config, cfg)
     model = model or ShareModel(session, arch, None if params is None else prepare_params(arch, params, cfg))
@@ -700,9 +709,18 @@ def secure_forward(session: Session, arch, cfg: ApproxConfig, *, params=None, in
         secret = session.share(m, owner=Role.CLIENT, shape=(B, 1, 1, T), encoded=True) if session.is_client \
             else session.share(None, owner=Role.CLIENT, shape=(B, 1, 1, T))
         attention_mask = None
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output {output!r}; choose from {OUTPUTS}")
+    if output != "logits" and arch.head not in ("classifier", "lm"):
+        raise ValueError(f"output {output!r} needs logits (a classifier or LM head), not head {arch.head!r}")
     out = forward(model, arch, cfg, batch=B, length=T, input_ids=input_ids, attention_mask=attention_mask,
                   secret_mask=secret, on_layer=on_layer)
-    return model.reveal(out)
+    if output == "logits":
+        return model.reveal(out)
+    k = 1 if output == "label" else k
+    with session.span("reveal_top"):
+        marks = session.reveal(top_marks(model, out, k), Role.CLIENT, "reveal-top")  # (B, k, V) 0/1, client only
+    return None if marks is None else marks_to_indices(marks.cpu(), k)
 
 
 def greedy_decode(ops, arch, cfg: ApproxConfig, *, prompt_ids=None, prompt_length: int, max_new: int,

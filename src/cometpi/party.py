@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from .core import Config, ConfigError, Role, Session, new_session_id
@@ -34,6 +35,9 @@ from .transport import (
     VersionMismatch,
     parse_address,
 )
+
+#: Seconds a new connection gets, in all, for the TLS handshake, the hello and the dealer registration.
+HANDSHAKE_TIMEOUT = 10.0
 
 
 def client_handshake(ch: Channel, config: Config, extra: dict | None = None) -> tuple[str, bytes, dict]:
@@ -102,8 +106,9 @@ def _session(role: Role, peer: Channel, dealer: DealerClient, config: Config, si
 # --------------------------------------------------------------------------------------------------
 
 
-def _dealer_client(dealer: str, meter: Meter, timeout: float, tls=None,
-                   insecure_plaintext: bool = False) -> DealerClient:
+def _dealer_client(dealer: str, meter: Meter, timeout: float, tls=None, insecure_plaintext: bool = False,
+                   **deadline) -> DealerClient:
+    """The dealer link (``deadline``/``deadline_message``: see ``Channel.set_deadline``)."""
     host, port = parse_address(dealer)
     if tls is None or tls.dealer is None:
         from .tls import check_plaintext
@@ -111,7 +116,7 @@ def _dealer_client(dealer: str, meter: Meter, timeout: float, tls=None,
         check_plaintext(host, insecure_plaintext, "the dealer")
     return DealerClient(TcpChannel.connect(host, port, link="dealer", meter=meter, timeout=timeout,
                                            peer_name=f"dealer at {dealer}", retries=10,
-                                           tls=None if tls is None else tls.dealer))
+                                           tls=None if tls is None else tls.dealer, **deadline))
 
 
 def connect_client(server: str, dealer: str, config: Config, *, timeout: float = DEFAULT_TIMEOUT,
@@ -139,27 +144,41 @@ def connect_client(server: str, dealer: str, config: Config, *, timeout: float =
 
 def accept_server(conn: socket.socket, dealer: str, config: Config, *, timeout: float = DEFAULT_TIMEOUT,
                   net: NetProfile | None = None, extra: dict | None = None, device=None, tls=None,
-                  insecure_plaintext: bool = False) -> Session:
+                  insecure_plaintext: bool = False, handshake_timeout: float | None = HANDSHAKE_TIMEOUT) -> Session:
     """The server's session over an accepted connection (``tls``: the client must present one of the
-    admitted certificates; the dealer link is TLS too)."""
-    meter = Meter()
-    if tls is not None and tls.peer is not None:
-        from .tls import TlsChannel
+    admitted certificates; the dealer link is TLS too).
 
-        try:
-            ch = TlsChannel(conn, tls.peer, server_side=True, meter=meter, timeout=timeout, net=net,
-                            peer_name="client")
-        except BaseException:
-            conn.close()
-            raise
-    else:
-        ch = TcpChannel(conn, meter=meter, timeout=timeout, net=net, peer_name="client")
+    ``handshake_timeout``: seconds, in all, for the TLS handshake, the hello and the registration of both
+    parties with the dealer; a client that has not completed them by then, however steadily it trickles
+    bytes, is dropped with ``DeadlineExceeded`` (None: only the per-read ``timeout``)."""
+    meter = Meter()
+    at = None if handshake_timeout is None else time.monotonic() + handshake_timeout
+    within = f"within {handshake_timeout or 0:g} s"
+    kw = {"meter": meter, "timeout": timeout, "net": net, "peer_name": "client", "deadline": at,
+          "deadline_message": f"the client did not complete the handshake {within}"}
+    try:
+        if tls is not None and tls.peer is not None:
+            from .tls import TlsChannel
+
+            ch = TlsChannel(conn, tls.peer, server_side=True, **kw)
+        else:
+            ch = TcpChannel(conn, **kw)
+    except BaseException:
+        conn.close()
+        raise
+    dc = None
     try:
         sid, pair_seed = server_handshake(ch, config, extra)
-        return _session(Role.SERVER, ch, _dealer_client(dealer, meter, timeout, tls, insecure_plaintext), config,
-                        sid, pair_seed, device, extra)
+        dc = _dealer_client(dealer, meter, timeout, tls, insecure_plaintext, deadline=at, deadline_message=(
+            f"the dealer registration did not complete {within} of the connection (did the client register?)"))
+        sess = _session(Role.SERVER, ch, dc, config, sid, pair_seed, device, extra)
+        ch.set_deadline(None)
+        dc.ch.set_deadline(None)
+        return sess
     except BaseException:
         ch.close()
+        if dc is not None:
+            dc.close()
         raise
 
 

@@ -6,6 +6,8 @@ Ring elements are ``torch.int64`` tensors on any device; addition and multiplica
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import secrets
 from dataclasses import dataclass
@@ -230,30 +232,59 @@ def new_seed() -> bytes:
 class AesCtrPrg:
     """Expands a 128-bit seed into pseudorandom ring tensors with AES-128 in counter mode.
 
-    Each ``stream`` index selects an independent keystream (the 64-bit index forms the top half of
-    the counter block), so two parties holding the same seed derive the same tensors for the same
-    index, in any order.  This is the only source of randomness in the protocols.
+    A *stream* selects an independent keystream, so two parties holding the same seed derive the same
+    tensors for the same stream, in any order.  A stream is either an integer (the 64-bit index forms
+    the top half of the counter block: the parties' shared-seed streams) or a *label* (bytes, e.g.
+    ``request_label``): AES-CTR from counter 0 under the key BLAKE2b(label; key = seed), a PRF, so
+    distinct labels give independent keystreams.  This is the only source of randomness in the
+    protocols.
     """
 
     def __init__(self, seed: bytes):
         if len(seed) != SEED_BYTES:
             raise ValueError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
+        self._seed = seed
         self._algo = algorithms.AES(seed)
 
-    def bytes(self, index: int, nbytes: int) -> bytes:
-        iv = (index % (1 << 64)).to_bytes(8, "big") + bytes(8)
-        enc = Cipher(self._algo, modes.CTR(iv)).encryptor()
+    def bytes(self, stream: int | bytes, nbytes: int) -> bytes:
+        if isinstance(stream, bytes):
+            key = hashlib.blake2b(stream, key=self._seed, digest_size=16, person=b"cometpi-stream").digest()
+            enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        else:
+            iv = (stream % (1 << 64)).to_bytes(8, "big") + bytes(8)
+            enc = Cipher(self._algo, modes.CTR(iv)).encryptor()
         return enc.update(bytes(nbytes)) + enc.finalize()
 
-    def ring(self, index: int, *shapes, device=None) -> list[torch.Tensor]:
-        """Uniform ring tensors of the given shapes, all drawn from keystream ``index``."""
+    def ring(self, stream: int | bytes, *shapes, device=None) -> list[torch.Tensor]:
+        """Uniform ring tensors of the given shapes, all drawn from keystream ``stream``."""
         sizes = [math.prod(s) for s in shapes]
-        raw = np.frombuffer(bytearray(self.bytes(index, 8 * sum(sizes))), dtype="<i8")
+        raw = np.frombuffer(bytearray(self.bytes(stream, 8 * sum(sizes))), dtype="<i8")
         out, off = [], 0
         for shape, n in zip(shapes, sizes, strict=True):
             out.append(torch.from_numpy(raw[off : off + n]).reshape(shape).to(device))
             off += n
         return out
+
+
+def request_label(index: int, kind: str, params: dict) -> bytes:
+    """The keystream label of dealer request ``index`` of ``kind`` with ``params``: every party's
+    material for a request is drawn from its own seed under this label, so it is bound to exactly that
+    (index, kind, canonical parameters).  A request that differs in anything (a forged kind, other
+    parameters, another index) meets keystreams its parties never use elsewhere.  Parameters are
+    canonical JSON (sorted keys, no spaces), which ends with ``}``: a ``substream`` suffix can never
+    make one label equal to another."""
+    try:
+        canon = json.dumps(params, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"request parameters must be plain JSON values: {e}") from None
+    if not isinstance(params, dict) or not isinstance(kind, str) or not 0 <= index < 1 << 64:
+        raise ValueError(f"malformed request ({index!r}, {kind!r}, {params!r:.100})")
+    return b"cometpi/request/v1\x00" + index.to_bytes(8, "big") + kind.encode() + b"\x00" + canon.encode()
+
+
+def substream(label: bytes, j: int) -> bytes:
+    """The ``j``-th further keystream of a request (for material drawn in separate streams)."""
+    return label + b"#" + str(j).encode()
 
 
 def random_ring(*shapes, device=None) -> list[torch.Tensor]:

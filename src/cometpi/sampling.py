@@ -15,6 +15,10 @@ number of steps and whether top-k is on (not k, not the temperature, not the noi
   transformers' ``TopKLogitsWarper`` keeps them), at most everything within ``TOPK_RES`` x
   (2^TOPK_STEPS - 1) = 32 of the maximum (an entry further down has a probability below e^-32/t of
   the top one's; it is dropped even when fewer than k are kept).
+
+A server that reveals only labels (``cometpi serve --reveal label|topk``) uses ``top_marks``: k rounds
+of the same secure argmax, each after pushing the entries already found down by ``TOPK_BIG``; the
+client sees only the 0/1 marks (``marks_to_indices``), never the logits.
 """
 
 from __future__ import annotations
@@ -103,3 +107,63 @@ def choose(ops, logits, *, temperature: float = 0.0, top_k=None, noise=None, own
         logits = ops.add_client_value(logits, temperature * g)
     with ops.span("argmax"):
         return ops.argmax_onehot(logits, -1, k=width)
+
+
+def top_marks(ops, logits, k: int = 1):
+    """The 0/1 marks (B, k, V) of the k largest entries of each row of ``logits`` (B, V), best first,
+    for a server that reveals labels instead of logits (``service.ModelServer(reveal=...)``): round r
+    is the secure argmax (``argmax_onehot``: the narrow max tree and one sign test) of the logits with
+    every entry marked in rounds < r lowered by ``TOPK_BIG`` (a local product of the integer marks by
+    a public constant), so each entry is marked once and round r finds the r-th largest.  Ties: every
+    maximum of a round is marked in that round (as greedy decoding reveals them); the client takes them
+    in index order (``marks_to_indices``).  Both parties run the same steps; only the marks are meant
+    to be revealed, to the client.  Domain: each row's logits within 2^(LOGIT_BITS - 16) = 4096 of each
+    other (``RingOps`` raises ``HeadroomError`` beyond); the first round compares at width
+    w = LOGIT_BITS + f - 16, the later ones (knocked-out entries lie up to ``TOPK_BIG`` lower) at w + 1.
+
+    Cost: ``reveal_rounds(V, k)`` = k (ceil(log2 V) (c + 1) + c) + 1 rounds, c = 2 + ceil(log2
+    ceil(w / 4)) = 5 at f = 16 (a narrow comparison): each round a max tree (a comparison and a product
+    per level) and the sign test, then 1 round for the reveal of k V marks (8 B each, server -> client).
+    Online, both directions, one row: 2 labels, the label: 12 rounds, 164 B; the top 2: 23 rounds, 344 B;
+    5 labels, the top 3: 70 rounds, 1,336 B (4 rows: 3,804 B; the rounds do not depend on the rows).
+    Revealing the logits instead: 1 round, 8 B per label and row."""
+    f = getattr(ops, "frac_bits", 16)
+    width = LOGIT_BITS + f - 16
+    B, V = logits.shape
+    if not 1 <= k <= V:
+        raise ValueError(f"top-{k} of {V} entries: k must be 1..{V}")
+    rounds = []
+    with ops.span("top_marks"):
+        for r in range(k):
+            marks = ops.argmax_onehot(logits, -1, k=width if r == 0 else width + 1)  # (B, V) 0/1
+            rounds.append(marks.reshape(B, 1, V))
+            if r + 1 < k:  # knock the found entries out: below every entry not yet found
+                logits = ops.sub(logits, ops.weighted_bits(marks.reshape(B, V, 1), [TOPK_BIG]))
+        return rounds[0] if k == 1 else ops.cat(rounds, 1)
+
+
+def reveal_rounds(vocab: int, k: int = 1, frac_bits: int = 16) -> int:
+    """Online rounds of ``top_marks`` over ``vocab`` entries plus the reveal of its marks (its Cost line)."""
+    w = LOGIT_BITS + frac_bits - 16
+    levels = math.ceil(math.log2(vocab)) if vocab > 1 else 0
+    first = levels * (_cmp_rounds(w) + 1) + _cmp_rounds(w)
+    later = levels * (_cmp_rounds(w + 1) + 1) + _cmp_rounds(w + 1)
+    return first + (k - 1) * later + 1
+
+
+def marks_to_indices(marks: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) indices, best first, from the revealed marks (B, k, V) of ``top_marks`` (ring integers
+    0/1): round by round, the newly marked entries in index order, the first k kept.  Raises
+    ``ValueError`` if fewer than k were marked (logits outside the comparisons' domain)."""
+    marks = torch.as_tensor(marks)
+    marks = marks.reshape(marks.shape[0], -1, marks.shape[-1])
+    out = []
+    for row in marks:
+        order: list[int] = []
+        for r in range(row.shape[0]):
+            order += [j for j in torch.nonzero(row[r] != 0).reshape(-1).tolist() if j not in order]
+        if len(order) < k:
+            raise ValueError(f"the secure argmax marked {len(order)} of {k} entries: logits outside the "
+                             f"comparison's domain (within 2^{LOGIT_BITS - 16} of each other)")
+        out.append(order[:k])
+    return torch.tensor(out, dtype=torch.int64)

@@ -22,15 +22,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .core import Config, Role, Session
-from .party import accept_server
+from .party import HANDSHAKE_TIMEOUT, accept_server
 from .protocols import matmul_private, prepare_weight
-from .transport import TransportError, listen
+from .transport import DeadlineExceeded, TransportError, listen
 
 log = logging.getLogger("cometpi.serve")
 
 
 #: Seconds running sessions get to finish after SIGTERM before the server exits anyway.
 DRAIN_SECONDS = 60.0
+#: Connections at most in their handshake or waiting for a session slot at once (more are closed at once).
+MAX_PENDING_HANDSHAKES = 32
+#: Seconds a session may last (then the server ends it with an error frame naming the limit).
+MAX_SESSION_SECONDS = 4 * 3600.0
 
 
 def session_record(sess: Session | None, addr, extra: dict | None, outcome: str, seconds: float) -> dict:
@@ -52,20 +56,38 @@ def session_record(sess: Session | None, addr, extra: dict | None, outcome: str,
     return rec
 
 
+class ServerBusy(RuntimeError):
+    """No session slot became free for a client that completed its handshake (or the server is stopping)."""
+
+
 def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, dealer: str, config: Config,
                   timeout: float, extra: dict | None = None, once: bool = False, banner: str = "server",
                   net=None, workers: int = 1, tls=None, insecure_plaintext: bool = False,
-                  max_per_client: int | None = None, stop_event: threading.Event | None = None) -> None:
+                  max_per_client: int | None = None, stop_event: threading.Event | None = None,
+                  handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+                  max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+                  max_session_seconds: float | None = MAX_SESSION_SECONDS) -> None:
     """Accept clients and serve each in its own session; up to ``workers`` at once (threads sharing
-    only read-only state such as the weights), later ones wait in the listen backlog.  A failing
-    client is logged and the others go on.  ``once``: exit after the first client.
+    only read-only state such as the weights).  A failing client is logged and the others go on.
+    ``once``: exit after the first client.
 
-    Operations: one JSON log line per session (``session_record``, logger ``cometpi.serve``, also on
+    Bounds against anyone who can connect (docs/robustness.md): each connection runs its handshake (TLS,
+    hello, dealer registration) in a thread of its own, off the accept loop, and must complete it within
+    ``handshake_timeout`` seconds in all (``party.accept_server``), or it is dropped with the reason logged;
+    at most ``max_pending_handshakes`` connections may be in their handshake or waiting for a session slot,
+    more are closed at once.  A session slot (``workers``) is taken only by a session whose handshake
+    completed, which waits at most ``timeout`` s for one (then ``ServerBusy``, told to the client).  A session
+    lasts at most ``max_session_seconds``: every read from the client is bounded by what is left (so it is
+    enforced between queries and within them), then the client gets an error frame naming the limit.  Idle
+    time between two reads is bounded by ``timeout`` (the model server's handler waits up to its own idle
+    timeout between queries).
+
+    Operations: one JSON log line per connection (``session_record``, logger ``cometpi.serve``, also on
     stderr); ``max_per_client`` concurrent sessions per client identity (its certificate with TLS, its
     address without), more are refused with a named error; SIGTERM (in the main thread) or
     ``stop_event`` stops accepting, lets running sessions finish within ``DRAIN_SECONDS`` and returns."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers < 1 or max_pending_handshakes < 1:
+        raise ValueError(f"workers and max_pending_handshakes must be >= 1, got {workers}, {max_pending_handshakes}")
     if tls is None:
         from .tls import check_plaintext
 
@@ -78,32 +100,50 @@ def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, d
     running: list[threading.Thread] = []
     stopping = stop_event or threading.Event()
     per_client: dict[str, int] = {}
-    per_lock = threading.Lock()
+    lock = threading.Lock()  # guards per_client and pending
+    pending = [0]  # connections in their handshake or waiting for a slot
     if threading.current_thread() is threading.main_thread():
         import signal
 
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
 
+    def take_slot() -> bool:
+        end = time.monotonic() + timeout
+        while not slots.acquire(timeout=0.5):
+            if stopping.is_set():
+                raise ServerBusy("the server is shutting down")
+            if time.monotonic() > end:
+                raise ServerBusy(f"the server is busy: no free session slot within {timeout:g} s")
+        return True
+
     def serve_one(conn, addr) -> None:
-        sess, t0, outcome, key = None, time.perf_counter(), "ok", None
+        sess, t0, outcome, key, slot = None, time.perf_counter(), "ok", None, False
         try:
-            sess = accept_server(conn, dealer, config, timeout=timeout, extra=extra, net=net, tls=tls,
-                                 insecure_plaintext=insecure_plaintext)
-            ident = getattr(sess.peer, "peer", None)
-            key = ident.fingerprint if ident is not None else addr[0]
-            with per_lock:
-                per_client[key] = per_client.get(key, 0) + 1
-                over = max_per_client is not None and per_client[key] > max_per_client
-            if over:
-                raise ValueError(f"too many concurrent sessions for this client (at most {max_per_client})")
+            try:
+                sess = accept_server(conn, dealer, config, timeout=timeout, extra=extra, net=net, tls=tls,
+                                     insecure_plaintext=insecure_plaintext, handshake_timeout=handshake_timeout)
+                ident = getattr(sess.peer, "peer", None)
+                key = ident.fingerprint if ident is not None else addr[0]
+                with lock:
+                    per_client[key] = per_client.get(key, 0) + 1
+                    over = max_per_client is not None and per_client[key] > max_per_client
+                if over:
+                    raise ValueError(f"too many concurrent sessions for this client (at most {max_per_client})")
+                slot = take_slot()
+            finally:
+                with lock:
+                    pending[0] -= 1
+            if max_session_seconds is not None:
+                sess.peer.set_deadline(time.monotonic() + max_session_seconds, "the session reached the server's "
+                                       f"maximum session length ({max_session_seconds:g} s)")
             handler(sess)
             log.info("client %s:%s served", *addr[:2])
         except (TransportError, ValueError, RuntimeError) as e:
             outcome = f"error: {e}"
             log.error("client %s:%s failed: %s", addr[0], addr[1], e)
             print(f"error serving {addr[0]}:{addr[1]}: {e}", file=sys.stderr, flush=True)
-            if sess is not None and not isinstance(e, TransportError):
-                sess.peer.send_error(e)  # a bad query: tell the client what was wrong
+            if sess is not None and (not isinstance(e, TransportError) or isinstance(e, DeadlineExceeded)):
+                sess.peer.send_error(e)  # a bad query, a busy server, the session's time is up: tell the client
         except Exception as e:  # noqa: BLE001 - a bug in one session must not stop the server
             outcome = f"internal error: {type(e).__name__}"
             log.exception("client %s:%s crashed the session", addr[0], addr[1])
@@ -113,7 +153,7 @@ def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, d
                 sess.peer.send_error(f"internal server error ({type(e).__name__})")
         finally:
             if key is not None:
-                with per_lock:
+                with lock:
                     per_client[key] -= 1
             line = json.dumps(session_record(sess, addr, extra, outcome, time.perf_counter() - t0))
             log.info(line)
@@ -122,29 +162,36 @@ def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, d
                 sess.close()
             else:
                 conn.close()
-            slots.release()
+            if slot:
+                slots.release()
 
     sock.settimeout(0.5)  # to notice SIGTERM between accepts
+    served_once = False
     try:
         while not stopping.is_set():
-            if not slots.acquire(timeout=0.5):
-                continue
             try:
                 conn, addr = sock.accept()
             except TimeoutError:
-                slots.release()
+                continue
+            with lock:
+                full = pending[0] >= max_pending_handshakes
+                pending[0] += not full
+            if full:
+                log.warning("refusing %s:%s: %d connections already in their handshake or waiting for a session "
+                            "slot (max_pending_handshakes)", addr[0], addr[1], max_pending_handshakes)
+                conn.close()
                 continue
             conn.settimeout(None)
-            if workers == 1:
-                serve_one(conn, addr)
-            else:
-                t = threading.Thread(target=serve_one, args=(conn, addr), name=f"session-{addr[1]}", daemon=True)
-                t.start()
-                running[:] = [x for x in running if x.is_alive()] + [t]
+            t = threading.Thread(target=serve_one, args=(conn, addr), name=f"session-{addr[1]}", daemon=True)
+            t.start()
+            running[:] = [x for x in running if x.is_alive()] + [t]
             if once:
+                served_once = True
                 break
     finally:
         sock.close()
+        if served_once and not stopping.is_set():
+            running[-1].join()  # the one client's session, to its end (bounded by its timeouts)
         deadline = time.monotonic() + (DRAIN_SECONDS if stopping.is_set() else timeout)
         for t in running:
             t.join(max(0.0, deadline - time.monotonic()))

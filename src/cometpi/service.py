@@ -15,6 +15,17 @@ queries::
 The attention mask is public unless ``hide_length``: then the client shares it and the server learns
 only the padded length T.  Generation reveals the prompt length and the number of tokens generated
 (with ``fixed_length``: only N) to the server, and only the generated token ids to the client.
+
+What the client gets back is the server's choice (``ModelServer(reveal=...)``, ``cometpi serve --reveal``),
+announced in the card (``reveal``, ``reveal_k``): ``logits`` (the default: a classifier's logits, an LM's
+next-token logits for ``infer``, hidden states for a bare encoder), ``label`` (a classifier's label by the
+secure argmax on shares, ``sampling.top_marks``; an LM refuses ``infer`` and serves generation only, which
+reveals only the chosen tokens) or ``topk`` (a classifier's k best labels, in order, without logits).
+Both parties run the same secure argmax: the client follows the card.  The client applies its own floor
+to the card and the session config (``check_floor``: Comet's flooded guess below sigma 40, ``insecure_*``
+constructions, local truncation are refused unless ``allow_insecure`` names them) and compares a pinned
+model hash itself.  ``op: stats`` (process-wide peak memory, timings) is served only with
+``allow_stats``; ``max_queries_per_session`` bounds the queries of a session.
 """
 
 from __future__ import annotations
@@ -29,9 +40,11 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
+from .approx.sites import DOMAINS, site_spec
 from .convert import Arch, params_hash
-from .core import Config, ConfigError, Session
+from .core import Config, ConfigError, Session, TruncMode
 from .nn import (
+    OUTPUTS,
     PER_CHANNEL,
     ApproxConfig,
     KVCache,
@@ -48,6 +61,89 @@ log = logging.getLogger("cometpi.service")
 MAX_BATCH = 64
 MAX_NEW_TOKENS = 1024
 IDLE_TIMEOUT = 300.0  # how long a session may sit between queries (the protocol's own waits use --timeout)
+
+#: What a server may reveal to its clients (``--reveal``): see the module docstring.
+REVEALS = OUTPUTS
+#: The statistical security (bits) below which a flooded rsqrt guess is refused without ``flood``.
+MIN_SIGMA = 40.0
+#: What ``--allow-insecure`` / ``allow_insecure=`` may accept, and what each one is.
+ALLOW_INSECURE = {
+    "flood": f"Comet's flooded rsqrt guess with sigma < {MIN_SIGMA:g} bits (approx.guess, approx.sigma)",
+    "insecure": "a construction whose name contains 'insecure' (paper reproductions; they leak)",
+    "local-trunc": "local (SecureML, probabilistic) truncation (session config trunc = 'local')",
+}
+
+
+class InsecureConfigError(ConfigError):
+    """A configuration below the floor of the party that refuses it (``check_floor``)."""
+
+
+class QueryBudgetExceeded(ValueError):
+    """A session asked for more queries than the server's ``--max-queries-per-session``."""
+
+
+class StatsRefused(ValueError):
+    """``op: stats`` to a server started without ``--allow-stats``."""
+
+
+def parse_allow_insecure(value) -> frozenset[str]:
+    """``--allow-insecure`` / ``allow_insecure=``: None, 'flood,local-trunc', or an iterable of names."""
+    if value is None:
+        return frozenset()
+    names = value.split(",") if isinstance(value, str) else list(value)
+    out = frozenset(n.strip() for n in names if n.strip())
+    unknown = sorted(out - set(ALLOW_INSECURE))
+    if unknown:
+        raise ValueError(f"unknown --allow-insecure value(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(ALLOW_INSECURE)}")
+    return out
+
+
+def flood_sigma(approx: dict) -> float | None:
+    """The smallest statistical security (bits) of the flooded rsqrt guess over the call sites, or None
+    for a guess that floods nothing (thermometer, constant, crypten)."""
+    guess = approx.get("guess")
+    if not isinstance(guess, str) or not ("comet" in guess or "flood" in guess):
+        return None
+    try:
+        sigma = float(approx.get("sigma", 40.0))
+        return min(site_spec(site, guess=guess, sigma=sigma).security_bits() for site in DOMAINS)
+    except (TypeError, ValueError):
+        return float("-inf")  # a flood we cannot size: below any floor
+
+
+def floor_violations(approx: dict | None, config: Config | dict | None) -> list[tuple[str, str]]:
+    """(allow-insecure name, what) for each choice of ``approx`` (an ``ApproxConfig.to_dict()``, e.g. the
+    card's) and the session ``config`` below the floor: a flooded guess with sigma < ``MIN_SIGMA``, any
+    value naming an ``insecure`` construction, local truncation."""
+    out = []
+    approx = approx or {}
+    for field, value in approx.items():
+        if isinstance(value, str) and "insecure" in value.lower():
+            out.append(("insecure", f"approx.{field} = {value!r} ({ALLOW_INSECURE['insecure']})"))
+    sigma = flood_sigma(approx)
+    if sigma is not None and sigma < MIN_SIGMA - 1e-9:  # (log2 of the flood's ratio: 40 may come out 39.999...)
+        out.append(("flood", f"approx.guess = {approx.get('guess')!r} with approx.sigma = {approx.get('sigma')!r}: "
+                             f"the flood gives {sigma:.1f} bits of statistical security, below {MIN_SIGMA:g}"))
+    if config is not None:
+        trunc = config.get("trunc") if isinstance(config, dict) else config.trunc
+        if str(getattr(trunc, "value", trunc)) == TruncMode.LOCAL.value:
+            out.append(("local-trunc", "config.trunc = 'local' (SecureML's probabilistic truncation: an element "
+                                       "fails with probability |v|/2^64, about 1 MiniLM inference in 4)"))
+    return out
+
+
+def check_floor(approx: dict | None, config: Config | dict | None, allow=(), *, who: str) -> None:
+    """Raise ``InsecureConfigError`` naming each field, its value and the ``--allow-insecure`` name that
+    would accept it, for the violations (``floor_violations``) not in ``allow``.  ``who``: the
+    sentence's subject, e.g. 'refusing the server at H:P' or 'refusing to serve'."""
+    allow = parse_allow_insecure(allow)
+    bad = [(name, what) for name, what in floor_violations(approx, config) if name not in allow]
+    if bad:
+        need = sorted({name for name, _ in bad})
+        raise InsecureConfigError(
+            f"{who}: " + "; ".join(what for _, what in bad)
+            + f". Pass --allow-insecure {','.join(need)} (Python: allow_insecure={','.join(need)!r}) to accept it")
 
 
 def resolve_model_dir(model: str) -> str:
@@ -84,10 +180,17 @@ class ModelServer:
     """Holds one model (converted once) and serves private inferences on it."""
 
     def __init__(self, model: str | tuple, approx: ApproxConfig | dict | None = None, config: Config | None = None,
-                 layers: int | None = None, idle_timeout: float = IDLE_TIMEOUT):
+                 layers: int | None = None, idle_timeout: float = IDLE_TIMEOUT, *, reveal: str = "logits",
+                 reveal_k: int | None = None, max_queries_per_session: int | None = None, allow_stats: bool = False,
+                 allow_insecure=None):
         """``approx``: a config, or a dict of fields overriding the checkpoint's own (``cometpi.json``
         of a fine-tuned model; the original functions, ``ApproxConfig.original()``, for a stock HF
-        checkpoint or an exact fine-tuned one: no fine-tuning needed)."""
+        checkpoint or an exact fine-tuned one: no fine-tuning needed).
+
+        ``reveal``: what clients get back (``REVEALS``; module docstring), ``reveal_k`` the k of
+        ``topk``; ``max_queries_per_session``: inferences and generations per session (None: no bound);
+        ``allow_stats``: answer ``op: stats``; ``allow_insecure``: the ``ALLOW_INSECURE`` names this server
+        may run (it refuses the rest of ``floor_violations`` in its own configuration)."""
         trained = None
         if isinstance(model, tuple):  # (arch, params) from convert, for tests and Python users
             self.arch, params = model
@@ -120,24 +223,60 @@ class ModelServer:
         self.approx = approx
         self.idle_timeout = idle_timeout
         self.config = config or Config()
+        check_floor(self.approx.to_dict(), self.config, allow_insecure, who="refusing to serve")
+        self.reveal, self.reveal_k = self._check_reveal(reveal, reveal_k)
+        if max_queries_per_session is not None and not (isinstance(max_queries_per_session, int)
+                                                        and max_queries_per_session >= 1):
+            raise ValueError(f"--max-queries-per-session must be >= 1, got {max_queries_per_session!r}")
+        self.max_queries = max_queries_per_session
+        self.allow_stats = bool(allow_stats)
         self.params = prepare_params(self.arch, params, approx)
         self.card = {"arch": self.arch.to_dict(), "model_hash": params_hash(params),
-                     "approx": self.approx.to_dict(), "labels": _labels(model_dir, self.arch)}
+                     "approx": self.approx.to_dict(), "labels": _labels(model_dir, self.arch),
+                     "reveal": self.reveal, "reveal_k": self.reveal_k,
+                     "max_queries_per_session": self.max_queries, "stats": self.allow_stats}
+
+    def _check_reveal(self, reveal: str, k: int | None) -> tuple[str, int | None]:
+        head = self.arch.head
+        if reveal not in REVEALS:
+            raise ValueError(f"unknown --reveal {reveal!r}; choose from {', '.join(REVEALS)}")
+        if reveal != "topk" and k is not None:
+            raise ValueError(f"--reveal-k is for --reveal topk (got --reveal {reveal} --reveal-k {k})")
+        if reveal == "logits":
+            return reveal, None
+        if head == "none":
+            raise ValueError(f"--reveal {reveal} needs logits (a classifier or LM head); this model has no head "
+                             "and reveals its hidden states")
+        if head == "lm" and reveal == "topk":
+            raise ValueError("--reveal topk is for classifiers; an LM server that reveals only the generated tokens "
+                             "is --reveal label (it refuses raw-logit queries)")
+        if reveal == "label":
+            return reveal, None
+        if not isinstance(k, int) or not 1 <= k <= self.arch.num_labels:
+            raise ValueError(f"--reveal topk needs --reveal-k K, 1 <= K <= {self.arch.num_labels} (the labels), "
+                             f"got {k!r}")
+        return reveal, k
 
     def handle(self, sess: Session) -> None:
         """Serve one client session until it says bye or disconnects."""
         model = ShareModel(sess, self.arch, self.params)
         plans: dict = {}  # dealer plans of earlier queries, by shape: replayed ahead of the next one
+        queries = 0
         while True:
             with sess.peer.waiting(max(self.idle_timeout, sess.peer.timeout)):  # a client may think between queries
                 q = sess.peer.recv_json("query")
             if not isinstance(q, dict) or q.get("op") == "bye":
                 return
             if q.get("op") == "stats":  # the server's own costs and peak memory (benchmarks)
+                if not self.allow_stats:
+                    raise StatsRefused(STATS_REFUSED)
                 rep = sess.meter.report()
                 rep["peak_rss_mb"] = peak_rss_mb()
                 sess.peer.send_json(rep, "stats")
                 continue
+            queries += 1
+            if self.max_queries is not None and queries > self.max_queries:
+                raise QueryBudgetExceeded(budget_message(self.max_queries))
             if q.get("op") == "generate":
                 T, max_new, fixed, top_k = self._validate_generate(q)
                 with sess.span("generation"):  # sampling changes only the client's side (its noise, t, k)
@@ -145,13 +284,15 @@ class ModelServer:
                                              max_new=max_new, fixed_length=fixed, top_k=top_k):
                         pass
                 continue
+            if self.arch.head == "lm" and self.reveal != "logits":
+                raise ValueError(lm_infer_refused(self.reveal))
             shape, mask, hide = self._validate(q)
             key = (*shape, hide, None if mask is None else tuple(mask.sum(1).tolist()))
             _prefetch(sess, plans.get(key))
             start = sess.provider.index
             with sess.span("inference"):
                 secure_forward(sess, self.arch, self.approx, shape=shape, attention_mask=mask, hide_length=hide,
-                               model=model)
+                               model=model, output=self.reveal, k=self.reveal_k or 1)
             plans[key] = sess.provider.plan_since(start)
 
     def _validate_generate(self, q: dict):
@@ -186,6 +327,33 @@ class ModelServer:
             if bool((mask.sum(1) == 0).any()):
                 raise ValueError("every row needs at least one real token")
         return (B, T), mask, hide
+
+
+STATS_REFUSED = ("op stats refused: this server was started without --allow-stats (its process-wide peak memory "
+                 "and per-step timings reveal other sessions' activity)")
+
+
+def budget_message(n: int) -> str:
+    return (f"query budget exceeded: this server answers at most {n} queries (inferences or generations) per "
+            "session (--max-queries-per-session); open a new session")
+
+
+def lm_infer_refused(reveal: str) -> str:
+    return (f"this LM server reveals only generated tokens (--reveal {reveal}): op infer, which would reveal the "
+            "raw next-token logits, is refused; use generate")
+
+
+def reveal_note(card: dict) -> str:
+    """What a server's card says its clients get back, in words."""
+    reveal, k = card.get("reveal", "logits"), card.get("reveal_k")
+    head = (card.get("arch") or {}).get("head")
+    if reveal == "logits":
+        return {"classifier": "logits", "lm": "next-token logits (infer), generated tokens (generate)"}.get(
+            head, "hidden states")
+    if head == "lm":
+        return "only generated tokens (no logits: infer refused)"
+    return "only the label (no logits, no confidence)" if reveal == "label" else \
+        f"only the top {k} labels, in order (no logits, no confidence)"
 
 
 def reset_peak_rss() -> None:
@@ -224,16 +392,33 @@ class PrivateClient:
 
     def __init__(self, server: str, dealer: str, *, tokenizer: str | None = None, config: Config | None = None,
                  model_hash: str | None = None, timeout: float = DEFAULT_TIMEOUT, net=None, tls=None,
-                 insecure_plaintext: bool = False):
+                 insecure_plaintext: bool = False, allow_insecure=None):
         """``tls``: a ``tls.PartyTls`` (the client's key, the pinned server and dealer certificates);
-        without it the server and the dealer must be on loopback unless ``insecure_plaintext``."""
+        without it the server and the dealer must be on loopback unless ``insecure_plaintext``.
+        ``model_hash``: refuse a server whose card names another (the server checks it too).
+        ``allow_insecure``: the ``ALLOW_INSECURE`` names this client accepts in the server's card and the
+        session config (``check_floor``; default none: a flooded guess below sigma 40, ``insecure_*``
+        constructions and local truncation are refused)."""
+        config = config or Config()
+        allow = parse_allow_insecure(allow_insecure)
+        check_floor(None, config, allow, who="refusing to connect")  # the session config is the client's own
         pin = {"model_hash": model_hash} if model_hash else None
-        self.sess = connect_client(server, dealer, config or Config(), timeout=timeout, net=net, extra=pin, tls=tls,
+        self.sess = connect_client(server, dealer, config, timeout=timeout, net=net, extra=pin, tls=tls,
                                    insecure_plaintext=insecure_plaintext)
         try:
             card = self.sess.card
             if "arch" not in card:
                 raise ConfigError(f"the server at {server} is not a model server (no model card)")
+            if model_hash and card.get("model_hash") != model_hash:
+                raise ConfigError(f"refusing the server at {server}: pinned model hash {model_hash}, but its card "
+                                  f"announces model_hash {card.get('model_hash')!r}")
+            check_floor(card.get("approx"), config, allow, who=f"refusing the server at {server}")
+            self.reveal, self.reveal_k = card.get("reveal", "logits"), card.get("reveal_k")
+            if self.reveal not in REVEALS or (self.reveal == "topk" and not isinstance(self.reveal_k, int)):
+                raise ConfigError(f"the server at {server} announces an unknown reveal policy {self.reveal!r} "
+                                  f"(k {self.reveal_k!r}); this client knows {', '.join(REVEALS)}")
+            self.max_queries = card.get("max_queries_per_session")
+            self.queries = 0
             self.card = card
             self.arch = Arch.from_dict(card["arch"])
             self.approx = ApproxConfig(**card["approx"])
@@ -259,15 +444,26 @@ class PrivateClient:
     def _decode(self, ids, **kw) -> str:
         return self._tokenizer.decode(ids, **kw) if self._tokenizer is not None else ""
 
+    def _count_query(self) -> None:
+        """Refuse locally (the session stays usable) a query beyond the card's budget."""
+        if self.max_queries is not None and self.queries >= self.max_queries:
+            raise QueryBudgetExceeded(budget_message(self.max_queries))
+        self.queries += 1
+
     def infer_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   hide_length: bool = False, progress: bool = False) -> tuple[torch.Tensor, dict]:
-        """Logits (classifier: (B, labels); lm: (B, vocab) at the last real token) or hidden states.
-        ``progress``: a tqdm bar of the layers done (on stderr)."""
+        """What the server reveals (``self.reveal``, from its card): logits (classifier: (B, labels); lm:
+        (B, vocab) at the last real token) or hidden states; with ``label`` / ``topk`` (B, k) int64 label
+        indices, best first (k = 1 for ``label``), and no logits.  ``progress``: a tqdm bar of the layers
+        done (on stderr)."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.int64)
         if self.arch.causal and not bool((attention_mask.cumprod(1) == attention_mask).all()):
             raise ValueError("GPT-2 inputs must be right-padded")
+        if self.arch.head == "lm" and self.reveal != "logits":
+            raise ValueError(lm_infer_refused(self.reveal))
+        self._count_query()
         before = self.sess.meter.snapshot()
         with self.sess.offline():
             self.sess.peer.send_json({"op": "infer", "batch": B, "length": T, "hide_length": hide_length,
@@ -280,7 +476,8 @@ class PrivateClient:
             with self.sess.span("inference"):
                 out = secure_forward(self.sess, self.arch, self.approx, input_ids=input_ids, shape=(B, T),
                                      attention_mask=attention_mask, hide_length=hide_length, model=self.model,
-                                     on_layer=bar.update if bar is not None else None)
+                                     on_layer=bar.update if bar is not None else None, output=self.reveal,
+                                     k=self.reveal_k or 1)
         finally:
             if bar is not None:
                 bar.close()
@@ -316,6 +513,7 @@ class PrivateClient:
             if not 1 <= top_k <= self.arch.vocab:
                 raise ValueError(f"top_k must be 1..{self.arch.vocab} (the vocabulary), got {top_k}")
         eos = getattr(self._tokenizer, "eos_token_id", None)
+        self._count_query()
         with self.sess.offline():
             self.sess.peer.send_json({"op": "generate", "length": T, "max_new": max_new_tokens,
                                       "fixed_length": fixed_length, "top_k": top_k is not None}, "query")
@@ -358,17 +556,33 @@ class PrivateClient:
                  hide_length: bool = False, progress: bool = False) -> list[dict]:
         """Label, confidence and logits per text (one private inference for the batch), and how many
         tokens each text has (``tokens``), how many the model saw (``tokens_used``: at most
-        ``max_length``, ``pad_to`` or the model's positions) and whether it was cut (``truncated``)."""
+        ``max_length``, ``pad_to`` or the model's positions) and whether it was cut (``truncated``).
+        A server that reveals only labels (``self.reveal`` ``label`` / ``topk``): ``confidence`` and
+        ``logits`` are None, and with ``topk`` ``top`` lists the k best labels, best first."""
         if self.arch.head != "classifier":
             raise ValueError(f"the served model has no classifier head (head {self.arch.head!r})")
         ids, mask = self.encode(texts, max_length=max_length, pad_to=pad_to)
         counts = self.token_counts(texts, mask)
         logits, stats = self.infer_ids(ids, mask, hide_length=hide_length, progress=progress)
-        probs = torch.softmax(logits, -1)
+
+        def name(j: int):
+            return self.labels[j] if self.labels else j
+
         out = []
+        if self.reveal != "logits":  # (B, k) indices: the server revealed no logits
+            for i, text in enumerate(texts):
+                top = [name(int(j)) for j in logits[i]]
+                row = {"text": text, "label": top[0], "confidence": None, "logits": None, **counts[i]}
+                if self.reveal == "topk":
+                    row["top"] = top
+                out.append(row)
+            for row in out:
+                row["batch_stats"] = stats
+            return out
+        probs = torch.softmax(logits, -1)
         for i, text in enumerate(texts):
             k = int(probs[i].argmax())
-            out.append({"text": text, "label": self.labels[k] if self.labels else k, "confidence": float(probs[i, k]),
+            out.append({"text": text, "label": name(k), "confidence": float(probs[i, k]),
                         "logits": logits[i].tolist(), **counts[i]})
         for row in out:
             row["batch_stats"] = stats
@@ -399,7 +613,10 @@ class PrivateClient:
                 for f, u in zip(full, used, strict=True)]
 
     def server_stats(self) -> dict:
-        """The server's meter report and peak memory (it shares only its own costs)."""
+        """The server's meter report and peak memory (a server started with ``--allow-stats`` only: its
+        process-wide figures reveal other sessions' activity; ``StatsRefused`` otherwise)."""
+        if not self.card.get("stats", True):  # a card without the field: a server from before the option
+            raise StatsRefused(STATS_REFUSED)
         self.sess.peer.send_json({"op": "stats"}, "query")
         return self.sess.peer.recv_json("stats")
 

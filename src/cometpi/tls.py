@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .transport import PeerDisconnected, PeerTimeout, TcpChannel, TransportError
+from .transport import DeadlineExceeded, PeerDisconnected, TcpChannel, TransportError
 
 
 class TlsError(TransportError):
@@ -36,9 +36,14 @@ def fingerprint(der: bytes) -> str:
     return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
 
 
-def keygen(name: str, out_dir: str | Path, days: int = 365, *, not_before: dt.datetime | None = None) -> dict:
+def keygen(name: str, out_dir: str | Path, days: int = 365, *, not_before: dt.datetime | None = None,
+           overwrite: bool = False) -> dict:
     """Write ``NAME.key`` (EC P-256, mode 0600) and ``NAME.crt`` (self-signed, CN = NAME, valid ``days``)
-    into ``out_dir``; returns the paths and the certificate's fingerprint."""
+    into ``out_dir``; returns the paths and the certificate's fingerprint.
+
+    The key file is created exclusively (O_CREAT | O_EXCL | O_NOFOLLOW, mode 0600): an existing key or
+    certificate is refused unless ``overwrite`` (then both are replaced by renaming a new private file over
+    them), and a symbolic link in their place is refused either way."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -48,6 +53,12 @@ def keygen(name: str, out_dir: str | Path, days: int = 365, *, not_before: dt.da
         raise ValueError(f"invalid key name {name!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    key_path, crt_path = out / f"{name}.key", out / f"{name}.crt"
+    for p in (key_path, crt_path):
+        if p.is_symlink():
+            raise TlsError(f"{p} is a symbolic link: refusing to write a key or certificate through it")
+        if p.exists() and not overwrite:
+            raise TlsError(f"{p} exists: refusing to overwrite it (delete it first, or pass --overwrite)")
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
@@ -56,18 +67,33 @@ def keygen(name: str, out_dir: str | Path, days: int = 365, *, not_before: dt.da
             .not_valid_after(start + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .sign(key, hashes.SHA256()))
-    key_path, crt_path = out / f"{name}.key", out / f"{name}.crt"
-    tmp = key_path.with_suffix(".key.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    os.replace(tmp, key_path)
-    crt_tmp = crt_path.with_suffix(".crt.tmp")
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    _write_private(key_path, pem, replace=overwrite)
+    crt_tmp = crt_path.with_name(f".{crt_path.name}.{os.getpid()}.tmp")
     crt_tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     os.replace(crt_tmp, crt_path)
     return {"key": str(key_path), "cert": str(crt_path),
             "fingerprint": fingerprint(cert.public_bytes(serialization.Encoding.DER))}
+
+
+def _write_private(path: Path, data: bytes, replace: bool) -> None:
+    """Create ``path`` exclusively with mode 0600 (``replace``: a new file renamed over the old one)."""
+    target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if replace else path
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(target, flags, 0o600)
+    except FileExistsError:
+        raise TlsError(f"{target} exists: refusing to overwrite a private key (pass --overwrite)") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # whatever the umask
+            f.write(data)
+        if replace:
+            os.replace(target, path)  # renames over a file (a link at ``path`` would be replaced, not followed)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
 
 
 def _pem_certs(paths) -> list[bytes]:
@@ -83,6 +109,14 @@ def _pem_certs(paths) -> list[bytes]:
                 raise TlsError(f"certificate file {f} not found")
             out.append(f.read_bytes())
     return out
+
+
+def check_key_mode(path: Path) -> None:
+    """Refuse a private key that its group or others may read or write (as ssh does)."""
+    mode = os.stat(path).st_mode & 0o777
+    if os.name == "posix" and mode & 0o077:
+        raise TlsError(f"private key {path} is accessible by group/others (mode {mode:04o}): "
+                       f"run `chmod 600 {path}`")
 
 
 @dataclass(frozen=True)
@@ -106,6 +140,7 @@ class TlsConfig:
         for p in (self.key, self.cert):
             if not p.is_file():
                 raise TlsError(f"{p} not found (create it with `cometpi keygen --name {Path(self.identity).name}`)")
+        check_key_mode(self.key)
         self._pins = _pem_certs(self.trusted)
         if not self._pins:
             raise TlsError("no trusted peer certificates given")
@@ -141,27 +176,31 @@ class TlsChannel(TcpChannel):
         self._lock = threading.Lock()
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._obj = tls.context(server_side).wrap_bio(self._in, self._out, server_side=server_side)
+        self._pinned = tls.pinned
         self.wire = {"sent": 0, "recv": 0}
         self._raw = sock
-        sock.settimeout(kw.get("timeout", 60.0))
-        name = kw.get("peer_name", "peer")
+        super().__init__(sock, **kw)  # the handshake runs in ``_setup``, before the writer thread starts
+
+    def _setup(self) -> None:
         try:
             self._handshake()
-        except (ssl.SSLError, OSError) as e:
+        except DeadlineExceeded:
+            self._raw.close()
+            raise
+        except (ssl.SSLError, OSError, TransportError) as e:
             try:  # send the alert that says why (the peer then names the reason too)
                 self._flush_raw()
             except OSError:
                 pass
-            sock.close()
-            raise TlsError(f"TLS with {name} refused: {_reason(e)}") from None
+            self._raw.close()
+            raise TlsError(f"TLS with {self.peer_name} refused: {_reason(e)}") from None
         der = self._obj.getpeercert(binary_form=True)
         fp = fingerprint(der) if der else ""
-        if fp not in tls.pinned:  # load_verify_locations already checked; pinning is the contract
-            sock.close()
-            raise TlsError(f"TLS with {name} refused: its certificate is not one of the pinned ones")
+        if fp not in self._pinned:  # load_verify_locations already checked; pinning is the contract
+            self._raw.close()
+            raise TlsError(f"TLS with {self.peer_name} refused: its certificate is not one of the pinned ones")
         cn = dict(x[0] for x in self._obj.getpeercert().get("subject", ())).get("commonName", "")
         self.peer = Peer(cn, fp)
-        super().__init__(sock, **kw)
 
     # -- raw socket --------------------------------------------------------------------------
     def _flush_raw(self) -> None:
@@ -171,7 +210,12 @@ class TlsChannel(TcpChannel):
             self.wire["sent"] += len(data)
 
     def _recv_raw(self) -> bytes:
-        data = self._raw.recv(1 << 16)
+        """What the socket has (up to 64 KiB), waiting at most ``timeout`` or what is left of the deadline."""
+        wait = self.timeout if self._deadline is None else self._arm()
+        try:
+            data = self._raw.recv(1 << 16)
+        except TimeoutError:
+            raise self._timed_out(wait) from None
         self.wire["recv"] += len(data)
         return data
 
@@ -198,14 +242,15 @@ class TlsChannel(TcpChannel):
     def _on_wire(self, n: int) -> None:
         self.wire["sent"] += n
 
-    def _read(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
+    def _read(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
             if self._werr is not None:
                 raise self._werr
             with self._lock:
                 try:
-                    buf += self._obj.read(n - len(buf))
+                    got += self._obj.read(n - got, view[got:])
                     continue
                 except ssl.SSLWantReadError:
                     pass
@@ -218,32 +263,38 @@ class TlsChannel(TcpChannel):
                     TcpChannel._write(self, pending)
             try:
                 data = self._recv_raw()
-            except TimeoutError:
-                raise PeerTimeout(f"no data from {self.peer_name} within {self.timeout:g} s") from None
             except OSError as e:
                 raise PeerDisconnected(f"connection to {self.peer_name} lost: {e}") from None
             if not data:
                 raise PeerDisconnected(f"{self.peer_name} closed the connection"
-                                       + (f" in the middle of a frame ({len(buf)}/{n} bytes)" if buf else ""))
+                                       + (f" in the middle of a frame ({got}/{n} bytes)" if got else ""))
             with self._lock:
                 self._in.write(data)
-        return bytes(buf)
+        view.release()
+        return buf
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address, without asking DNS: an IP literal (127.0.0.0/8, ::1) or
+    ``localhost``.  Any other name counts as not loopback: what a name resolves to may change between this
+    check and the connect (and the resolver itself may be on the network)."""
+    if host.rstrip(".").lower() == "localhost":
+        return True
     try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
         return False
 
 
 def check_plaintext(host: str, insecure: bool, what: str) -> None:
-    """Plaintext TCP is allowed on loopback only, unless ``--insecure-plaintext`` (which warns once)."""
+    """Plaintext TCP is allowed on loopback only (``is_loopback``: an IP literal or ``localhost``, never a
+    name looked up in DNS), unless ``--insecure-plaintext`` (which warns once)."""
     if is_loopback(host):
         return
     if not insecure:
-        raise TlsError(f"{what} at {host} is not on loopback: use --tls (TLS with pinned certificates), or "
-                       "--insecure-plaintext to send seeds, shares and model cards in the clear")
+        raise TlsError(f"{what} at {host} is not on loopback (an IP literal such as 127.0.0.1, or localhost): use "
+                       "--tls (TLS with pinned certificates), or --insecure-plaintext to send seeds, shares and "
+                       "model cards in the clear")
     from .approx.newton import warn_insecure_once
 
     warn_insecure_once(f"insecure_plaintext ({what})", f"{what} at {host} runs without TLS: anyone on the path "

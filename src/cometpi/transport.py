@@ -30,16 +30,32 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 3  # 2: the narrow comparison's dealer tables as words, packed AND triples (issue 11); 3: guessed
-# dealer plans (a wrong guess skips indices, so both parties must guess alike), each index answered once
+PROTOCOL_VERSION = 4  # 2: the narrow comparison's dealer tables as words, packed AND triples (issue 11); 3: guessed
+# dealer plans (a wrong guess skips indices, so both parties must guess alike), each index answered once; 4: material
+# bound to its request (keystreams labelled by index, kind and parameters: ring.request_label)
 MAGIC = b"CP"
 HEADER = struct.Struct("!2sBBIIQdB")
 MAX_NDIM = 8
-DEFAULT_MAX_FRAME = 1 << 31
+DEFAULT_MAX_FRAME = 1 << 31  # the global cap on one frame's payload (``Channel.max_frame``)
 DEFAULT_TIMEOUT = 120.0
+#: Bounds on what a peer can make ``recv`` allocate (docs/robustness.md): a raw or JSON message may hold at most
+#: ``MAX_JSON_BYTES`` (``max_bytes=`` per call, or its tag's entry in ``TAG_MAX_BYTES``); a tensor the caller
+#: gave the shape and dtype of must be exactly that size; anything else at most ``max_frame``.  Every limit is
+#: checked from the header, before the payload is read; payloads above ``READ_CHUNK`` are read a chunk at a time,
+#: so a header that lies about its size costs at most what actually arrived plus one chunk.
+MAX_JSON_BYTES = 1 << 20
+MAX_ERROR_BYTES = 1 << 16  # an ``error`` frame (the peer's reason) is read up to this size, even when unexpected
+TAG_MAX_BYTES: dict[str, int] = {
+    "error": MAX_ERROR_BYTES,
+    "dealer-get": 64 << 20,  # a prefetched dealer plan: thousands of items (a BERT-base query: ~1 MB)
+    "query": 8 << 20,  # an attention mask of MAX_BATCH x the longest context, as JSON
+    "stats": 16 << 20, "bench-server-stats": 16 << 20,  # meter reports with their spans
+}
+READ_CHUNK = 1 << 20
 
 _DTYPES = {0: ("raw", None), 1: ("int64", "<i8"), 2: ("float64", "<f8"), 3: ("uint8", "u1"), 4: ("int32", "<i4")}
 _DTYPE_CODE = {"raw": 0, torch.int64: 1, torch.float64: 2, torch.uint8: 3, torch.int32: 4}
+_ITEMSIZE = {k: np.dtype(v).itemsize if v else 1 for k, (_, v) in _DTYPES.items()}
 
 
 class TransportError(RuntimeError):
@@ -66,18 +82,26 @@ class PeerTimeout(TransportError):
     """No message from the peer within the receive timeout."""
 
 
+class DeadlineExceeded(PeerTimeout):
+    """The peer did not finish within a total deadline (``Channel.set_deadline``: the handshake, a session's
+    maximum length), however steadily it trickled bytes."""
+
+
 class RemoteError(TransportError):
     """The peer gave up on the session and said why (an ``error`` frame)."""
 
 
 _TAG_NAMES: dict[int, str] = {}
+_TAG_IDS: dict[str, int] = {}
 ERROR_TAG = "error"
 
 
 def tag_id(name: str) -> int:
     """The 32-bit wire tag of a protocol label."""
-    t = zlib.crc32(name.encode())
-    _TAG_NAMES.setdefault(t, name)
+    t = _TAG_IDS.get(name)
+    if t is None:
+        t = _TAG_IDS[name] = zlib.crc32(name.encode())
+        _TAG_NAMES.setdefault(t, name)
     return t
 
 
@@ -251,8 +275,8 @@ def encode_header(dtype: int, tag: int, depth: int, nbytes: int, deliver_at: flo
     )
 
 
-def parse_header(fixed: bytes, max_frame: int = DEFAULT_MAX_FRAME, read_shape=None) -> Header:
-    """Validate the fixed part of a header; ``read_shape(n)`` supplies the n shape bytes."""
+def _parse_fixed(fixed, max_frame: int) -> tuple[int, int, int, int, float, int]:
+    """Validate the fixed part of a header: (dtype, tag, depth, nbytes, deliver_at, ndim)."""
     if len(fixed) != HEADER.size:
         raise FrameError(f"truncated frame header ({len(fixed)} of {HEADER.size} bytes)")
     magic, version, dtype, tag, depth, nbytes, deliver_at, ndim = HEADER.unpack(fixed)
@@ -264,21 +288,31 @@ def parse_header(fixed: bytes, max_frame: int = DEFAULT_MAX_FRAME, read_shape=No
         raise FrameError(f"unknown dtype code {dtype} in frame header")
     if ndim > MAX_NDIM:
         raise FrameError(f"frame has {ndim} dimensions (max {MAX_NDIM})")
+    if ndim and not dtype:
+        raise FrameError(f"raw frame with {ndim} dimensions")
     if nbytes > max_frame:
         raise FrameError(f"frame of {nbytes} bytes exceeds the maximum frame size {max_frame}")
     if not math.isfinite(deliver_at) or deliver_at < 0:
         raise FrameError("invalid delivery time in frame header")
-    shape: tuple[int, ...] = ()
-    if ndim:
-        raw = read_shape(8 * ndim) if read_shape else b""
-        if len(raw) != 8 * ndim:
-            raise FrameError("truncated frame shape")
-        shape = struct.unpack(f"!{ndim}Q", raw)
-    code, np_dtype = _DTYPES[dtype]
-    expect = math.prod(shape) * np.dtype(np_dtype).itemsize if np_dtype else None
-    if expect is not None and expect != nbytes:
-        raise FrameError(f"frame payload of {nbytes} bytes does not match shape {shape} of {code}")
-    return Header(version, dtype, tag, depth, nbytes, deliver_at, shape)
+    return dtype, tag, depth, nbytes, deliver_at, ndim
+
+
+def _parse_shape(raw, dtype: int, nbytes: int) -> tuple[int, ...]:
+    """The shape bytes of a tensor frame, checked against its payload size."""
+    shape = struct.unpack(f"!{len(raw) // 8}Q", raw)
+    if math.prod(shape) * _ITEMSIZE[dtype] != nbytes:
+        raise FrameError(f"frame payload of {nbytes} bytes does not match shape {shape} of {_DTYPES[dtype][0]}")
+    return shape
+
+
+def parse_header(fixed: bytes, max_frame: int = DEFAULT_MAX_FRAME, read_shape=None) -> Header:
+    """Validate a header; ``read_shape(n)`` supplies the n shape bytes that follow the fixed part."""
+    dtype, tag, depth, nbytes, deliver_at, ndim = _parse_fixed(fixed, max_frame)
+    raw = (read_shape(8 * ndim) if read_shape else b"") if ndim else b""
+    if len(raw) != 8 * ndim:
+        raise FrameError("truncated frame shape")
+    shape = _parse_shape(raw, dtype, nbytes) if dtype else ()
+    return Header(PROTOCOL_VERSION, dtype, tag, depth, nbytes, deliver_at, shape)
 
 
 def _payload(obj) -> tuple[int, tuple[int, ...], bytes]:
@@ -291,13 +325,6 @@ def _payload(obj) -> tuple[int, tuple[int, ...], bytes]:
         raise TypeError(f"unsupported tensor dtype {obj.dtype}")
     arr = obj.detach().cpu().contiguous().numpy()
     return code, tuple(obj.shape), arr.astype(_DTYPES[code][1], copy=False).tobytes()
-
-
-def _decode_payload(h: Header, buf: bytearray):
-    code, np_dtype = _DTYPES[h.dtype]
-    if np_dtype is None:
-        return bytes(buf)
-    return torch.from_numpy(np.frombuffer(buf, dtype=np_dtype).reshape(h.shape))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,17 +350,22 @@ def _fault_point() -> None:
 class Channel:
     """A framed, counted, bidirectional message channel to one peer.
 
-    Subclasses provide ``_write(data)``, ``_read(n)`` (exactly n bytes or raise) and ``_close()``.
+    Subclasses provide ``_write(data)``, ``_read(n)`` (exactly n bytes, a fresh bytearray, or raise) and
+    ``_close()``.
     """
 
     def __init__(self, meter: Meter | None = None, link: str = "peer", *, timeout: float = DEFAULT_TIMEOUT,
-                 max_frame: int = DEFAULT_MAX_FRAME, net: NetProfile | None = None, peer_name: str = "peer"):
+                 max_frame: int = DEFAULT_MAX_FRAME, net: NetProfile | None = None, peer_name: str = "peer",
+                 deadline: float | None = None, deadline_message: str | None = None):
         self.meter = meter or Meter()
         self.link = link
         self.timeout = timeout
         self.max_frame = max_frame
         self.net = net
         self.peer_name = peer_name
+        #: ``deadline``/``deadline_message``: see ``set_deadline`` (given here, it covers a TLS handshake too)
+        self._deadline = deadline
+        self._deadline_message = deadline_message or f"{peer_name} did not complete the handshake in time"
         self._clock = 0  # Lamport clock: rounds on the critical path so far
         self._rounds_seen = 0
         self._link_free_at = 0.0
@@ -381,42 +413,77 @@ class Channel:
         self.send(torch.cat([t.reshape(-1) for t in tensors]), tag)
 
     # -- receiving -----------------------------------------------------------------------------
-    def recv(self, tag: str | tuple[str, ...], *, shape=None, dtype=None):
+    def recv(self, tag: str | tuple[str, ...], *, shape=None, dtype=None, max_bytes: int | None = None):
         """Receive the next frame, which must carry ``tag`` (or one of several) and, when given,
-        ``shape`` and ``dtype``."""
-        fixed = self._read(HEADER.size)
-        h = parse_header(fixed, self.max_frame, self._read)
-        payload = bytearray(self._read(h.nbytes)) if h.nbytes else bytearray()
-        tags = (tag,) if isinstance(tag, str) else tuple(tag)
-        if h.tag == tag_id(ERROR_TAG) and ERROR_TAG not in tags:
-            try:
-                why = json.loads(bytes(payload)).get("error", "?")
-            except (ValueError, UnicodeDecodeError, AttributeError):
-                why = "(unreadable reason)"
-            raise RemoteError(f"the {self.peer_name} ended the session: {str(why)[:500]}")
-        if h.tag not in {tag_id(t) for t in tags}:
-            raise ProtocolError(
-                f"expected message '{'/'.join(tags)}' from {self.peer_name}, got '{tag_name(h.tag)}'"
-            )
-        if self.net is not None and h.deliver_at > 0:
-            time.sleep(max(0.0, h.deliver_at - time.time()))
-        self._clock = max(self._clock, h.depth)
-        phase = self._phase()
-        self.meter.add(self.link, phase, bytes_recv=h.nbytes, header_bytes_recv=h.size, msgs_recv=1,
-                       rounds=self._tick())
-        out = _decode_payload(h, payload)
-        if dtype is not None:
-            want = "raw" if dtype == "raw" else dtype
-            if (want == "raw") != isinstance(out, bytes) or (want != "raw" and out.dtype != want):
-                raise ProtocolError(f"message '{tag}' from {self.peer_name} has the wrong type")
-        if shape is not None and tuple(out.shape) != tuple(shape):
-            raise ProtocolError(
-                f"message '{tag}' from {self.peer_name} has shape {tuple(out.shape)}, expected {tuple(shape)}"
-            )
-        return out
+        ``shape`` and ``dtype``.
 
-    def recv_json(self, tag: str):
-        raw = self.recv(tag, dtype="raw")
+        Everything is checked from the header, before the payload is read (see ``MAX_JSON_BYTES``): the
+        tag (another one is a ``ProtocolError``; an ``error`` frame, read up to ``MAX_ERROR_BYTES``, a
+        ``RemoteError``), the type and shape, and the size: a raw (JSON) message may hold ``max_bytes``
+        (default: ``TAG_MAX_BYTES[tag]`` or ``MAX_JSON_BYTES``), a tensor ``max_bytes`` (default
+        ``max_frame``; with ``shape`` exactly its size)."""
+        code, t, depth, nbytes, deliver_at, ndim = _parse_fixed(self._read(HEADER.size), self.max_frame)
+        if (t != tag_id(tag)) if isinstance(tag, str) else (t not in {tag_id(x) for x in tag}):
+            self._unexpected(t, tag, code, nbytes)
+        if code:  # a tensor
+            wrong = dtype is not None and _DTYPE_CODE.get(dtype) != code
+            limit = max_bytes
+        else:
+            wrong = dtype not in (None, "raw") or shape is not None
+            limit = TAG_MAX_BYTES.get(_TAG_NAMES.get(t, ""), MAX_JSON_BYTES) if max_bytes is None else max_bytes
+        if wrong:
+            raise ProtocolError(f"message '{tag_name(t)}' from {self.peer_name} has the wrong type "
+                                f"({_DTYPES[code][0]}, expected {'a tensor' if dtype is None else dtype})")
+        if limit is not None and nbytes > limit:
+            raise FrameError(f"message '{tag_name(t)}' from {self.peer_name} of {nbytes} bytes exceeds its limit "
+                             f"of {limit} bytes (max_bytes; defaults: transport.TAG_MAX_BYTES, MAX_JSON_BYTES)")
+        off, payload, got = 8 * ndim, None, None
+        if (shape is not None and ndim == len(shape) and nbytes <= READ_CHUNK
+                and nbytes == math.prod(shape) * _ITEMSIZE[code]):  # the size expected: shape and payload in one read
+            payload = self._read(off + nbytes)
+            got = _parse_shape(payload[:off], code, nbytes)
+        elif code:
+            got, off = _parse_shape(self._read(off) if ndim else b"", code, nbytes), 0
+        if shape is not None and got != tuple(shape):
+            raise ProtocolError(f"message '{tag_name(t)}' from {self.peer_name} has shape {got}, expected "
+                                f"{tuple(shape)}")
+        if payload is None:
+            payload = self._read_payload(nbytes)
+        if self.net is not None and deliver_at > 0:
+            time.sleep(max(0.0, deliver_at - time.time()))
+        self._clock = max(self._clock, depth)
+        self.meter.add(self.link, self._phase(), bytes_recv=nbytes, header_bytes_recv=HEADER.size + 8 * ndim,
+                       msgs_recv=1, rounds=self._tick())
+        if not code:
+            return bytes(payload)
+        return torch.from_numpy(np.frombuffer(payload, dtype=_DTYPES[code][1], offset=off).reshape(got))
+
+    def _unexpected(self, t: int, tag: str | tuple[str, ...], code: int, nbytes: int):
+        """Raise for a frame of an unexpected tag, reading no payload but a bounded ``error`` frame's."""
+        tags = (tag,) if isinstance(tag, str) else tuple(tag)
+        if t == tag_id(ERROR_TAG) and ERROR_TAG not in tags:
+            why = f"(a reason of {nbytes} bytes, over the limit of {MAX_ERROR_BYTES}, not read)"
+            if not code and nbytes <= MAX_ERROR_BYTES:
+                try:
+                    why = json.loads(bytes(self._read_payload(nbytes))).get("error", "?")
+                except (ValueError, UnicodeDecodeError, AttributeError):
+                    why = "(unreadable reason)"
+            raise RemoteError(f"the {self.peer_name} ended the session: {str(why)[:500]}")
+        raise ProtocolError(f"expected message '{'/'.join(tags)}' from {self.peer_name}, got '{tag_name(t)}'")
+
+    def _read_payload(self, n: int) -> bytearray:
+        """``n`` bytes, read ``READ_CHUNK`` at a time: the buffer grows with what arrived, never ahead of it."""
+        buf = self._read(min(n, READ_CHUNK)) if n else bytearray()
+        while len(buf) < n:
+            try:
+                buf += self._read(min(READ_CHUNK, n - len(buf)))
+            except PeerDisconnected as e:
+                raise PeerDisconnected(f"{e} (at {len(buf)} of the frame's {n} bytes)") from None
+        return buf
+
+    def recv_json(self, tag: str, *, max_bytes: int | None = None):
+        """Receive one JSON message (at most ``max_bytes``; default ``TAG_MAX_BYTES[tag]`` or ``MAX_JSON_BYTES``)."""
+        raw = self.recv(tag, dtype="raw", max_bytes=max_bytes)
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -458,6 +525,30 @@ class Channel:
     def _set_timeout(self, seconds: float) -> None:
         self.timeout = seconds
 
+    def set_deadline(self, at: float | None, message: str = "") -> None:
+        """End every read at ``at`` (``time.monotonic()``; None: no deadline) with ``DeadlineExceeded(message)``,
+        however steadily the peer trickles bytes: each blocking read waits at most the time left (or
+        ``timeout``, the longest silence allowed, when it is shorter).  The server's handshake deadline and
+        maximum session length."""
+        self._deadline, self._deadline_message = at, message
+        self._set_timeout(self.timeout)
+
+    def _wait(self) -> float:
+        """Seconds the next blocking read may wait: ``timeout``, or less as the deadline nears."""
+        if self._deadline is None:
+            return self.timeout
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise self._timed_out(0.0)
+        return min(left, self.timeout)
+
+    def _timed_out(self, waited: float) -> PeerTimeout:
+        """The error for a read that waited ``waited`` seconds in vain (less than ``timeout``: the deadline)."""
+        if waited < self.timeout:
+            self._set_timeout(self.timeout)  # the socket's own timeout back, e.g. for the error frame that follows
+            return DeadlineExceeded(self._deadline_message)
+        return PeerTimeout(f"no data from {self.peer_name} within {self.timeout:g} s")
+
     def close(self) -> None:
         self._close()
 
@@ -490,8 +581,12 @@ class TcpChannel(Channel):
         self._qcond = threading.Condition()
         self._wq: queue.Queue = queue.Queue()
         self._werr: TransportError | None = None
+        self._setup()
         self._writer = threading.Thread(target=self._write_loop, name="tcp-writer", daemon=True)
         self._writer.start()
+
+    def _setup(self) -> None:
+        """Called before the writer thread starts (TLS: the handshake)."""
 
     @classmethod
     def connect(cls, host: str, port: int, *, connect_timeout: float = 10.0, retries: int = 0, tls=None, **kw):
@@ -557,23 +652,32 @@ class TcpChannel(Channel):
         self.timeout = seconds
         self.sock.settimeout(seconds)
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int) -> bytearray:
         buf = bytearray(n)
         view, got = memoryview(buf), 0
         while got < n:
             if self._werr is not None:
                 raise self._werr
+            wait = self.timeout if self._deadline is None else self._arm()
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except TimeoutError:
-                raise PeerTimeout(f"no data from {self.peer_name} within {self.timeout:g} s") from None
+                raise self._timed_out(wait) from None
             except OSError as e:
                 raise PeerDisconnected(f"connection to {self.peer_name} lost: {e}") from None
             if k == 0:
                 raise PeerDisconnected(f"{self.peer_name} closed the connection"
                                        + (f" in the middle of a frame ({got}/{n} bytes)" if got else ""))
             got += k
-        return bytes(buf)
+        view.release()
+        return buf
+
+    def _arm(self) -> float:
+        """Before a blocking read under a deadline: the socket waits at most what is left of it."""
+        wait = self._wait()
+        if wait < self.timeout:
+            self.sock.settimeout(wait)
+        return wait
 
     def _close(self) -> None:
         if self._writer.is_alive():
@@ -608,17 +712,19 @@ class MemoryChannel(Channel):
             raise PeerDisconnected("channel is closed")
         self._outbox.put(bytes(data))
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int) -> bytearray:
         while len(self._buf) < n:
+            wait = self._wait()
             try:
-                item = self._inbox.get(timeout=self.timeout)
+                item = self._inbox.get(timeout=wait)
             except queue.Empty:
-                raise PeerTimeout(f"no data from {self.peer_name} within {self.timeout:g} s") from None
+                raise self._timed_out(wait) from None
             if item is _EOF:
                 self._inbox.put(_EOF)
                 raise PeerDisconnected(f"{self.peer_name} closed the connection")
             self._buf += item
-        out, self._buf = bytes(self._buf[:n]), self._buf[n:]
+        out = self._buf[:n]
+        del self._buf[:n]  # O(1): a bytearray drops its head without moving the rest
         return out
 
     def _close(self) -> None:

@@ -35,7 +35,7 @@ def run(model: str, clients: int, workers: int, guess: str, texts: list[str]) ->
     server = None
     try:
         server, saddr = spawn(["serve", "--model", model, "--port", "0", "--dealer", daddr, "--guess", guess,
-                               "--workers", str(workers), "--timeout", "600"], timeout=300)
+                               "--workers", str(workers), "--timeout", "600", "--allow-stats"], timeout=300)
         out: dict[int, dict] = {}
         errors: list = []
 

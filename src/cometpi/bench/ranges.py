@@ -279,7 +279,7 @@ def load_models(dtype: torch.dtype, random_layers: int, seed: int):
 
     path = minilm_path()
     tok = BertTokenizerFast.from_pretrained(path)
-    minilm = BertModel.from_pretrained(path, attn_implementation="eager").to(dtype).eval()
+    minilm = BertModel.from_pretrained(path, attn_implementation="eager", use_safetensors=True).to(dtype).eval()
     assert minilm.config._attn_implementation == "eager"
     if not random_layers:
         return tok, minilm, None

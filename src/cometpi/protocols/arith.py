@@ -4,11 +4,13 @@ each with its dealer material kind.  Cost lines as in ``cometpi.protocols``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core import AShare, Role, Session, TruncMode
 from ..ring import DTYPE, HEADROOM_BITS, RING_BITS, limbs_needed, logical_rshift, lshift, msb, random_ring, ring_matmul
-from .material import _mm_shape, _shape
+from .material import Cost, _mm_shape, _shape, elementwise_cost
 
 _OFFSET = 1 << HEADROOM_BITS  # shifts |x| < 2^62 into [0, 2^63) for the wrap-corrected truncation
 
@@ -66,9 +68,12 @@ class _Trunc:
 
     receiver = Role.SERVER
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "trunc")
-        return prg.ring(idx, s, s, s) if role == Role.CLIENT else prg.ring(idx, s)
+        return prg.ring(stream, s, s, s) if role == Role.CLIENT else prg.ring(stream, s)
+
+    def cost(self, p) -> Cost:
+        return elementwise_cost(math.prod(_shape(p["shape"], "trunc")), 3, 1, 2)
 
     def correct(self, own0, own1, p):
         (r0, s0, m0), (r1,) = own0, own1
@@ -150,9 +155,12 @@ class _Mul:
 
     receiver = Role.SERVER
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "mul")
-        return prg.ring(idx, s, s, s) if role == Role.CLIENT else prg.ring(idx, s, s)
+        return prg.ring(stream, s, s, s) if role == Role.CLIENT else prg.ring(stream, s, s)
+
+    def cost(self, p) -> Cost:
+        return elementwise_cost(math.prod(_shape(p["shape"], "mul")), 3, 2, 1)
 
     def correct(self, own0, own1, p):
         (a0, b0, c0), (a1, b1) = own0, own1
@@ -201,9 +209,12 @@ class _PrivateMul:
 
     receiver = Role.SERVER
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "pmul")
-        return prg.ring(idx, s, s)
+        return prg.ring(stream, s, s)
+
+    def cost(self, p) -> Cost:
+        return elementwise_cost(math.prod(_shape(p["shape"], "pmul")), 2, 2, 1)
 
     def correct(self, own0, own1, p):
         (a, c0), (b, _) = own0, own1
@@ -238,9 +249,12 @@ class _Square:
 
     receiver = Role.SERVER
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "square")
-        return prg.ring(idx, s, s) if role == Role.CLIENT else prg.ring(idx, s)
+        return prg.ring(stream, s, s) if role == Role.CLIENT else prg.ring(stream, s)
+
+    def cost(self, p) -> Cost:
+        return elementwise_cost(math.prod(_shape(p["shape"], "square")), 2, 1, 1)
 
     def correct(self, own0, own1, p):
         (a0, c0), (a1,) = own0, own1
@@ -276,10 +290,15 @@ class _Matmul:
 
     receiver = Role.SERVER
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         a, b = _shape(p["a"], "matmul A"), _shape(p["b"], "matmul B")
         c = _mm_shape(a, b)
-        return prg.ring(idx, a, b, c) if role == Role.CLIENT else prg.ring(idx, a, b)
+        return prg.ring(stream, a, b, c) if role == Role.CLIENT else prg.ring(stream, a, b)
+
+    def cost(self, p) -> Cost:
+        a, b = _shape(p["a"], "matmul A"), _shape(p["b"], "matmul B")
+        c = math.prod(_mm_shape(a, b))
+        return Cost(8 * c, 8 * (3 * math.prod(a) + 3 * math.prod(b) + 2 * c), c * a[-1])
 
     def correct(self, own0, own1, p):
         (a0, b0, c0), (a1, b1) = own0, own1

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from ..core import AShare, Role, Session
-from ..ring import DTYPE
+from ..ring import DTYPE, substream
 from .arith import _OFFSET, mul
-from .material import DealerError, _bits, _shape
+from .material import Cost, DealerError, _bits, _shape, elementwise_cost
 
 _LOW_BITS = 62  # x' = x + 2^62 lies in [0, 2^63): its bit 62 is the sign test, the borrow needs 62
 
@@ -72,10 +72,14 @@ class _PackedAndTriple:
 
     receiver = Role.SERVER
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         n = math.prod(_shape(p["shape"], "bandp"))
-        raw = torch.frombuffer(bytearray(prg.bytes(idx, (3 if role == Role.CLIENT else 2) * n)), dtype=torch.uint8)
+        raw = torch.frombuffer(bytearray(prg.bytes(stream, (3 if role == Role.CLIENT else 2) * n)), dtype=torch.uint8)
         return list(raw.chunk(3 if role == Role.CLIENT else 2)) if n else [raw] * (3 if role == Role.CLIENT else 2)
+
+    def cost(self, p) -> Cost:
+        n = math.prod(_shape(p["shape"], "bandp"))
+        return Cost(n, 6 * n)
 
     def correct(self, own0, own1, p):
         (a0, b0, c0), (a1, b1) = own0, own1
@@ -116,10 +120,13 @@ class _BitToArith:
 
     receiver = Role.SERVER
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "b2a")
-        (bit,) = _bits(prg, idx, s)
-        return [bit, prg.ring(idx + (1 << 62), s)[0]] if role == Role.CLIENT else [bit]
+        (bit,) = _bits(prg, stream, s)
+        return [bit, prg.ring(substream(stream, 1), s)[0]] if role == Role.CLIENT else [bit]
+
+    def cost(self, p) -> Cost:
+        return elementwise_cost(math.prod(_shape(p["shape"], "b2a")), 2, 1, 1)
 
     def correct(self, own0, own1, p):
         (b0, v0), (b1,) = own0, own1
@@ -171,9 +178,12 @@ class _Compare:
 
     receiver = Role.SERVER
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "cmp")
-        return prg.ring(idx, s, s) if role == Role.CLIENT else prg.ring(idx, s)
+        return prg.ring(stream, s, s) if role == Role.CLIENT else prg.ring(stream, s)
+
+    def cost(self, p) -> Cost:
+        return elementwise_cost(math.prod(_shape(p["shape"], "cmp")), 2, 1, 1)
 
     def correct(self, own0, own1, p):
         (r0, w0), (r1,) = own0, own1
@@ -328,14 +338,19 @@ class _NarrowCompare:
             raise DealerError(f"narrow comparison width k must be in 1..61, got {k}")
         return k
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "cmpn")
-        (r,) = prg.ring(idx, s)
+        (r,) = prg.ring(stream, s)
         if role == Role.SERVER:
             return [r]
         n, c = math.prod(s), cmp_chunks(self._k(p))
-        raw = torch.frombuffer(bytearray(prg.bytes(idx + (1 << 61), 4 * n * c + (n + 7) // 8)), dtype=torch.uint8)
+        raw = torch.frombuffer(bytearray(prg.bytes(substream(stream, 1), 4 * n * c + (n + 7) // 8)), dtype=torch.uint8)
         return [r, raw[: 4 * n * c].view(torch.int32).reshape(n, c), raw[4 * n * c:]]
+
+    def cost(self, p) -> Cost:
+        n, c = math.prod(_shape(p["shape"], "cmpn")), cmp_chunks(self._k(p))
+        corr = 4 * n * c + (n + 7) // 8
+        return Cost(corr, 16 * n + 6 * corr)
 
     def correct(self, own0, own1, p):
         (r0, words0, top0), (r1,) = own0, own1

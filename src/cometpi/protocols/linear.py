@@ -4,12 +4,14 @@ and the embedding lookup, each with its dealer material kind.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core import AShare, Role, Session
-from ..ring import DTYPE, limb_stack, limbs_needed, ring_matmul, wrap_bits
+from ..ring import DTYPE, limb_stack, limbs_needed, request_label, ring_matmul, wrap_bits
 from .arith import _same_session, truncate
-from .material import DealerError, _bits_param, _mm_shape, _shape
+from .material import Cost, DealerError, _bits_param, _mm_shape, _shape, elementwise_cost
 
 
 class PrivateWeight:
@@ -87,9 +89,12 @@ class _WeightMask:
 
     receiver = None
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "wmask")
-        return [wrap_bits(prg.ring(idx, s)[0], _bits_param(p))] if role == Role.SERVER else []
+        return [wrap_bits(prg.ring(stream, s)[0], _bits_param(p))] if role == Role.SERVER else []
+
+    def cost(self, p) -> Cost:  # pragma: no cover - never requested
+        return Cost(0, 0)
 
     def correct(self, own0, own1, p):  # pragma: no cover - never requested
         raise DealerError("wmask needs no correction")
@@ -155,20 +160,35 @@ class _MulPriv:
             raise DealerError(f"vector multiply needs x (..., {w[0] if w else '?'}) and w (d,), got {x} and {w}")
         return x, w, bits, x if vec else _mm_shape(x, w)
 
-    def own(self, role, prg, idx, p):
+    @staticmethod
+    def mask_label(p, w, bits) -> bytes:
+        """The keystream of B: request ``widx`` of kind ``wmask`` with the parameters ``prepare_weight``
+        gives it (a request naming another index, shape or ring meets randomness no weight uses)."""
+        widx = p["widx"]
+        if type(widx) is not int or widx < 0:
+            raise DealerError(f"mulpriv widx must be a request index, got {widx!r}")
+        return request_label(widx, "wmask", {"shape": list(w), **({"bits": bits} if bits != 64 else {})})
+
+    def own(self, role, prg, stream, p):
         x, w, bits, c = self._shapes(p)
         if role == Role.CLIENT:
-            return [wrap_bits(prg.ring(idx, x)[0], bits)]
-        (c1,) = prg.ring(idx, c)
-        (b,) = prg.ring(int(p["widx"]), w)  # the same B as request widx (kind wmask)
+            return [wrap_bits(prg.ring(stream, x)[0], bits)]
+        (c1,) = prg.ring(stream, c)
+        (b,) = prg.ring(self.mask_label(p, w, bits), w)  # the same B as request widx (kind wmask)
         return [wrap_bits(c1, bits), wrap_bits(b, bits)]
 
-    def own_party(self, role, prg, idx, p):
+    def own_party(self, role, prg, stream, p):
         """A party's own part (the server does not need B again: only the dealer's correction does)."""
         if role == Role.CLIENT:
-            return self.own(role, prg, idx, p)
+            return self.own(role, prg, stream, p)
         _, _, bits, c = self._shapes(p)
-        return [wrap_bits(prg.ring(idx, c)[0], bits)]
+        return [wrap_bits(prg.ring(stream, c)[0], bits)]
+
+    def cost(self, p) -> Cost:
+        x, w, _, c = self._shapes(p)
+        nx, nw, nc = math.prod(x), math.prod(w), math.prod(c)
+        vec = p.get("mode", "matmul") == "vec"
+        return Cost(8 * nc, 8 * (nx + nw + 3 * nc), nc if vec else nc * w[0])
 
     def correct(self, own0, own1, p):
         (a,), (c1, b) = own0, own1
@@ -207,9 +227,12 @@ class _Lift:
 
     receiver = Role.SERVER
 
-    def own(self, role, prg, idx, p):
+    def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "lift")
-        return prg.ring(idx, s, s, s) if role == Role.CLIENT else prg.ring(idx, s)
+        return prg.ring(stream, s, s, s) if role == Role.CLIENT else prg.ring(stream, s)
+
+    def cost(self, p) -> Cost:
+        return elementwise_cost(math.prod(_shape(p["shape"], "lift")), 3, 1, 2)
 
     def correct(self, own0, own1, p):
         (r0, m0, x0), (x1,) = own0, own1
