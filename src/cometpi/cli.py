@@ -666,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("llm", "SmolLM2-135M next-token predictions: plaintext, original functions and Comet's, private"),
         ("generate", "private generation with a KV cache: SmolLM2 continuations against plaintext, per-token cost"),
         ("tls", "a MiniLM private inference with and without TLS on loopback: seconds and bytes on the wire"),
+        ("rtt", "a channel's round trip against a raw socket's, 8 B to 1 MB, TCP and TLS"),
     ):
         sp = bsub.add_parser(what, help=help_)
         import_module(f"cometpi.bench.{what}").add_arguments(sp)

@@ -144,22 +144,33 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, me
                 diagonals: int = _N_LIMBS, b_stack: torch.Tensor | None = None):
     """Exact a @ b in Z_2^64 (batched like ``torch.matmul``).
 
-    ``method="auto"`` (the default): torch's int64 matmul on the CPU (it wraps modulo 2^64, which is
-    the ring; measured 4-10x faster than the limb split on this machine's torch 2.13, e.g. 9 ms against
-    100 ms for (128, 768) @ (768, 2304) on 2 threads), the limb split elsewhere (CUDA has no int64
-    matmul).  ``diagonals`` < 4 then reduces the int64 product modulo 2^(16 diagonals).
+    ``method="auto"`` (the default): the faster of the two, measured on this machine for this shape class
+    (``kernels.choose``: the first product of a class runs both and checks they agree bit for bit;
+    ``COMETPI_RING_MATMUL=int64|limbs`` fixes it); the limb split off the CPU (CUDA has no int64 matmul).
+    Which wins depends on the CPU by 5-90x: torch's int64 matmul has no BLAS, and runs fast only where
+    the compiler vectorised it (AVX-512).
 
     ``method="limbs"`` splits both operands into balanced 16-bit limbs held in float64 and uses BLAS:
     each limb product is bounded by k*2^30 and each of the four diagonals sums at most four of them,
     so results are exact while k < 2^21.  ``b_limbs`` < 4 is valid when every entry of b satisfies
     |b| < 2^(16*b_limbs - 1) (small fixed-point weights), and skips the products that would be zero.
-    ``diagonals`` < 4 computes the product modulo 2^(16*diagonals) only (e.g. 2 for a 32-bit ring).
-    ``method="int64"`` is torch's native integer matmul (no BLAS; CPU only), kept for comparison.
+    ``diagonals`` < 4 computes the product modulo 2^(16*diagonals) only (e.g. 2 for a 32-bit ring), in the
+    signed range (``wrap_bits``), as the int64 method does.
+    ``method="int64"`` is torch's native integer matmul (no BLAS; CPU only; it wraps modulo 2^64, which is
+    the ring); ``diagonals`` < 4 then reduces the product modulo 2^(16 diagonals).
     ``b_stack``: b's ``limb_stack`` with min(b_limbs, diagonals) limbs, computed once for a constant b
-    (a private weight): its limbs are then not split again on every call.
+    (a private weight): its limbs are then not split again on every call.  A callable is called (once per
+    product that takes the limb split) only when the limb split runs.
     """
     if method == "auto":
-        method = "int64" if a.device.type == "cpu" else "limbs"
+        from . import kernels
+
+        method, out = kernels.choose(a, b, b_limbs, diagonals, lambda m: ring_matmul(
+            a, b, b_limbs=b_limbs, method=m, diagonals=diagonals, b_stack=b_stack))
+        if out is not None:
+            return out
+    if callable(b_stack):
+        b_stack = b_stack() if method == "limbs" else None
     if method == "int64":
         out = torch.matmul(a, b)
         return out if diagonals >= _N_LIMBS else wrap_bits(out, _LIMB_BITS * diagonals)
@@ -193,7 +204,7 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, me
             continue
         term = lshift(s.to(DTYPE), _LIMB_BITS * d)
         out = term if out is None else out + term
-    return out
+    return out if diagonals >= _N_LIMBS else wrap_bits(out, _LIMB_BITS * diagonals)
 
 
 def wrap_bits(x: torch.Tensor, bits: int) -> torch.Tensor:

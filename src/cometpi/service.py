@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, kernels
 from .approx.sites import DOMAINS, site_spec
 from .convert import Arch, params_hash
 from .core import Config, ConfigError, Session, TruncMode
@@ -272,6 +272,7 @@ class ModelServer:
                     raise StatsRefused(STATS_REFUSED)
                 rep = sess.meter.report()
                 rep["peak_rss_mb"] = peak_rss_mb()
+                rep["kernels"] = kernels.report()  # the ring-matmul kernels this process chose
                 sess.peer.send_json(rep, "stats")
                 continue
             queries += 1

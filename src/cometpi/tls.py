@@ -7,8 +7,9 @@ error names the peer and the reason.  After the handshake each side knows the pe
 certificate's common name and its SHA-256 fingerprint.
 
 The channel (``TlsChannel``) runs TLS over memory BIOs: one lock guards the TLS state, the raw socket
-is read by the receiving thread and written by the channel's writer thread, so the two directions of
-an exchange stay concurrent (an ``ssl.SSLSocket`` must not be read and written from two threads).
+is read by the receiving thread and written by the sending thread (and by the channel's writer thread
+for what the socket did not take at once), so the two directions of an exchange stay concurrent (an
+``ssl.SSLSocket`` must not be read and written from two threads).
 ``TlsChannel.wire`` counts the bytes on the wire, beside the protocol payload the meter counts.
 """
 
@@ -233,11 +234,15 @@ class TlsChannel(TcpChannel):
                 self._in.write(data)
 
     # -- TcpChannel hooks --------------------------------------------------------------------
-    def _write(self, data: bytes) -> None:
-        with self._lock:  # the records enter the writer's queue in the order TLS produced them
-            self._obj.write(data)
+    def _write_parts(self, parts: list) -> None:
+        """Every byte a ``TcpChannel`` would write (frames and raw writes) goes through TLS first."""
+        with self._lock:  # the records reach the socket (or the writer's queue) in the order TLS produced them
+            for p in parts:
+                if len(p):
+                    self._obj.write(p)
             enc = self._out.read()
-            super()._write(enc)
+            if enc:
+                super()._write_parts([enc])
 
     def _on_wire(self, n: int) -> None:
         self.wire["sent"] += n
@@ -260,7 +265,7 @@ class TlsChannel(TcpChannel):
                     raise TlsError(f"TLS error on the link to {self.peer_name}: {_reason(e)}") from None
                 pending = self._out.read()  # post-handshake records (key updates, tickets)
                 if pending:
-                    TcpChannel._write(self, pending)
+                    TcpChannel._write_parts(self, [pending])
             try:
                 data = self._recv_raw()
             except OSError as e:

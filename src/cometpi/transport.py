@@ -15,6 +15,7 @@ the emulated arrival time when bandwidth/latency emulation is on.  This module k
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -315,16 +316,19 @@ def parse_header(fixed: bytes, max_frame: int = DEFAULT_MAX_FRAME, read_shape=No
     return Header(PROTOCOL_VERSION, dtype, tag, depth, nbytes, deliver_at, shape)
 
 
-def _payload(obj) -> tuple[int, tuple[int, ...], bytes]:
-    if isinstance(obj, (bytes, bytearray)):
-        return 0, (), bytes(obj)
+def _payload(obj) -> tuple[int, tuple[int, ...], memoryview]:
+    """(dtype code, shape, the payload's bytes as a view: no copy of a contiguous little-endian tensor).
+    The view is valid until the caller's tensor changes: ``Channel._write_frame`` copies what it cannot
+    put on the wire at once."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return 0, (), memoryview(obj).cast("B")
     if not isinstance(obj, torch.Tensor):
         raise TypeError(f"can only send tensors or bytes, not {type(obj).__name__}")
     code = _DTYPE_CODE.get(obj.dtype)
     if code is None:
         raise TypeError(f"unsupported tensor dtype {obj.dtype}")
-    arr = obj.detach().cpu().contiguous().numpy()
-    return code, tuple(obj.shape), arr.astype(_DTYPES[code][1], copy=False).tobytes()
+    arr = obj.detach().cpu().contiguous().numpy().astype(_DTYPES[code][1], copy=False)
+    return code, tuple(obj.shape), memoryview(arr.reshape(-1)).cast("B")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,9 +401,7 @@ class Channel:
             self._clock += 1  # every frame sent is a flight; batch tensors with send_many
             header = encode_header(code, tag_id(tag), self._clock, len(payload), deliver_at, shape)
             phase = self._phase()
-            self._write(header + payload if len(payload) < 65536 else header)
-            if len(payload) >= 65536:
-                self._write(payload)
+            self._write_frame(header, payload)
             self.meter.add(self.link, phase, bytes_sent=len(payload), header_bytes_sent=len(header),
                            msgs_sent=1, rounds=self._tick())
         if _fault_left > 0:
@@ -411,6 +413,10 @@ class Channel:
     def send_many(self, tensors: list[torch.Tensor], tag: str) -> None:
         """Send several int64 tensors as one frame (one message, one round)."""
         self.send(torch.cat([t.reshape(-1) for t in tensors]), tag)
+
+    def _write_frame(self, header: bytes, payload: memoryview) -> None:
+        """Put one frame on the link; the payload view must not be kept beyond this call."""
+        self._write(header + payload)
 
     # -- receiving -----------------------------------------------------------------------------
     def recv(self, tag: str | tuple[str, ...], *, shape=None, dtype=None, max_bytes: int | None = None):
@@ -562,25 +568,33 @@ class Channel:
 class TcpChannel(Channel):
     """A channel over a connected TCP socket (TCP_NODELAY, bounded timeouts).
 
-    Writes go through a writer thread, like a NIC's transmit queue: both parties of an ``exchange``
-    send megabytes at once and then receive, which would deadlock with blocking writes once the
-    kernel's socket buffers fill.  A write error is raised by the next send or receive; ``close``
-    flushes what is queued first.
+    A send writes straight to the socket from the caller's thread (one non-blocking ``writev`` of the
+    header and the payload: no copy, no thread hand-off) and queues what the kernel did not take for a
+    writer thread, like a NIC's transmit queue: both parties of an ``exchange`` send megabytes at once and
+    then receive, which would deadlock with blocking writes once the kernel's socket buffers fill.  Once
+    anything is queued, later frames queue behind it (order is kept).  A write error is raised by the
+    next send or receive; ``close`` flushes what is queued first.  Receives read ahead: one ``recv_into``
+    of up to ``READ_AHEAD`` bytes takes a small frame's header and payload in one system call.
     """
+
+    READ_AHEAD = 1 << 16
 
     def __init__(self, sock: socket.socket, **kw):
         super().__init__(**kw)
         self.sock = sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.timeout)
+        sock.settimeout(self.timeout)  # a timeout puts the descriptor in non-blocking mode: ``_write``'s writev
         #: Bytes the writer may hold queued before ``send`` blocks (None: unbounded).  The dealer bounds
         #: its links so that a party that consumes slowly holds the dealer back instead of its memory
         #: filling up; a party's own links stay unbounded (both peers of an exchange send first).
         self.max_queued_bytes: int | None = None
-        self._queued = 0
+        self._queued = 0  # bytes queued or in the writer's hands, not yet on the wire
         self._qcond = threading.Condition()
-        self._wq: queue.Queue = queue.Queue()
+        self._pending: collections.deque = collections.deque()
+        self._stopping = False
         self._werr: TransportError | None = None
+        self._rbuf = bytearray()  # bytes read ahead of the frame being parsed
+        self._scratch = bytearray(self.READ_AHEAD)
         self._setup()
         self._writer = threading.Thread(target=self._write_loop, name="tcp-writer", daemon=True)
         self._writer.start()
@@ -611,56 +625,89 @@ class TcpChannel(Channel):
 
     def _write_loop(self) -> None:
         while True:
-            data = self._wq.get()
-            if data is None:
-                return
+            with self._qcond:
+                self._qcond.wait_for(lambda: self._pending or self._stopping)
+                if not self._pending:
+                    return
+                data = self._pending[0]
             try:
                 self.sock.sendall(data)
                 self._on_wire(len(data))
-                with self._qcond:
-                    self._queued -= len(data)
-                    self._qcond.notify_all()
             except TimeoutError:
                 self._werr = PeerTimeout(f"{self.peer_name} did not accept data within {self.timeout:g} s")
             except OSError as e:
                 self._werr = PeerDisconnected(f"connection to {self.peer_name} lost while sending: {e}")
-            if self._werr is not None:
-                with self._qcond:
-                    self._qcond.notify_all()
-                return
+            with self._qcond:
+                self._pending.popleft()
+                self._queued -= len(data)
+                self._qcond.notify_all()
+                if self._werr is not None:
+                    return
 
     def _on_wire(self, n: int) -> None:
-        """Called by the writer thread after ``n`` bytes went onto the socket (TLS counts its records)."""
+        """Called after ``n`` bytes went onto the socket (TLS counts its records)."""
 
-    def _write(self, data: bytes) -> None:
+    def _write_frame(self, header: bytes, payload: memoryview) -> None:
+        self._write_parts([header, payload] if len(payload) else [header])
+
+    def _write(self, data) -> None:
+        self._write_parts([data])
+
+    def _write_parts(self, parts: list) -> None:
+        """Write ``parts`` in order: what the socket takes now from this thread, the rest (copied) queued."""
         if self._werr is not None:
             raise self._werr
         if not self._writer.is_alive():
             raise PeerDisconnected(f"connection to {self.peer_name} is closed")
-        if self.max_queued_bytes is not None:
-            with self._qcond:
+        with self._qcond:
+            if not self._pending:
+                total = sum(len(p) for p in parts)
+                try:
+                    n = os.writev(self.sock.fileno(), parts)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError as e:
+                    self._werr = PeerDisconnected(f"connection to {self.peer_name} lost while sending: {e}")
+                    raise self._werr from None
+                if n:
+                    self._on_wire(n)
+                if n == total:
+                    return
+                parts = _after(parts, n)
+            data = b"".join(parts)  # the rest, copied: the caller may change its tensor after send returns
+            if self.max_queued_bytes is not None:
                 room = self._qcond.wait_for(lambda: self._queued == 0 or self._werr is not None
                                             or self._queued + len(data) <= self.max_queued_bytes, self.timeout)
                 if self._werr is not None:
                     raise self._werr
                 if not room:
                     raise PeerTimeout(f"{self.peer_name} did not accept queued data within {self.timeout:g} s")
-                self._queued += len(data)
-        self._wq.put(data)
+            self._queued += len(data)
+            self._pending.append(data)
+            self._qcond.notify_all()
 
     def _set_timeout(self, seconds: float) -> None:
         self.timeout = seconds
         self.sock.settimeout(seconds)
 
     def _read(self, n: int) -> bytearray:
+        rb = self._rbuf
+        if len(rb) >= n:
+            out = rb[:n]
+            del rb[:n]  # O(1) at the head
+            return out
         buf = bytearray(n)
-        view, got = memoryview(buf), 0
+        got = len(rb)
+        buf[:got] = rb
+        rb.clear()
+        view = memoryview(buf)
+        ahead = n - got < self.READ_AHEAD  # a small rest: read ahead into the scratch buffer, keep the surplus
         while got < n:
             if self._werr is not None:
                 raise self._werr
             wait = self.timeout if self._deadline is None else self._arm()
             try:
-                k = self.sock.recv_into(view[got:], n - got)
+                k = self.sock.recv_into(self._scratch) if ahead else self.sock.recv_into(view[got:], n - got)
             except TimeoutError:
                 raise self._timed_out(wait) from None
             except OSError as e:
@@ -668,7 +715,14 @@ class TcpChannel(Channel):
             if k == 0:
                 raise PeerDisconnected(f"{self.peer_name} closed the connection"
                                        + (f" in the middle of a frame ({got}/{n} bytes)" if got else ""))
-            got += k
+            if ahead:
+                take = min(k, n - got)
+                view[got:got + take] = self._scratch[:take]
+                if k > take:
+                    rb += memoryview(self._scratch)[take:k]
+                got += take
+            else:
+                got += k
         view.release()
         return buf
 
@@ -681,13 +735,27 @@ class TcpChannel(Channel):
 
     def _close(self) -> None:
         if self._writer.is_alive():
-            self._wq.put(None)
+            with self._qcond:
+                self._stopping = True
+                self._qcond.notify_all()
             self._writer.join(self.timeout)  # flush queued frames first
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.sock.close()
+
+
+def _after(parts: list, n: int) -> list:
+    """``parts`` without their first ``n`` bytes."""
+    out = []
+    for p in parts:
+        if n >= len(p):
+            n -= len(p)
+            continue
+        out.append(memoryview(p)[n:] if n else p)
+        n = 0
+    return out
 
 
 _EOF = object()

@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import kernels
 from ..nn import breakdown
 from ..transport import NETWORKS
+from .machine import machine
 from .ops import git_sha, write_results
 
 # Comet's own constructions (SMU by rsqrt, the smooth ReLU: ../shared/COMET.md) with its guesses
@@ -116,6 +118,8 @@ def run_case(model_dir: str, case: dict, layers: int | None, daddr: str) -> dict
         "rounds": on["rounds"], "seconds": stats["seconds"], "seconds_dealer_prefetched": again,
         "by_layer_type": by_type,
         "peak_memory_mb": {"client_process": client_peak, "server_process": server_rep["peak_rss_mb"]},
+        "kernel": {"client": kernels.kernel_label(), "server": server_rep.get("kernels", {}).get("kernel", "?")},
+        "machine": machine(),
         "output_shape": list(out.shape),
     }
 
@@ -146,7 +150,7 @@ def extrapolate(one: dict, two: dict, layers: int) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     out = ["| model | seq | batch | gelu/softmax/guess (σ) | online | offline/query | offline/session | rounds | "
-           "loopback s | LAN s | WAN s | how |", "|" + "---|" * 12]
+           "loopback s | LAN s | WAN s | how | CPU, kernel client/server |", "|" + "---|" * 13]
     for r in rows:
         a = r["approx"]
         how = ("measured" if "extrapolated_from_layers" not in r else "1+2 layers measured, ×12 exact bytes")
@@ -156,8 +160,16 @@ def markdown(rows: list[dict]) -> str:
         out.append(f"| {r['model']} | {r['seq']} | {r['batch']} | {gelu}/{softmax}/{a['guess']} "
                    f"({a['sigma']:g}) | {r['bytes_online'] / 1e9:.2f} GB | {r['bytes_offline'] / 1e9:.2f} GB | "
                    f"{r['bytes_offline_per_session'] / 1e6:.0f} MB | {r['rounds']:,} | {r['seconds']:.0f} | "
-                   f"{r['projected_seconds']['lan']:.0f} | {r['projected_seconds']['wan']:.0f} | {how} |")
+                   f"{r['projected_seconds']['lan']:.0f} | {r['projected_seconds']['wan']:.0f} | {how} | "
+                   f"{_where(r)} |")
     return "\n".join(out)
+
+
+def _where(r: dict) -> str:
+    """'CPU (family/model), kernel client/server' of a row; rows from before kernels were chosen ran int64."""
+    m, k = r.get("machine"), r.get("kernel")
+    cpu = f"{m['cpu']} ({m['family_model']}{', AVX-512' if m['avx512'] else ''})" if m else "not recorded"
+    return f"{cpu}, {k['client']}/{k['server']}" if k else f"{cpu}, int64 (fixed)"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -29,7 +29,7 @@ class PrivateWeight:
 
     def stack(self) -> torch.Tensor:
         """This party's operand (W on the server, F on the client) as a ``ring.limb_stack`` for the limb
-        matmul (off the CPU), computed on first use and kept for the session (float32: 4 B per limb
+        matmul (where it is the faster kernel: ``kernels``), computed on first use and kept for the session (float32: 4 B per limb
         per weight element more memory, instead of splitting the weight at every query)."""
         if self._stack is None:
             mine = self.w if self.w is not None else self.f
@@ -128,8 +128,7 @@ def matmul_private(x: AShare, pw: PrivateWeight, *, truncate_result: bool = True
     def prod(a, b, limbs=4):
         if pw.is_vector:
             return a * b
-        stack = pw.stack() if a.device.type != "cpu" else None  # the limb split: off the CPU only
-        return ring_matmul(a, b, b_limbs=limbs, diagonals=diag, b_stack=stack)
+        return ring_matmul(a, b, b_limbs=limbs, diagonals=diag, b_stack=pw.stack)  # split once, if the limbs win
 
     with s.span("matmul_private" if not pw.is_vector else "mul_private_vector"):
         if s.role == Role.CLIENT:
