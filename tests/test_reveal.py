@@ -124,12 +124,12 @@ def test_label_and_topk_are_the_simulations_argmax_and_topk_and_no_logits_reach_
     assert [r["top"] for r in rows["topk"]] == [[NAMES[int(j)] for j in row] for row in plain.topk(3).indices]
 
 
-@pytest.mark.parametrize("V,k,rounds,nbytes", [(2, 1, 12, 164), (2, 2, 23, 344), (5, 3, 70, 1336)])
+@pytest.mark.parametrize("V,k,rounds,nbytes", [(2, 1, 12, 164), (2, 2, 23, 344), (5, 3, 40, 2862)])
 def test_top_marks_cost_line(V, k, rounds, nbytes):
     """The rounds of ``reveal_rounds`` and the bytes of ``top_marks``' Cost line, on the session counters
     (one row, online, both directions, the reveal of the marks included)."""
     doc = " ".join(top_marks.__doc__.split())
-    assert "Cost: ``reveal_rounds(V, k)`` = k (ceil(log2 V) (c + 1) + c) + 1 rounds" in doc
+    assert "Cost: ``reveal_rounds(V, k)`` = k (``max_rounds(V, c)`` + c) + 1 rounds" in doc
     assert reveal_rounds(V, k) == rounds
     logits = torch.tensor([[3.0, -1.5, 7.25, 0.5, 2.0][:V]], dtype=torch.float64)
 

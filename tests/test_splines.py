@@ -3,9 +3,12 @@ maximum): each table against its definition, every backend against torch's own f
 declared domain (tolerances in ulps, ulp = 2^-16), the Cost lines against the counters, what
 happens outside the domain, and what the server receives."""
 
+import math
+
 import pytest
 import torch
 
+from cometpi import protocols as P
 from cometpi.approx import FloatOps, RingOps, ShareOps, rmsnorm, softmax_exp
 from cometpi.approx.backends import HeadroomError
 from cometpi.approx.functions import RMS_OUT_BITS
@@ -136,25 +139,52 @@ def test_softmax_exp_matches_torch_with_public_and_shared_masks():
     assert float((b - want).abs().max()) <= 24 * ULP
 
 
-def test_narrow_maximum_cost_and_range():
-    """The max tree with narrow comparisons: exact, 6 rounds per level (drelu_narrow at k = 29, then one
-    product), 46.75 B per pair; the simulation raises where a row's values differ by 2^k or more."""
+@pytest.mark.parametrize("arity", [2, 8, 4])
+def test_narrow_maximum_cost_and_range(arity):
+    """The max with narrow comparisons (drelu_narrow at k = 29: 5 rounds, 14.75 B) is exact whatever the
+    arity, with ties (the first maximum wins a group: one winner).  Arity 2: 6 rounds per level, 46.75 B
+    per pair.  Arity a: levels of 5 + ceil(log2(a - 1)) + 1 rounds, each group's a(a - 1)/2 sign tests
+    and a(a - 1) products of 32 B.  The simulation raises where values differ by 2^k or more."""
     torch.manual_seed(3)
     v = torch.randn(6, 32, dtype=torch.float64) * 1000
+    v[1, 3:9] = v[1].max()  # ties, within and across groups
 
     def job(s):
         xs = s.share(v if s.is_client else None, owner=Role.CLIENT, shape=v.shape)
-        m, on = _online(s, lambda: ShareOps(s).maximum(xs, -1, k=29))
+        m, on = _online(s, lambda: P.maximum(xs, -1, k=29, arity=arity))
         return s.reveal_float(m, Role.CLIENT), on
 
     m, on = run_local(job)[0]
-    assert torch.allclose(m, v.amax(-1, keepdim=True), atol=ULP)
-    assert on.rounds == 5 * 6
-    pairs = 6 * 31
-    assert pairs * 46.75 <= on.payload_bytes <= pairs * 46.75 + 5 * 16
+    assert torch.equal(m, (torch.round(v * 2**16) / 2**16).amax(-1, keepdim=True))
+    if arity == 2:
+        assert on.rounds == 5 * 6
+        pairs = 6 * 31
+        assert pairs * 46.75 <= on.payload_bytes <= pairs * 46.75 + 5 * 16
+    else:
+        levels = _arities(32, arity)  # 8 then 4; or 4, 4, 2
+        assert on.rounds == sum(5 + math.ceil(math.log2(a - 1)) + 1 if a > 2 else 6 for a in levels)
+        pairs = products = 0
+        n = 32
+        for a in levels:
+            g = -(-n // a)
+            pairs += 6 * g * a * (a - 1) // 2
+            products += 6 * g * (a * (a - 1) if a > 2 else 1)
+            n = g
+        want = pairs * 14.75 + products * 32
+        assert want <= on.payload_bytes <= want + on.msgs_sent * 16  # packed bits round up per message
     ops = RingOps()
     with pytest.raises(HeadroomError, match="narrow maximum"):
         ops.maximum(ops.input(torch.tensor([[-5000.0, 5000.0]], dtype=torch.float64)), -1, k=29)
+
+
+def _arities(n: int, arity: int) -> list[int]:
+    """The group size of each level of ``maximum(arity=)`` on a row of n."""
+    out = []
+    while n > 1:
+        a = min(arity, n)
+        out.append(a)
+        n = -(-n // a)
+    return out
 
 
 def test_rmsnorm_keeps_precision_on_massive_activations():

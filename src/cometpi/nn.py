@@ -32,7 +32,7 @@ from .approx import (
     softmax_exp,
 )
 from .approx.backends import checked_matmul, checked_product
-from .approx.functions import RELUS
+from .approx.functions import RELUS, rms_fold
 from .approx.newton import warn_insecure_once
 from .approx.segments import fold_mu, smu1_segments
 from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
@@ -140,15 +140,30 @@ def trained_smu_lo(params: dict, layers: int) -> float:
     return min(float(params[f"layers.{i}.ffn.smu_mu"].min()) for i in range(layers)) ** 2 * 0.999
 
 
+def folds_norm_weights(arch) -> bool:
+    """Whether RMSNorm's gamma is folded into the linear layer each norm feeds (pre-norm RMSNorm models:
+    Llama, SmolLM2): gamma x_hat W = x_hat (diag(gamma) W), so no private vector product (2 rounds) runs
+    on shares; rmsnorm's public per-row factor (``rms_fold``) goes there too (1 round).  Public (both parties derive it from the architecture): the folded weights are not masked."""
+    return arch.pre_ln and arch.norm == "rms"
+
+
 def prepare_params(arch, params: dict, cfg: ApproxConfig) -> dict:
     """Fold the attention scale 1/sqrt(hs) into the query weights and bias (a local, exact rewrite:
-    the secure path then needs no public product for it); for SMU's segments form, fold mu into the
+    the secure path then needs no public product for it); for pre-norm RMSNorm models fold each norm's
+    gamma into the weights of the linear layer it feeds (``folds_norm_weights``; the gammas become
+    the 1 / rms_fold(d) that the exact float norm then needs); for SMU's segments form, fold mu into the
     FFN weights (``approx.segments.fold_mu``: the per-channel mu stays the server's, inside its
     weights); for the rsqrt form, square trained SMU mu's (the server adds mu^2).  Differentiable:
     fine-tuning runs through it."""
     out = dict(params)
     d, hs = arch.hidden, arch.hidden // arch.heads
     scale = 1.0 / math.sqrt(hs)
+    if folds_norm_weights(arch):
+        for norm, lin in [(f"layers.{i}.ln{j}", f"layers.{i}.{'attn.qkv' if j == 1 else 'ffn.up'}")
+                          for i in range(arch.layers) for j in (1, 2)] + [("final_ln", "lm_head")]:
+            gamma = out[norm + ".weight"] * rms_fold(d)  # and rmsnorm's public factor (rmsnorm(scaled=False))
+            out[lin + ".weight"] = gamma[:, None] * out[lin + ".weight"]
+            out[norm + ".weight"] = torch.full_like(gamma, 1 / rms_fold(d))  # the exact norm (floats) undoes it
     for i in range(arch.layers):
         w = out[f"layers.{i}.attn.qkv.weight"].clone()
         w[:, :d] *= scale  # rotary positions commute with the scale
@@ -296,11 +311,12 @@ def private_weight_names(arch) -> list[tuple[str, int]]:
     names = [("embeddings.word", 32)]
     if not arch.pre_ln:
         names.append(("embeddings.ln.weight", 64))
+    norms = not folds_norm_weights(arch)  # folded gammas are inside the next layer's weights
     for i in range(arch.layers):
         names += [(f"layers.{i}.attn.qkv.weight", 64), (f"layers.{i}.attn.out.weight", 64),
-                  (f"layers.{i}.ln1.weight", 64), (f"layers.{i}.ffn.up.weight", 64),
-                  (f"layers.{i}.ffn.down.weight", 64), (f"layers.{i}.ln2.weight", 64)]
-    if arch.pre_ln:
+                  *[(f"layers.{i}.ln1.weight", 64)] * norms, (f"layers.{i}.ffn.up.weight", 64),
+                  (f"layers.{i}.ffn.down.weight", 64), *[(f"layers.{i}.ln2.weight", 64)] * norms]
+    if arch.pre_ln and norms:
         names.append(("final_ln.weight", 64))
     if arch.head == "classifier":
         names += [("pooler.weight", 64), ("classifier.weight", 64)] if arch.kind == "bert" else [
@@ -348,6 +364,8 @@ def _layernorm(ops, x, name, cfg: ApproxConfig, eps: float, arch=None):
                                               eps)
     with ops.span("ln"):
         if rms:
+            if folds_norm_weights(arch):  # gamma and rms_fold(d) are in the next layer's weights
+                return rmsnorm(ops, x, cfg.spec("rmsnorm_ms"), eps=eps, scaled=False)
             return ops.scale_param(rmsnorm(ops, x, cfg.spec("rmsnorm_ms"), eps=eps), name + ".weight")
         y = layernorm(ops, x, cfg.spec("layernorm_var"), eps=eps)
         return ops.add_param(ops.scale_param(y, name + ".weight"), name + ".bias")

@@ -55,18 +55,19 @@ def _cmp_rounds(k: int) -> int:
 
 
 def choice_rounds(vocab: int, frac_bits: int = 16, top_k: bool = False) -> int:
-    """Online rounds of ``choose`` for one row: the max tree (ceil(log2 V) levels of a comparison and a
-    product) and the sign test; with top-k first a max tree, TOPK_STEPS bisection steps (a comparison
-    of every entry, one of the count) and the keep test, and the argmax one bit wider.  SmolLM2 (V =
-    49,152, f = 16), online, both directions: 101 rounds and 2,924,642 B greedy, 312 rounds and
-    13,382,622 B with top-k (10.5 MB more: a second max tree and 12 comparisons of every entry)."""
+    """Online rounds of ``choose`` for one row: the max (``protocols.compare.max_rounds``: binary levels of a
+    comparison and a product down to 4,096, then 8-fold all-pairs levels) and the sign test; with top-k
+    first a max, TOPK_STEPS bisection steps (a comparison of every entry, one of the count) and the keep test, and the argmax one bit wider.  SmolLM2 (V =
+    49,152, f = 16), online, both directions: 65 rounds and 3,738,698 B greedy, 240 rounds and
+    15,019,918 B with top-k (11.3 MB more: a second max and 12 comparisons of every entry)."""
+    from .protocols.compare import max_rounds
+
     k = LOGIT_BITS + frac_bits - 16
-    levels = math.ceil(math.log2(vocab))
     if not top_k:
-        return levels * (_cmp_rounds(k) + 1) + _cmp_rounds(k)
+        return max_rounds(vocab, _cmp_rounds(k)) + _cmp_rounds(k)
     kc = vocab.bit_length() + frac_bits
-    return (levels * (_cmp_rounds(k) + 1) + TOPK_STEPS * (_cmp_rounds(k) + _cmp_rounds(kc)) + _cmp_rounds(k)
-            + levels * (_cmp_rounds(k + 1) + 1) + _cmp_rounds(k + 1))
+    return (max_rounds(vocab, _cmp_rounds(k)) + TOPK_STEPS * (_cmp_rounds(k) + _cmp_rounds(kc)) + _cmp_rounds(k)
+            + max_rounds(vocab, _cmp_rounds(k + 1)) + _cmp_rounds(k + 1))
 
 
 def top_k_filter(ops, logits, k, *, owns_text: bool = True):
@@ -121,11 +122,12 @@ def top_marks(ops, logits, k: int = 1):
     other (``RingOps`` raises ``HeadroomError`` beyond); the first round compares at width
     w = LOGIT_BITS + f - 16, the later ones (knocked-out entries lie up to ``TOPK_BIG`` lower) at w + 1.
 
-    Cost: ``reveal_rounds(V, k)`` = k (ceil(log2 V) (c + 1) + c) + 1 rounds, c = 2 + ceil(log2
-    ceil(w / 4)) = 5 at f = 16 (a narrow comparison): each round a max tree (a comparison and a product
-    per level) and the sign test, then 1 round for the reveal of k V marks (8 B each, server -> client).
+    Cost: ``reveal_rounds(V, k)`` = k (``max_rounds(V, c)`` + c) + 1 rounds, c = 2 + ceil(log2
+    ceil(w / 4)) = 5 at f = 16 (a narrow comparison): each round a max (``protocols.maximum``: up to 8
+    entries at once, c + 1 + ceil(log2(a - 1)) rounds per level of a; ceil(log2 V) (c + 1) for binary
+    levels) and the sign test, then 1 round for the reveal of k V marks (8 B each, server -> client).
     Online, both directions, one row: 2 labels, the label: 12 rounds, 164 B; the top 2: 23 rounds, 344 B;
-    5 labels, the top 3: 70 rounds, 1,336 B (4 rows: 3,804 B; the rounds do not depend on the rows).
+    5 labels, the top 3: 40 rounds, 2,862 B (4 rows: 10,832 B; the rounds do not depend on the rows).
     Revealing the logits instead: 1 round, 8 B per label and row."""
     f = getattr(ops, "frac_bits", 16)
     width = LOGIT_BITS + f - 16
@@ -144,10 +146,11 @@ def top_marks(ops, logits, k: int = 1):
 
 def reveal_rounds(vocab: int, k: int = 1, frac_bits: int = 16) -> int:
     """Online rounds of ``top_marks`` over ``vocab`` entries plus the reveal of its marks (its Cost line)."""
+    from .protocols.compare import max_rounds
+
     w = LOGIT_BITS + frac_bits - 16
-    levels = math.ceil(math.log2(vocab)) if vocab > 1 else 0
-    first = levels * (_cmp_rounds(w) + 1) + _cmp_rounds(w)
-    later = levels * (_cmp_rounds(w + 1) + 1) + _cmp_rounds(w + 1)
+    first = max_rounds(vocab, _cmp_rounds(w)) + _cmp_rounds(w)
+    later = max_rounds(vocab, _cmp_rounds(w + 1)) + _cmp_rounds(w + 1)
     return first + (k - 1) * later + 1
 
 

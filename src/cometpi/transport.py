@@ -31,9 +31,10 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 4  # 2: the narrow comparison's dealer tables as words, packed AND triples (issue 11); 3: guessed
+PROTOCOL_VERSION = 5  # 2: the narrow comparison's dealer tables as words, packed AND triples (issue 11); 3: guessed
 # dealer plans (a wrong guess skips indices, so both parties must guess alike), each index answered once; 4: material
-# bound to its request (keystreams labelled by index, kind and parameters: ring.request_label)
+# bound to its request (keystreams labelled by index, kind and parameters: ring.request_label); 5: the thermometer
+# guess at four thresholds per octave (2 Newton steps), RMSNorm gammas folded into the next layer's weights
 MAGIC = b"CP"
 HEADER = struct.Struct("!2sBBIIQdB")
 MAX_NDIM = 8

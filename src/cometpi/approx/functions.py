@@ -162,7 +162,13 @@ RMS_OUT_BITS = 12
 MS_EXTRA_BITS = 8
 
 
-def rmsnorm(ops, x, spec: RsqrtSpec, eps: float = 1e-6):
+def rms_fold(d: int) -> float:
+    """The public factor sqrt(d / 2^ceil(log2 d)) that ``rmsnorm(..., scaled=False)`` leaves out (a model
+    folds it into the next layer's weights with the norm's gamma)."""
+    return math.sqrt(d / 2.0 ** max(0, math.ceil(math.log2(d))))
+
+
+def rmsnorm(ops, x, spec: RsqrtSpec, eps: float = 1e-6, scaled: bool = True):
     """x rsqrt(mean(x^2) + eps) over the last dim (Llama's RMSNorm; the server's gamma is applied
     privately by the model).  The sum of squares keeps ``MS_EXTRA_BITS`` more fractional bits and is
     divided by 2^ceil(log2 d) (an exact truncation of one value per row; a public product by 1/d
@@ -171,7 +177,9 @@ def rmsnorm(ops, x, spec: RsqrtSpec, eps: float = 1e-6):
     public sqrt(d / 2^c), and y = x r / 2^(12 - 4) in the last product's truncation.  x is squared
     without the 2^var_bits scaling of ``layernorm`` (LLM rows need the headroom): |x| < 2^(31 - f)
     = 32768 at f = 16 (the exact truncation's 2^62; ``RingOps`` raises ``HeadroomError`` beyond).
-    Cost: 1 square + 2 truncations of one value per row + rsqrt + 1 product."""
+    ``scaled=False`` leaves out the public per-row factor ``rms_fold(d)`` (the result is y / rms_fold(d)):
+    a model that folds it into the next weights saves that truncation's round.
+    Cost: 1 square + 2 truncations of one value per row (1 with ``scaled=False``) + rsqrt + 1 product."""
     f = getattr(ops, "frac_bits", 16)
     e2 = MS_EXTRA_BITS
     with ops.span("rmsnorm"):
@@ -184,7 +192,8 @@ def rmsnorm(ops, x, spec: RsqrtSpec, eps: float = 1e-6):
         k = d / 2.0**c * 2.0**e2
         r = rsqrt(ops, ops.add_const(total, eps * k), spec.with_(lo=spec.lo * k, hi=spec.hi * k, unit=spec.unit * k,
                                                                 out_bits=RMS_OUT_BITS))
-        r = ops.mul_const(r, math.sqrt(d / 2.0**c))
+        if scaled:
+            r = ops.mul_const(r, math.sqrt(d / 2.0**c))
         ideal = getattr(ops, "ideal", False)  # there rsqrt is exact, without the 2^RMS_OUT_BITS
         return ops.mul(x, r, (0 if ideal else RMS_OUT_BITS) - e2 // 2)
 

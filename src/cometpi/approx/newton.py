@@ -11,8 +11,10 @@ The guess strategies (``Guess``):
 * ``thermometer``: a secure *informative* guess: the octave of x from one narrow comparison opening
   against every power of two 2^i of the domain (``protocols.compare_many``: one small-ring opening,
   one-time truth tables, a short AND tree per threshold), then y0 = 2^(-(e + 1/2)/2) as a public
-  linear combination of the thermometer bits.  t0 lies in [2^(-1/4), 2^(1/4)], so 3 Newton steps
-  reach 1e-3.  Nothing is opened but uniform values: no leakage, no sigma.
+  linear combination of the thermometer bits.  With ``per_octave`` = 4 thresholds per octave (the
+  default) t0 lies in [2^(-1/16), 2^(1/16)] and 2 Newton steps reach 1e-3 (one per octave: [2^(-1/4),
+  2^(1/4)], 3 steps); the thresholds cost bytes, not rounds.  Nothing is opened but uniform values: no
+  leakage, no sigma.
 * ``insecure_comet_small_flood``: Comet's guess with the prototype's small flood (F = 50 by default),
   which converges in a few steps because the guess then depends on x: it leaks x's magnitude.
   Reproduction only; it warns once and reports its (tiny or negative) sigma.
@@ -77,12 +79,17 @@ class RsqrtSpec:
     site: str = ""  # the call site's name (``approx.sites``), for range reports
     unit: float = 1.0  # the call site's own values are x / unit (LayerNorm runs rsqrt on scaled variances)
     out_bits: int = 0  # extra fractional bits kept in the result (y 2^out_bits): small 1/sqrt(x) keep precision
+    #: the thermometer's thresholds per octave: 4 puts t0 within 2^(+-1/16) (2 Newton steps to 1e-3 instead of
+    #: 3 from one per octave), at 4x the thresholds of one comparison opening (the same rounds)
+    per_octave: int = 4
 
     def __post_init__(self):
         object.__setattr__(self, "guess", Guess(self.guess))
         object.__setattr__(self, "form", NewtonForm(self.form))
         if not 0 < self.lo < self.hi:
             raise ValueError(f"rsqrt domain must satisfy 0 < lo < hi, got [{self.lo}, {self.hi}]")
+        if not 1 <= self.per_octave <= 16:
+            raise ValueError(f"per_octave must be 1..16 thermometer thresholds per octave, got {self.per_octave}")
 
     def with_(self, **kw) -> RsqrtSpec:
         return replace(self, **kw)
@@ -104,26 +111,37 @@ class RsqrtSpec:
         return None if F is None else math.log2(F / self.hi)
 
     def octaves(self) -> tuple[int, int]:
-        """(e_min, e_max) of the thermometer guess: thresholds 2^i for i = e_min + 1 .. e_max, so the
-        guess is informative on [2^e_min, 2^(e_max + 1)), which covers [lo, hi] with a margin."""
+        """(e_min, e_max) of the thermometer guess: thresholds 2^(i/per_octave) between 2^e_min and
+        2^(e_max + 1), so the guess is informative on [2^e_min, 2^(e_max + 1)), which covers [lo, hi]
+        with a margin."""
         return math.floor(math.log2(self.lo)), math.ceil(math.log2(self.hi))
+
+    def _buckets(self, frac_bits: int) -> list[float]:
+        """The thermometer's bucket edges: 2^e_min, the thresholds 2^(e_min + j/per_octave) on the
+        fixed-point grid (so the simulation compares against exactly what the shares do; duplicates
+        that the grid merges dropped), 2^(e_max + 1)."""
+        e_min, e_max = self.octaves()
+        s, grid = self.per_octave, 2.0**frac_bits
+        inner = sorted({round(2.0 ** (e_min + j / s) * grid) / grid for j in range(1, (e_max + 1 - e_min) * s)})
+        return [2.0**e_min, *[t for t in inner if 2.0**e_min < t < 2.0 ** (e_max + 1)], 2.0 ** (e_max + 1)]
 
     def thermometer(self, frac_bits: int = 16) -> tuple[list[float], list[float], float, int]:
         """(thresholds, weights, base, k): y0 = base + sum_i [x >= thresholds_i] weights_i, and the
-        comparisons' width k (|x - t| < 2^k for 0 <= x < 2^(e_max + 1))."""
-        e_min, e_max = self.octaves()
-        w = [2.0 ** (-(e + 0.5) / 2) for e in range(e_min, e_max + 1)]
-        thresholds = [2.0**i for i in range(e_min + 1, e_max + 1)]
-        weights = [w[j + 1] - w[j] for j in range(len(thresholds))]
-        return thresholds, weights, w[0], e_max + 1 + frac_bits
+        comparisons' width k (|x - t| < 2^k for 0 <= x < 2^(e_max + 1)).  On the bucket [E_j, E_j+1)
+        y0 = (E_j E_j+1)^(-1/4), the geometric middle: t0 within (E_j+1 / E_j)^(+-1/4)."""
+        edges = self._buckets(frac_bits)
+        w = [(a * b) ** -0.25 for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        weights = [w[j + 1] - w[j] for j in range(len(w) - 1)]
+        return edges[1:-1], weights, w[0], self.octaves()[1] + 1 + frac_bits
 
-    def t0_bounds(self) -> tuple[float, float]:
+    def t0_bounds(self, frac_bits: int = 16) -> tuple[float, float]:
         """The smallest and largest t0 = y0 sqrt(x) over the domain (and the flood's range)."""
         lo, hi = self.lo, self.hi
         if self.guess == Guess.THERMOMETER:
-            e_min, _ = self.octaves()
-            low = 2.0**-0.25 * min(1.0, math.sqrt(lo / 2.0**e_min))
-            return low, 2.0**0.25
+            edges = self._buckets(frac_bits)
+            t = [(y, max(a, lo), min(b, hi)) for a, b in zip(edges[:-1], edges[1:], strict=True)
+                 for y in [(a * b) ** -0.25] if a < hi and b > lo]
+            return min(y * math.sqrt(a) for y, a, _ in t), max(y * math.sqrt(b) for y, _, b in t)
         if self.guess == Guess.CONSTANT:
             return math.sqrt(lo / (2 * hi)), math.sqrt(0.5)
         if self.guess == Guess.CRYPTEN:
@@ -140,10 +158,10 @@ class RsqrtSpec:
 
         return t(2 * F, lo) * m * m, t(F, hi) * M * M
 
-    def n_iterations(self) -> int:
+    def n_iterations(self, frac_bits: int = 16) -> int:
         if self.iterations is not None:
             return self.iterations
-        return iterations_for(*self.t0_bounds(), self.target)
+        return iterations_for(*self.t0_bounds(frac_bits), self.target)
 
     def guess_scale(self, frac_bits: int) -> int:
         """m such that Newton runs on Y = y 2^m: a flooded guess y0 ~ 1/sqrt(3F) would underflow the
@@ -310,7 +328,7 @@ def rsqrt(ops, x, spec: RsqrtSpec):
     Cost (shares, exact truncation): guess + n steps of 3 products (6 rounds, 144 B/element each);
     guesses: comet 3 rounds, 40 B/element; constant 0; crypten 8 squarings (16 rounds, 256 B/element)
     plus 2 truncations (2 rounds, 32 B/element); thermometer one ``compare_many`` with
-    e_max - e_min thresholds (2 + ceil(log2 ceil(k/4)) rounds).
+    per_octave (e_max + 1 - e_min) - 1 thresholds (2 + ceil(log2 ceil(k/4)) rounds).
     """
     if getattr(ops, "ideal", False):  # FloatOps(ideal=True): the exact function (fine-tuning)
         return torch.rsqrt(x)
@@ -320,7 +338,7 @@ def rsqrt(ops, x, spec: RsqrtSpec):
             monitor(spec, ops.output(x))
         m = spec.newton_scale(getattr(ops, "frac_bits", 16))
         y = initial_guess(ops, x, spec, m)
-        n = spec.n_iterations()
+        n = spec.n_iterations(getattr(ops, "frac_bits", 16))
         out = m - spec.out_bits
         for i in range(n):
             y = newton_step(ops, x, y, spec.form, m, out if i == n - 1 else 0)
