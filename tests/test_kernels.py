@@ -72,3 +72,15 @@ def test_tiny_products_are_not_measured():
     a, b = random_ring((4, 8), (8, 4))
     assert torch.equal(ring_matmul(a, b), ring_matmul_reference(a, b))
     assert kernels.report()["classes"] == {}
+
+
+def test_a_large_product_is_measured_on_a_slice(monkeypatch):
+    """Above PROBE_MACS the choice is measured on a few rows (not the full product twice); the full
+    product is then computed once, by the winner, and is exact."""
+    monkeypatch.setattr(kernels, "PROBE_MACS", 1 << 17)
+    a, b = random_ring((64, 128), (128, 64))  # 2^19 multiply-adds: probed on 16 rows
+    seen = []
+    real = kernels._best
+    monkeypatch.setattr(kernels, "_best", lambda fn, rep: seen.append(fn()) or real(fn, rep))
+    assert torch.equal(ring_matmul(a, b), ring_matmul_reference(a, b))
+    assert seen and all(t.shape == (16, 64) for t in seen)

@@ -6,8 +6,8 @@ which is the ring; no BLAS) and the limb split (16-bit limbs in float64 through 
 on one AVX-512 CPU and 0.34 GMAC/s on a CPU without it, where the limb split ran 1.6-2.9 GMAC/s.  And
 it depends on the shape and on how many limbs the right operand needs (a small weight needs one or two).
 
-So the first product of each *shape class* in a process runs both methods on its own operands, checks
-that they agree bit for bit (a product that differs raises: an exactness bug must never pass silently),
+So the first product of each *shape class* in a process runs both methods on its own operands (a large
+one on a slice of its rows, ``PROBE_MACS``), checks that they agree bit for bit (a product that differs raises: an exactness bug must never pass silently),
 and keeps the faster for every later product of that class.  A class is the operands' dimensions, each
 rounded up to a power of two, with the limbs of the right operand and the diagonals (the output's
 width).  The choice costs one extra product per class and process.
@@ -33,6 +33,8 @@ _timings: dict[tuple, dict[str, float]] = {}
 _policy: str | None = None
 #: Products smaller than this many multiply-adds are not worth measuring: int64 (no limb splitting).
 MIN_MACS = 1 << 16
+#: A product above this many multiply-adds is measured on a slice of its rows of about this size.
+PROBE_MACS = 1 << 24
 _REPEAT_BELOW = 0.05  # seconds: a probe faster than this is repeated (three times in all) and the best kept
 
 
@@ -83,7 +85,7 @@ def _best(fn, repeat: bool) -> tuple[float, torch.Tensor]:
 
 
 def choose(a: torch.Tensor, b: torch.Tensor, b_limbs: int, diagonals: int, run) -> tuple[str, torch.Tensor | None]:
-    """The method for this product; ``run(method)`` computes it.  Returns (method, the product when the
+    """The method for this product; ``run(method, rows=None)`` computes it (on the first ``rows`` rows of a).  Returns (method, the product when the
     choice was measured on it just now, else None)."""
     p = policy()
     if p != "auto":
@@ -97,8 +99,13 @@ def choose(a: torch.Tensor, b: torch.Tensor, b_limbs: int, diagonals: int, run) 
     m = _chosen.get(key)
     if m is not None:
         return m, None
-    t_int, out_int = _best(lambda: run("int64"), True)
-    t_limb, out_limb = _best(lambda: run("limbs"), True)
+    probe = run
+    rows = a.shape[-2] if a.dim() > 1 else 1
+    if macs > PROBE_MACS and rows > 1:  # a large product: measure on a slice of its rows, not twice in full
+        r = max(1, rows * PROBE_MACS // macs)
+        probe = lambda m: run(m, rows=r)  # noqa: E731
+    t_int, out_int = _best(lambda: probe("int64"), True)
+    t_limb, out_limb = _best(lambda: probe("limbs"), True)
     if not torch.equal(out_int, out_limb):
         raise KernelMismatch(f"ring matmul {tuple(a.shape)} @ {tuple(b.shape)} (b_limbs {b_limbs}, diagonals "
                              f"{diagonals}): int64 and limb-split products differ")
@@ -106,7 +113,7 @@ def choose(a: torch.Tensor, b: torch.Tensor, b_limbs: int, diagonals: int, run) 
     with _lock:
         _chosen[key] = m
         _timings[key] = {"int64": t_int, "limbs": t_limb, "macs": macs}
-    return m, out_int
+    return m, (out_int if probe is run else None)
 
 
 def report() -> dict:

@@ -165,8 +165,9 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, me
     if method == "auto":
         from . import kernels
 
-        method, out = kernels.choose(a, b, b_limbs, diagonals, lambda m: ring_matmul(
-            a, b, b_limbs=b_limbs, method=m, diagonals=diagonals, b_stack=b_stack))
+        method, out = kernels.choose(a, b, b_limbs, diagonals, lambda m, rows=None: ring_matmul(
+            a if rows is None else a[..., :rows, :], b, b_limbs=b_limbs, method=m, diagonals=diagonals,
+            b_stack=b_stack))
         if out is not None:
             return out
     if callable(b_stack):
