@@ -84,3 +84,11 @@ def test_a_large_product_is_measured_on_a_slice(monkeypatch):
     monkeypatch.setattr(kernels, "_best", lambda fn, rep: seen.append(fn()) or real(fn, rep))
     assert torch.equal(ring_matmul(a, b), ring_matmul_reference(a, b))
     assert seen and all(t.shape == (16, 64) for t in seen)
+
+
+def test_an_inner_dimension_beyond_the_limb_split_takes_int64():
+    """k >= 2^21 is outside the limb split's exact range: auto takes int64 (no probe that would raise)."""
+    k = kernels.LIMB_MAX_INNER
+    a, b = random_ring((1, k), (k, 1))
+    assert torch.equal(ring_matmul(a, b), (a.reshape(-1) * b.reshape(-1)).sum().reshape(1, 1))
+    assert kernels.report()["classes"] == {}

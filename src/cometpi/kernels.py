@@ -2,13 +2,16 @@
 
 ``ring.ring_matmul`` has two exact methods for a CPU tensor: torch's int64 matmul (it wraps modulo 2^64,
 which is the ring; no BLAS) and the limb split (16-bit limbs in float64 through BLAS, see
-``ring.ring_matmul``).  Which is faster depends on the machine, by far: measured 29.6 GMAC/s for int64
-on one AVX-512 CPU and 0.34 GMAC/s on a CPU without it, where the limb split ran 1.6-2.9 GMAC/s.  And
+``ring.ring_matmul``).  Which is faster depends on the machine, by far: int64 ran 29.6 GMAC/s on an
+earlier AVX-512 machine and 0.34 GMAC/s on one without AVX-512, where the limb split ran 1.6-2.9 GMAC/s
+(earlier measurements, not in bench/results; the probe's own timings are in every bench model row).  And
 it depends on the shape and on how many limbs the right operand needs (a small weight needs one or two).
 
 So the first product of each *shape class* in a process runs both methods on its own operands (a large
-one on a slice of its rows, ``PROBE_MACS``), checks that they agree bit for bit (a product that differs raises: an exactness bug must never pass silently),
-and keeps the faster for every later product of that class.  A class is the operands' dimensions, each
+one on a slice of its rows, ``PROBE_MACS``), checks that they agree bit for bit (a product that differs
+raises: an exactness bug must never pass silently), and keeps the faster for every later product of that
+class.  The limb probe splits the right operand itself (a private weight's kept limb stack is built only
+once the limbs have won), which favours int64 slightly.  A class is the operands' dimensions, each
 rounded up to a power of two, with the limbs of the right operand and the diagonals (the output's
 width).  The choice costs one extra product per class and process.
 
@@ -35,6 +38,8 @@ _policy: str | None = None
 MIN_MACS = 1 << 16
 #: A product above this many multiply-adds is measured on a slice of its rows of about this size.
 PROBE_MACS = 1 << 24
+#: The limb split is exact for inner dimensions below this (``ring.ring_matmul``); int64 always is.
+LIMB_MAX_INNER = 1 << 21
 _REPEAT_BELOW = 0.05  # seconds: a probe faster than this is repeated (three times in all) and the best kept
 
 
@@ -85,15 +90,15 @@ def _best(fn, repeat: bool) -> tuple[float, torch.Tensor]:
 
 
 def choose(a: torch.Tensor, b: torch.Tensor, b_limbs: int, diagonals: int, run) -> tuple[str, torch.Tensor | None]:
-    """The method for this product; ``run(method, rows=None)`` computes it (on the first ``rows`` rows of a).  Returns (method, the product when the
-    choice was measured on it just now, else None)."""
+    """The method for this product; ``run(method, rows=None)`` computes it (on the first ``rows`` rows of
+    a).  Returns (method, the product when the choice was measured on it just now, else None)."""
     p = policy()
     if p != "auto":
         return p, None
     if a.device.type != "cpu":
         return "limbs", None  # CUDA has no int64 matmul
     macs = a.shape[:-1].numel() * a.shape[-1] * b.shape[-1]
-    if macs < MIN_MACS:
+    if macs < MIN_MACS or a.shape[-1] >= LIMB_MAX_INNER:  # tiny, or beyond the limb split's exact range
         return "int64", None
     key = shape_class(a, b, b_limbs, diagonals)
     m = _chosen.get(key)

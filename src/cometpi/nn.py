@@ -143,7 +143,8 @@ def trained_smu_lo(params: dict, layers: int) -> float:
 def folds_norm_weights(arch) -> bool:
     """Whether RMSNorm's gamma is folded into the linear layer each norm feeds (pre-norm RMSNorm models:
     Llama, SmolLM2): gamma x_hat W = x_hat (diag(gamma) W), so no private vector product (2 rounds) runs
-    on shares; rmsnorm's public per-row factor (``rms_fold``) goes there too (1 round).  Public (both parties derive it from the architecture): the folded weights are not masked."""
+    on shares; rmsnorm's public per-row factor (``rms_fold``) goes there too (1 round).  Public (both
+    parties derive it from the architecture): the folded weights are not masked."""
     return arch.pre_ln and arch.norm == "rms"
 
 

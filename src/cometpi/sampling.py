@@ -57,9 +57,10 @@ def _cmp_rounds(k: int) -> int:
 def choice_rounds(vocab: int, frac_bits: int = 16, top_k: bool = False) -> int:
     """Online rounds of ``choose`` for one row: the max (``protocols.compare.max_rounds``: binary levels of a
     comparison and a product down to 4,096, then 8-fold all-pairs levels) and the sign test; with top-k
-    first a max, TOPK_STEPS bisection steps (a comparison of every entry, one of the count) and the keep test, and the argmax one bit wider.  SmolLM2 (V =
-    49,152, f = 16), online, both directions: 65 rounds and 3,738,698 B greedy, 240 rounds and
-    15,019,918 B with top-k (11.3 MB more: a second max and 12 comparisons of every entry)."""
+    first a max, TOPK_STEPS bisection steps (a comparison of every entry, one of the count) and the keep
+    test, and the argmax one bit wider.  SmolLM2 (V = 49,152, f = 16), online, both directions: 65 rounds
+    and 3,738,698 B greedy, 240 rounds and 15,019,918 B with top-k (11.3 MB more: a second max and 12
+    comparisons of every entry)."""
     from .protocols.compare import max_rounds
 
     k = LOGIT_BITS + frac_bits - 16

@@ -193,7 +193,7 @@ def rmsnorm(ops, x, spec: RsqrtSpec, eps: float = 1e-6, scaled: bool = True):
         r = rsqrt(ops, ops.add_const(total, eps * k), spec.with_(lo=spec.lo * k, hi=spec.hi * k, unit=spec.unit * k,
                                                                 out_bits=RMS_OUT_BITS))
         if scaled:
-            r = ops.mul_const(r, math.sqrt(d / 2.0**c))
+            r = ops.mul_const(r, rms_fold(d))
         ideal = getattr(ops, "ideal", False)  # there rsqrt is exact, without the 2^RMS_OUT_BITS
         return ops.mul(x, r, (0 if ideal else RMS_OUT_BITS) - e2 // 2)
 

@@ -5,6 +5,7 @@ its dealer material kind.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -221,6 +222,17 @@ def max_rounds(n: int, cmp_rounds: int, arity: int | None = None) -> int:
     return r
 
 
+@functools.cache
+def _pair_table(a: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pairs i < j of a group of a (``triu_indices``) and, per candidate i, where its a - 1 factors lie
+    in [c_pairs | 1 - c_pairs]: c_ij for j > i, 1 - c_ji for j < i."""
+    iu, ju = torch.triu_indices(a, a, 1)
+    pair = {(int(i), int(j)): p for p, (i, j) in enumerate(zip(iu, ju, strict=True))}
+    idx = torch.tensor([[pair[(i, j)] if i < j else len(pair) + pair[(j, i)] for j in range(a) if j != i]
+                        for i in range(a)])
+    return iu, ju, idx
+
+
 def _one_minus(bit: AShare) -> AShare:
     """1 - b for an integer 0/1 share (the constant unscaled: party 0 adds 1)."""
     return bit._wrap(-bit.data + (1 if bit.session.role == Role.CLIENT else 0))
@@ -270,14 +282,10 @@ def maximum(x: AShare, dim: int = -1, k: int | None = None, arity: int | None = 
             if g * a > n:  # copies of the last value: ties go to the first, the max is unchanged
                 data = torch.cat([data, data[..., -1:].expand(*data.shape[:-1], g * a - n)], -1)
             v = x._wrap(data.reshape(*data.shape[:-1], g, a))
-            iu, ju = torch.triu_indices(a, a, 1)
+            iu, ju, idx = _pair_table(a)
             diff = v[..., iu] - v[..., ju]  # (..., g, pairs): x_i - x_j for i < j
             c = drelu(diff) if k is None else drelu_narrow(diff, k)
             both = c._wrap(torch.cat([c.data, _one_minus(c).data], -1))  # [x_i >= x_j], then [x_j > x_i]
-            pairs = {(int(i), int(j)): p for p, (i, j) in enumerate(zip(iu, ju, strict=True))}
-            npairs = len(pairs)
-            idx = torch.tensor([[pairs[(i, j)] if i < j else npairs + pairs[(j, i)] for j in range(a) if j != i]
-                                for i in range(a)])  # (a, a - 1): candidate i's factors
             wins = _and_all(both[..., idx])  # (..., g, a) integer 0/1, one 1 per group
             x = mul(v, wins, truncate_result=False).sum(-1)
         return x._wrap(x.data.movedim(-1, dim))

@@ -29,8 +29,9 @@ class PrivateWeight:
 
     def stack(self) -> torch.Tensor:
         """This party's operand (W on the server, F on the client) as a ``ring.limb_stack`` for the limb
-        matmul (where it is the faster kernel: ``kernels``), computed on first use and kept for the session (float32: 4 B per limb
-        per weight element more memory, instead of splitting the weight at every query)."""
+        matmul (where it is the faster kernel: ``kernels``), computed on first use and kept for the session
+        (float32: 4 B per limb per weight element more memory, instead of splitting the weight at every
+        query)."""
         if self._stack is None:
             mine = self.w if self.w is not None else self.f
             self._stack = limb_stack(mine, min(self.limbs if self.w is not None else 4, self.bits // 16))
