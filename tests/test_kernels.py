@@ -74,16 +74,19 @@ def test_tiny_products_are_not_measured():
     assert kernels.report()["classes"] == {}
 
 
-def test_a_large_product_is_measured_on_a_slice(monkeypatch):
-    """Above PROBE_MACS the choice is measured on a few rows (not the full product twice); the full
-    product is then computed once, by the winner, and is exact."""
+def test_a_large_product_is_measured_on_a_corner(monkeypatch):
+    """Above PROBE_MACS the choice is measured on a corner of the product (the largest dimension halved
+    until it fits), not on the full product twice; the full product is then computed once, by the
+    winner, and is exact."""
     monkeypatch.setattr(kernels, "PROBE_MACS", 1 << 17)
-    a, b = random_ring((64, 128), (128, 64))  # 2^19 multiply-adds: probed on 16 rows
+    a, b = random_ring((64, 512), (512, 64))  # 2^21 multiply-adds: probed on 64 x 64 @ 64 x 64 (no side below 64)
+    assert kernels.probe_dims(a, b) == (64, 64, 64)
     seen = []
     real = kernels._best
     monkeypatch.setattr(kernels, "_best", lambda fn, rep: seen.append(fn()) or real(fn, rep))
     assert torch.equal(ring_matmul(a, b), ring_matmul_reference(a, b))
-    assert seen and all(t.shape == (16, 64) for t in seen)
+    assert seen and all(t.shape == (64, 64) for t in seen)
+    assert kernels.probe_dims(*random_ring((4, 8), (8, 4))) is None
 
 
 def test_an_inner_dimension_beyond_the_limb_split_takes_int64():
@@ -92,3 +95,11 @@ def test_an_inner_dimension_beyond_the_limb_split_takes_int64():
     a, b = random_ring((1, k), (k, 1))
     assert torch.equal(ring_matmul(a, b), (a.reshape(-1) * b.reshape(-1)).sum().reshape(1, 1))
     assert kernels.report()["classes"] == {}
+
+
+def test_a_wide_right_operand_is_cut_for_the_probe(monkeypatch):
+    """A one-row product with a wide b (a vocabulary head) is probed on a slice of b's columns."""
+    monkeypatch.setattr(kernels, "PROBE_B_ELEMENTS", 1 << 12)
+    a, b = random_ring((1, 64), (64, 1024))
+    assert kernels.probe_dims(a, b) == (1, 64, 64)
+    assert torch.equal(ring_matmul(a, b), ring_matmul_reference(a, b))

@@ -8,12 +8,13 @@ earlier AVX-512 machine and 0.34 GMAC/s on one without AVX-512, where the limb s
 it depends on the shape and on how many limbs the right operand needs (a small weight needs one or two).
 
 So the first product of each *shape class* in a process runs both methods on its own operands (a large
-one on a slice of its rows, ``PROBE_MACS``), checks that they agree bit for bit (a product that differs
-raises: an exactness bug must never pass silently), and keeps the faster for every later product of that
-class.  The limb probe splits the right operand itself (a private weight's kept limb stack is built only
-once the limbs have won), which favours int64 slightly.  A class is the operands' dimensions, each
+one on a corner of it, ``probe_dims``: splitting a vocabulary-sized operand into limbs took seconds),
+checks that they agree bit for bit (a product that differs raises: an exactness bug must never pass
+silently), and keeps the faster for every later product of that class.  The limb probe splits the right
+operand itself (a private weight's kept limb stack is built only once the limbs have won), which favours
+int64 slightly.  A class is the operands' dimensions, each
 rounded up to a power of two, with the limbs of the right operand and the diagonals (the output's
-width).  The choice costs one extra product per class and process.
+width).  The choice costs one extra product per class and process (a corner of it, for a large one).
 
 ``COMETPI_RING_MATMUL=int64|limbs`` (or ``set_policy``) fixes the method instead; ``report()`` says what
 was chosen, for the benchmarks' ``kernel`` field.
@@ -21,6 +22,7 @@ was chosen, for the benchmarks' ``kernel`` field.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -36,8 +38,11 @@ _timings: dict[tuple, dict[str, float]] = {}
 _policy: str | None = None
 #: Products smaller than this many multiply-adds are not worth measuring: int64 (no limb splitting).
 MIN_MACS = 1 << 16
-#: A product above this many multiply-adds is measured on a slice of its rows of about this size.
+#: A product above this many multiply-adds is measured on a corner of about this size (``probe_dims``).
 PROBE_MACS = 1 << 24
+#: ... and a right operand above this many elements (the limb probe splits all of it: a 576 x 49,152 head
+#: took 2.4 s to split, for a one-row product).
+PROBE_B_ELEMENTS = 1 << 20
 #: The limb split is exact for inner dimensions below this (``ring.ring_matmul``); int64 always is.
 LIMB_MAX_INNER = 1 << 21
 _REPEAT_BELOW = 0.05  # seconds: a probe faster than this is repeated (three times in all) and the best kept
@@ -77,6 +82,24 @@ def shape_class(a: torch.Tensor, b: torch.Tensor, b_limbs: int, diagonals: int) 
             diagonals)
 
 
+def probe_dims(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int] | None:
+    """(rows, inner, cols) of the corner a[..., :rows, :inner] @ b[..., :inner, :cols] that a product above
+    ``PROBE_MACS`` (or with b above ``PROBE_B_ELEMENTS``) is measured on: the largest dimension halved
+    until it fits, no side below 64; None for a smaller one."""
+    n, k, m = (a.shape[-2] if a.dim() > 1 else 1), a.shape[-1], b.shape[-1]
+    batch = a.shape[:-2].numel() if a.dim() > 2 else 1
+    if batch * n * k * m <= PROBE_MACS and k * m <= PROBE_B_ELEMENTS:
+        return None
+    dims = [n, k, m]
+    while batch * math.prod(dims) > PROBE_MACS and max(dims) > 64:
+        i = dims.index(max(dims))
+        dims[i] = (dims[i] + 1) // 2
+    while dims[1] * dims[2] > PROBE_B_ELEMENTS and max(dims[1:]) > 64:  # the limb split splits all of b
+        i = 1 if dims[1] >= dims[2] else 2
+        dims[i] = (dims[i] + 1) // 2
+    return dims[0], dims[1], dims[2]
+
+
 def _best(fn, repeat: bool) -> tuple[float, torch.Tensor]:
     t0 = time.perf_counter()
     out = fn()
@@ -90,8 +113,9 @@ def _best(fn, repeat: bool) -> tuple[float, torch.Tensor]:
 
 
 def choose(a: torch.Tensor, b: torch.Tensor, b_limbs: int, diagonals: int, run) -> tuple[str, torch.Tensor | None]:
-    """The method for this product; ``run(method, rows=None)`` computes it (on the first ``rows`` rows of
-    a).  Returns (method, the product when the choice was measured on it just now, else None)."""
+    """The method for this product; ``run(method, dims=None)`` computes it (with ``dims``, only the corner
+    of ``probe_dims``).  Returns (method, the product when the choice was measured on it whole just now,
+    else None)."""
     p = policy()
     if p != "auto":
         return p, None
@@ -105,10 +129,9 @@ def choose(a: torch.Tensor, b: torch.Tensor, b_limbs: int, diagonals: int, run) 
     if m is not None:
         return m, None
     probe = run
-    rows = a.shape[-2] if a.dim() > 1 else 1
-    if macs > PROBE_MACS and rows > 1:  # a large product: measure on a slice of its rows, not twice in full
-        r = max(1, rows * PROBE_MACS // macs)
-        probe = lambda m: run(m, rows=r)  # noqa: E731
+    dims = probe_dims(a, b)
+    if dims is not None:  # a large product: measured on a corner of it, not twice in full
+        probe = lambda m: run(m, dims=dims)  # noqa: E731
     t_int, out_int = _best(lambda: probe("int64"), True)
     t_limb, out_limb = _best(lambda: probe("limbs"), True)
     if not torch.equal(out_int, out_limb):

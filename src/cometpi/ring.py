@@ -165,10 +165,14 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, me
     if method == "auto":
         from . import kernels
 
-        probe_stack = None if callable(b_stack) else b_stack  # a kept stack is built only once the limbs win
-        method, out = kernels.choose(a, b, b_limbs, diagonals, lambda m, rows=None: ring_matmul(
-            a if rows is None else a[..., :rows, :], b, b_limbs=b_limbs, method=m, diagonals=diagonals,
-            b_stack=probe_stack))
+        def probe(m, dims=None):  # a kept stack is built only once the limbs have won
+            if dims is None:
+                return ring_matmul(a, b, b_limbs=b_limbs, method=m, diagonals=diagonals,
+                                   b_stack=None if callable(b_stack) else b_stack)
+            r, k, c = dims
+            return ring_matmul(a[..., :r, :k], b[..., :k, :c], b_limbs=b_limbs, method=m, diagonals=diagonals)
+
+        method, out = kernels.choose(a, b, b_limbs, diagonals, probe)
         if out is not None:
             return out
     if callable(b_stack):
