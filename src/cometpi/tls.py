@@ -247,6 +247,10 @@ class TlsChannel(TcpChannel):
     def _on_wire(self, n: int) -> None:
         self.wire["sent"] += n
 
+    def _read_into(self, view: memoryview) -> None:
+        """Decrypted bytes only: never ``TcpChannel``'s raw socket reads."""
+        view[:] = self._read(len(view))
+
     def _read(self, n: int) -> bytearray:
         buf = bytearray(n)
         view, got = memoryview(buf), 0

@@ -26,7 +26,7 @@ import threading
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -43,8 +43,8 @@ DEFAULT_TIMEOUT = 120.0
 #: Bounds on what a peer can make ``recv`` allocate (docs/robustness.md): a raw or JSON message may hold at most
 #: ``MAX_JSON_BYTES`` (``max_bytes=`` per call, or its tag's entry in ``TAG_MAX_BYTES``); a tensor the caller
 #: gave the shape and dtype of must be exactly that size; anything else at most ``max_frame``.  Every limit is
-#: checked from the header, before the payload is read; payloads above ``READ_CHUNK`` are read a chunk at a time,
-#: so a header that lies about its size costs at most what actually arrived plus one chunk.
+#: checked from the header, before the payload is read; payloads above ``READ_CHUNK`` are read into a buffer that
+#: doubles as it fills, so a header that lies about its size costs at most twice what actually arrived plus a chunk.
 MAX_JSON_BYTES = 1 << 20
 MAX_ERROR_BYTES = 1 << 16  # an ``error`` frame (the peer's reason) is read up to this size, even when unexpected
 TAG_MAX_BYTES: dict[str, int] = {
@@ -129,10 +129,13 @@ class Traffic:
     rounds: int = 0
 
     def __add__(self, o: Traffic) -> Traffic:
-        return Traffic(*(getattr(self, f.name) + getattr(o, f.name) for f in fields(self)))
+        return Traffic(*(getattr(self, f) + getattr(o, f) for f in _TRAFFIC_FIELDS))
 
     def __sub__(self, o: Traffic) -> Traffic:
-        return Traffic(*(getattr(self, f.name) - getattr(o, f.name) for f in fields(self)))
+        return Traffic(*(getattr(self, f) - getattr(o, f) for f in _TRAFFIC_FIELDS))
+
+    def copy(self) -> Traffic:
+        return Traffic(*(getattr(self, f) for f in _TRAFFIC_FIELDS))
 
     @property
     def payload_bytes(self) -> int:
@@ -143,9 +146,10 @@ class Traffic:
         return self.payload_bytes + self.header_bytes_sent + self.header_bytes_recv
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {f: getattr(self, f) for f in _TRAFFIC_FIELDS}
 
 
+_TRAFFIC_FIELDS = tuple(f.name for f in fields(Traffic))  # spans add and subtract these on every protocol call
 PHASES = ("online", "offline")
 LINKS = ("peer", "dealer")
 
@@ -193,7 +197,7 @@ class Meter:
 
     def snapshot(self) -> dict[tuple[str, str], Traffic]:
         with self._lock:
-            return {k: Traffic(**v.as_dict()) for k, v in self.traffic.items()}
+            return {k: v.copy() for k, v in self.traffic.items()}
 
     @contextmanager
     def span(self, name: str):
@@ -479,14 +483,29 @@ class Channel:
         raise ProtocolError(f"expected message '{'/'.join(tags)}' from {self.peer_name}, got '{tag_name(t)}'")
 
     def _read_payload(self, n: int) -> bytearray:
-        """``n`` bytes, read ``READ_CHUNK`` at a time: the buffer grows with what arrived, never ahead of it."""
-        buf = self._read(min(n, READ_CHUNK)) if n else bytearray()
-        while len(buf) < n:
+        """``n`` bytes into a buffer that starts at ``READ_CHUNK`` and doubles each time it is full, never
+        past n: it holds at most twice what arrived (a header that lies about its size costs that much),
+        and the bytes are read into it in place (growing by small steps copied a large frame ~8 times)."""
+        if n <= READ_CHUNK:
+            return self._read(n) if n else bytearray()
+        buf, got = bytearray(READ_CHUNK), 0
+        while got < n:
+            if got == len(buf):
+                buf.extend(bytes(min(n, 2 * len(buf)) - len(buf)))
+            end = min(len(buf), got + READ_CHUNK)  # a chunk at a time: an error says how much arrived
+            view = memoryview(buf)[got:end]
             try:
-                buf += self._read(min(READ_CHUNK, n - len(buf)))
+                self._read_into(view)
             except PeerDisconnected as e:
-                raise PeerDisconnected(f"{e} (at {len(buf)} of the frame's {n} bytes)") from None
+                raise PeerDisconnected(f"{e} (at {got} of the frame's {n} bytes)") from None
+            finally:
+                view.release()
+            got = end
         return buf
+
+    def _read_into(self, view: memoryview) -> None:
+        """Fill ``view`` exactly (a channel may read into it in place; by default a copy of ``_read``)."""
+        view[:] = self._read(len(view))
 
     def recv_json(self, tag: str, *, max_bytes: int | None = None):
         """Receive one JSON message (at most ``max_bytes``; default ``TAG_MAX_BYTES[tag]`` or ``MAX_JSON_BYTES``)."""
@@ -698,11 +717,19 @@ class TcpChannel(Channel):
             del rb[:n]  # O(1) at the head
             return out
         buf = bytearray(n)
-        got = len(rb)
-        buf[:got] = rb
-        rb.clear()
         view = memoryview(buf)
-        ahead = n - got < self.READ_AHEAD  # a small rest: read ahead into the scratch buffer, keep the surplus
+        self._read_into(view)
+        view.release()
+        return buf
+
+    def _read_into(self, view: memoryview) -> None:
+        """Fill ``view``: first from what was read ahead, then from the socket, a small rest by reading
+        ahead into the scratch buffer (the surplus kept), a large one straight into ``view``."""
+        rb, n = self._rbuf, len(view)
+        got = min(len(rb), n)
+        view[:got] = rb[:got]
+        del rb[:got]
+        ahead = n - got < self.READ_AHEAD
         while got < n:
             if self._werr is not None:
                 raise self._werr
@@ -724,8 +751,6 @@ class TcpChannel(Channel):
                 got += take
             else:
                 got += k
-        view.release()
-        return buf
 
     def _arm(self) -> float:
         """Before a blocking read under a deadline: the socket waits at most what is left of it."""
