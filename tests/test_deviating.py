@@ -271,6 +271,36 @@ def test_dealer_session_budgets():
         core2.correction("t", 1, [1, "mul", {"shape": [1]}])
 
 
+
+@pytest.mark.parametrize("bits", [64, 32])
+def test_kept_weight_masks_change_no_correction(bits):
+    """The dealer keeps a weight's mask between requests (``KeptMasks``): every answer equals the one
+    computed from the seeds without it, the store stays within its bound (first come first kept),
+    and a server that registers again (a new seed) gets corrections for its new masks."""
+    mask = 8 * 6 * 8
+    core = DealerCore(pairing_timeout=1, limits=DealerLimits(kept_mask_bytes=mask + 1))
+    s0, s1 = core.register("s", 0), core.register("s", 1)
+    extra = {"bits": bits} if bits != 64 else {}
+
+    def ask(idx, widx):
+        p = {"x": [2, 8], "w": [8, 6], "widx": widx, **extra}
+        got = core.correction("s", 0, [idx, "mulpriv", p])
+        assert torch.equal(got, compute_correction("mulpriv", idx, p, AesCtrPrg(s0), AesCtrPrg(s1))), (idx, widx)
+        return got
+
+    for i in range(4):
+        ask(10 + i, 0)  # the first one keeps widx 0's mask, the others meet it
+    assert core.masks.used == mask
+    ask(20, 1)  # no room for widx 1: expanded, answered the same, not kept
+    assert core.masks.used == mask
+    core.unregister("s", 1)
+    s1 = core.register("s", 1)  # the server comes back with a new seed
+    ask(30, 0)
+    core.unregister("s", 0)
+    core.unregister("s", 1)
+    assert core.masks.used == 0 and not core.masks._masks
+
+
 def test_declared_correction_sizes_are_exact(sessions):
     """Every kind's ``cost`` (checked against the limits before computing) states its correction's
     size exactly, for every request of the honest run."""

@@ -96,6 +96,23 @@ def test_prg_is_deterministic_per_seed_and_index():
         AesCtrPrg(b"short")
 
 
+def test_prg_ring_is_the_keystream_read_as_little_endian_int64():
+    """The ring tensors are AES-CTR's keystream (written in place into the tensors' memory), read as
+    little-endian int64, in order over the shapes; an empty shape takes nothing."""
+    import numpy as np
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed = bytes(range(16))
+    prg = AesCtrPrg(seed)
+    a, e, b = prg.ring(5, (3, 2), (0,), (5,))
+    stream = Cipher(algorithms.AES(seed), modes.CTR((5).to_bytes(8, "big") + bytes(8))).encryptor().update(bytes(88))
+    want = torch.from_numpy(np.frombuffer(stream, dtype="<i8").copy())
+    assert torch.equal(torch.cat([a.flatten(), e, b]), want) and a.shape == (3, 2) and e.numel() == 0
+    assert prg.bytes(5, 88) == stream
+    (c,) = prg.ring(b"label", (7,))
+    assert torch.equal(c, torch.from_numpy(np.frombuffer(prg.bytes(b"label", 56), dtype="<i8").copy()))
+
+
 def test_prg_output_looks_uniform():
     (x,) = random_ring((1 << 16,))
     bits = ((x.unsqueeze(1) >> torch.arange(64)) & 1).double().mean(0)

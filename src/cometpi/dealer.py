@@ -359,6 +359,9 @@ class DealerLimits:
     max_session_bytes: int = 1 << 38
     #: How far a request index may lie beyond the highest one answered, or behind it.
     index_window: int = 1 << 22
+    #: Bytes of weight masks the dealer keeps between requests, all sessions together (``KeptMasks``):
+    #: a kept mask is not expanded again for every token (SmolLM2's are 1.2 GB, BERT-base's 0.9 GB).
+    kept_mask_bytes: int = 1 << 32
 
 
 class ServedIndices:
@@ -447,6 +450,44 @@ class SessionBudget:
         self.bytes -= cost.corr_bytes
 
 
+class KeptMasks:
+    """The weight masks B the dealer keeps between requests, so that a private product (``mulpriv``,
+    one per linear layer per token) does not expand its weight's mask from the server's seed again.
+
+    A mask is a deterministic function of the session's server seed and its request label (which
+    names the weight's request index, shape and ring), so keeping it changes no correction: it is
+    memoisation, keyed by session and the server's seed with the label (a server that registers
+    again gets a new seed, and so new masks).  At most ``max_bytes`` are kept, all sessions together,
+    first come first kept (a session that finds the store full expands its masks each time, as
+    without it); a session's masks are dropped when it ends."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._lock = threading.Lock()
+        self._masks: dict[str, dict[bytes, torch.Tensor]] = {}
+
+    def get(self, session: str, key: bytes, make) -> torch.Tensor:
+        """The mask under ``key`` (seed and label) of ``session``: kept, or made by ``make()`` (and kept
+        if it fits)."""
+        with self._lock:
+            kept = self._masks.get(session, {}).get(key)
+        if kept is not None:
+            return kept
+        mask = make()
+        size = mask.numel() * mask.element_size()
+        with self._lock:
+            if self.used + size <= self.max_bytes and key not in self._masks.get(session, {}):
+                self._masks.setdefault(session, {})[key] = mask
+                self.used += size
+        return mask
+
+    def drop(self, session: str) -> None:
+        with self._lock:
+            for m in self._masks.pop(session, {}).values():
+                self.used -= m.numel() * m.element_size()
+
+
 #: Sessions with only one party registered that the dealer holds at most (half-open registrations).
 MAX_HALF_OPEN = 256
 
@@ -470,6 +511,7 @@ class DealerCore:
         self._budget: dict[str, SessionBudget] = {}  # session -> indices answered (each once), requests, bytes
         self.pairing_timeout = pairing_timeout
         self.allow = allow or {}
+        self.masks = KeptMasks(self.limits.kept_mask_bytes)
 
     def register(self, session: str, role: int, identity: str | None = None, names: str | None = None,
                  channel=None) -> bytes:
@@ -517,6 +559,7 @@ class DealerCore:
                 self._seeds.pop(session, None)
                 self._who.pop(session, None)
                 self._budget.pop(session, None)
+                self.masks.drop(session)
 
     def _both(self, session: str) -> tuple[bytes, bytes]:
         with self._cond:
@@ -559,7 +602,9 @@ class DealerCore:
             budget = self._budget.setdefault(session, SessionBudget(self.limits))
             budget.admit(session, idx, kind, cost)
         try:
-            return compute_correction(kind, idx, params, AesCtrPrg(s0), AesCtrPrg(s1))
+            prg1 = AesCtrPrg(s1)
+            prg1.keep = lambda label, make: self.masks.get(session, s1 + label, make)
+            return compute_correction(kind, idx, params, AesCtrPrg(s0), prg1)
         except (KeyError, TypeError, ValueError, RuntimeError, MemoryError) as e:
             with self._cond:
                 budget.refund(idx, cost)  # nothing was sent for it

@@ -264,14 +264,16 @@ class RingModel(RingOps):
 class ShareModel(ShareOps):
     """The secure path: private weights masked once per session, biases added by the server."""
 
-    def __init__(self, session: Session, arch, params: dict | None):
+    def __init__(self, session: Session, arch, params: dict | None, *, encoded: dict | None = None):
+        """``encoded``: the server's ``encode_params(params, session.fp)`` made once for many sessions
+        (read only; encoding SmolLM2's weights takes seconds)."""
         super().__init__(session)
         self.arch = arch
         self.server = session.role == Role.SERVER
         if self.server and params is None:
             raise ValueError("the server must hold the parameters")
-        self.enc = {k: self.fp.encode(v) for k, v in params.items()} if self.server else {}
-        self.w = prepare_private(session, arch, params if self.server else None)
+        self.enc = (encoded if encoded is not None else encode_params(params, self.fp)) if self.server else {}
+        self.w = prepare_private(session, arch, self.enc if self.server else None, encoded=True)
         # the dealer material of coming layers, guessed and fetched ahead (Config.lookahead)
         self.lookahead = DealerLookahead(session.provider if session.config.lookahead else None)
 
@@ -339,14 +341,20 @@ def param_shapes(arch) -> dict[str, tuple]:
     return shapes
 
 
-def prepare_private(session: Session, arch, params: dict | None) -> dict:
-    """Mask every private weight for this session (offline; both parties, same order)."""
+def encode_params(params: dict, fp) -> dict:
+    """Every parameter as ring elements (the server's, once per model and fixed-point precision)."""
+    return {k: fp.encode(v) for k, v in params.items()}
+
+
+def prepare_private(session: Session, arch, params: dict | None, *, encoded: bool = False) -> dict:
+    """Mask every private weight for this session (offline; both parties, same order).  The server
+    passes ``params`` (real, or ring elements with ``encoded``)."""
     shapes = param_shapes(arch)
     out = {}
     with session.span("prepare_model"):
         for name, bits in private_weight_names(arch):
             w = None if params is None else params[name]
-            out[name] = P.prepare_weight(session, w, shape=shapes[name], bits=bits)
+            out[name] = P.prepare_weight(session, w, shape=shapes[name], bits=bits, encoded=encoded)
     return out
 
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import secrets
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -255,7 +256,12 @@ class AesCtrPrg:
     ``request_label``): AES-CTR from counter 0 under the key BLAKE2b(label; key = seed), a PRF, so
     distinct labels give independent keystreams.  This is the only source of randomness in the
     protocols.
+
+    ``keep`` (None here) is where the dealer keeps weight masks between requests (``dealer.KeptMasks``):
+    ``keep(label, make)`` returns what ``make()`` would.
     """
+
+    keep = None
 
     def __init__(self, seed: bytes):
         if len(seed) != SEED_BYTES:
@@ -263,22 +269,30 @@ class AesCtrPrg:
         self._seed = seed
         self._algo = algorithms.AES(seed)
 
-    def bytes(self, stream: int | bytes, nbytes: int) -> bytes:
+    def _encryptor(self, stream: int | bytes):
         if isinstance(stream, bytes):
             key = hashlib.blake2b(stream, key=self._seed, digest_size=16, person=b"cometpi-stream").digest()
-            enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-        else:
-            iv = (stream % (1 << 64)).to_bytes(8, "big") + bytes(8)
-            enc = Cipher(self._algo, modes.CTR(iv)).encryptor()
-        return enc.update(bytes(nbytes)) + enc.finalize()
+            return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        iv = (stream % (1 << 64)).to_bytes(8, "big") + bytes(8)
+        return Cipher(self._algo, modes.CTR(iv)).encryptor()
+
+    def bytes(self, stream: int | bytes, nbytes: int) -> bytes:
+        return self._encryptor(stream).update(bytes(nbytes))  # CTR: finalize() adds nothing
 
     def ring(self, stream: int | bytes, *shapes, device=None) -> list[torch.Tensor]:
         """Uniform ring tensors of the given shapes, all drawn from keystream ``stream``."""
         sizes = [math.prod(s) for s in shapes]
-        raw = np.frombuffer(bytearray(self.bytes(stream, 8 * sum(sizes))), dtype="<i8")
+        total = sum(sizes)
+        # the keystream straight into the tensor's memory (AES-CTR encrypts zeros; update_into wants
+        # room for one more block): one pass instead of three copies of a 1 GB weight mask
+        raw = torch.empty(total + 2, dtype=torch.int64)
+        self._encryptor(stream).update_into(bytes(8 * total), raw.numpy().view(np.uint8))
+        if sys.byteorder != "little":  # pragma: no cover - the keystream is read as little-endian int64
+            raw = raw.numpy().byteswap(inplace=False).view(np.int64)
+            raw = torch.from_numpy(raw)
         out, off = [], 0
         for shape, n in zip(shapes, sizes, strict=True):
-            out.append(torch.from_numpy(raw[off : off + n]).reshape(shape).to(device))
+            out.append(raw[off : off + n].reshape(shape).to(device))
             off += n
         return out
 

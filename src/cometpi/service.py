@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from .nn import (
     ApproxConfig,
     KVCache,
     ShareModel,
+    encode_params,
     prepare_params,
     secure_forward,
     secure_generate,
@@ -231,10 +233,20 @@ class ModelServer:
         self.max_queries = max_queries_per_session
         self.allow_stats = bool(allow_stats)
         self.params = prepare_params(self.arch, params, approx)
+        self._encoded = {}  # frac_bits -> the parameters as ring elements, shared read-only by the sessions
+        self._encode_lock = threading.Lock()
+        self.encoded(self.config.fp)  # once, at start (seconds for SmolLM2), not at every session
         self.card = {"arch": self.arch.to_dict(), "model_hash": params_hash(params),
                      "approx": self.approx.to_dict(), "labels": _labels(model_dir, self.arch),
                      "reveal": self.reveal, "reveal_k": self.reveal_k,
                      "max_queries_per_session": self.max_queries, "stats": self.allow_stats}
+
+    def encoded(self, fp) -> dict:
+        """The parameters encoded at ``fp``'s precision, made once and shared by every session."""
+        with self._encode_lock:
+            if fp.frac_bits not in self._encoded:
+                self._encoded[fp.frac_bits] = encode_params(self.params, fp)
+            return self._encoded[fp.frac_bits]
 
     def _check_reveal(self, reveal: str, k: int | None) -> tuple[str, int | None]:
         head = self.arch.head
@@ -259,7 +271,7 @@ class ModelServer:
 
     def handle(self, sess: Session) -> None:
         """Serve one client session until it says bye or disconnects."""
-        model = ShareModel(sess, self.arch, self.params)
+        model = ShareModel(sess, self.arch, self.params, encoded=self.encoded(sess.fp))
         plans: dict = {}  # dealer plans of earlier queries, by shape: replayed ahead of the next one
         queries = 0
         while True:

@@ -174,8 +174,10 @@ class _MulPriv:
         if role == Role.CLIENT:
             return [wrap_bits(prg.ring(stream, x)[0], bits)]
         (c1,) = prg.ring(stream, c)
-        (b,) = prg.ring(self.mask_label(p, w, bits), w)  # the same B as request widx (kind wmask)
-        return [wrap_bits(c1, bits), wrap_bits(b, bits)]
+        label = self.mask_label(p, w, bits)  # the same B as request widx (kind wmask)
+        make = lambda: wrap_bits(prg.ring(label, w)[0], bits)  # noqa: E731
+        keep = getattr(prg, "keep", None)  # the dealer's kept masks (dealer.KeptMasks)
+        return [wrap_bits(c1, bits), make() if keep is None else keep(label, make)]
 
     def own_party(self, role, prg, stream, p):
         """A party's own part (the server does not need B again: only the dealer's correction does)."""
