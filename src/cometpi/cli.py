@@ -141,6 +141,9 @@ def _add_dealer_limits(p: argparse.ArgumentParser) -> None:
                    help="GiB of corrections sent per session (default %(default)g)")
     g.add_argument("--index-window", type=int, default=L.index_window,
                    help="how far a request index may lie from the highest one answered (default %(default)s)")
+    g.add_argument("--kept-mask-gb", type=float, default=L.kept_mask_bytes / 2**30,
+                   help="GiB of weight masks kept between requests, all sessions together, so that a token does "
+                        "not expand them again (SmolLM2 1.2, BERT-base 0.9; 0 keeps none; default %(default)g)")
 
 
 def _add_approx(p: argparse.ArgumentParser, insecure: bool = False) -> None:
@@ -186,7 +189,8 @@ def cmd_dealer(args) -> int:
                           max_work_bytes=int(args.max_request_work_gb * 2**30),
                           max_request_macs=int(args.max_request_gmacs * 1e9),
                           max_session_requests=args.max_session_requests,
-                          max_session_bytes=int(args.max_session_gb * 2**30), index_window=args.index_window)
+                          max_session_bytes=int(args.max_session_gb * 2**30), index_window=args.index_window,
+                          kept_mask_bytes=int(args.kept_mask_gb * 2**30))
     srv = DealerServer(args.host, args.port, pairing_timeout=args.pairing_timeout, tls=tls, allow=allow,
                        limits=limits)
     signal.signal(signal.SIGTERM, lambda *_: srv._stop.set())  # stop accepting; running sessions finish
