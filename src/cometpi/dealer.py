@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .core import Role
+from .profiling import thread_profile
 from .protocols import KINDS
 from .protocols.material import Cost, DealerError
 from .ring import AesCtrPrg, new_seed, request_label
@@ -99,6 +100,10 @@ class DealerClient:
         self.ch.send_json({"op": "get", "items": items}, "dealer-get")
 
     def _read_loop(self) -> None:
+        with thread_profile("dealer-link"):  # a party's reader of its dealer material
+            self._read_loop_inner()
+
+    def _read_loop_inner(self) -> None:
         try:
             while True:
                 with self._cond:
@@ -632,6 +637,11 @@ def serve_connection(core: DealerCore, ch: Channel, registered=None) -> None:
     queue is bounded (``DEALER_SEND_QUEUE_BYTES``): a party whose prefetch buffer is full holds the
     dealer back instead of the dealer's memory filling with its corrections.  ``registered`` is called
     once the party is registered (``DealerServer`` stops its handshake deadline there)."""
+    with thread_profile("dealer"):
+        _serve_connection(core, ch, registered)
+
+
+def _serve_connection(core: DealerCore, ch: Channel, registered) -> None:
     session = role = None
     t0, outcome = time.perf_counter(), "ok"
     if hasattr(ch, "max_queued_bytes"):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .core import Config, Role, Session
 from .party import HANDSHAKE_TIMEOUT, accept_server
+from .profiling import thread_profile
 from .protocols import matmul_private, prepare_weight
 from .transport import DeadlineExceeded, TransportError, listen
 
@@ -136,7 +137,8 @@ def serve_forever(handler: Callable[[Session], None], *, host: str, port: int, d
             if max_session_seconds is not None:
                 sess.peer.set_deadline(time.monotonic() + max_session_seconds, "the session reached the server's "
                                        f"maximum session length ({max_session_seconds:g} s)")
-            handler(sess)
+            with thread_profile("server"):  # COMETPI_PROFILE=DIR: this session's CPU time by function
+                handler(sess)
             log.info("client %s:%s served", *addr[:2])
         except (TransportError, ValueError, RuntimeError) as e:
             outcome = f"error: {e}"
