@@ -365,6 +365,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_api(args) -> int:
+    from .api import PrivateChat, serve
+
+    def connect():
+        return _connect(args, out=sys.stderr)
+
+    chat = PrivateChat(connect, model_name=args.model_name, max_waiting=args.max_waiting)
+    try:
+        serve(chat, args.host, args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+              allow_remote=args.allow_remote)
+    finally:
+        if chat.client is not None:
+            chat.client.close()
+    return 0
+
+
 def _with_note(row: dict) -> str:
     """The echoed text of an ``infer`` result, after '(truncated to K of N tokens)' if it was cut."""
     from .service import truncation_note
@@ -571,6 +587,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(gen)
     _add_tls(gen, "client")
     gen.set_defaults(fn=cmd_generate)
+
+    api = sub.add_parser("api", help="the client as an OpenAI-compatible HTTP endpoint with a web chat page "
+                                     "(docs/api.md)")
+    api.add_argument("--server", required=True, help="model server HOST:PORT")
+    api.add_argument("--dealer", required=True, help="dealer HOST:PORT")
+    api.add_argument("--tokenizer", default=None, help="tokenizer directory (default: SmolLM2's for its vocabulary)")
+    api.add_argument("--model-hash", default=None, help="refuse a server whose model hash differs")
+    api.add_argument("--model-name", default=None,
+                     help="the model's id in /v1/models and requests (default: the tokenizer folder's name)")
+    api.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default %(default)s; another one needs --ssl-certfile/--ssl-keyfile or "
+                          "--allow-remote: the endpoint hands out the plaintext)")
+    api.add_argument("--port", type=int, default=8000, help="port (0: any free one; default %(default)s)")
+    api.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    api.add_argument("--ssl-keyfile", default=None, help="... and this private key (PEM)")
+    api.add_argument("--allow-remote", action="store_true",
+                     help="serve plain HTTP on a non-loopback address (anyone who reaches it reads the text)")
+    api.add_argument("--max-waiting", type=int, default=8,
+                     help="requests that may wait while one is generated; more get HTTP 429 (default %(default)s)")
+    _add_allow_insecure(api, "client")
+    _add_config(api)
+    _add_tls(api, "client")
+    api.set_defaults(fn=cmd_api)
 
     ft = sub.add_parser("finetune", help="fine-tune a BERT classifier for the secure approximations")
     ft.add_argument("--variant", default="comet", choices=["exact", "comet", "comet-rsqrt", "mpcformer"],

@@ -793,7 +793,7 @@ def greedy_decode(ops, arch, cfg: ApproxConfig, *, prompt_ids=None, prompt_lengt
 
 def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareModel, prompt_ids=None,
                     prompt_length: int, max_new: int, eos_id: int | None = None, fixed_length: bool = False,
-                    temperature: float = 0.0, top_k=None, noise=None, cache: KVCache | None = None):
+                    temperature: float = 0.0, top_k=None, noise=None, cache: KVCache | None = None, until=None):
     """One party's side of private greedy generation (a generator of token ids; None on the server).
 
     The client passes its ``prompt_ids`` (1, T); both pass ``prompt_length`` and ``max_new``.  After
@@ -801,6 +801,8 @@ def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareMo
     generated, not which); with ``fixed_length`` both run ``max_new`` steps and no flag is sent (the
     client discards what follows an end-of-sequence itself), so the server learns only max_new.
     ``cache``: the KVCache to fill (its ``nbytes()`` is this party's memory for it afterwards).
+    ``until(token)``: the client's own rule to end after this token (with the end of sequence; not
+    with ``fixed_length``, whose point is that the length says nothing).
     """
     check_truncation(session.config, cfg)
 
@@ -808,7 +810,7 @@ def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareMo
         if fixed_length:
             return False
         if session.is_client:
-            end = eos_id is not None and token == eos_id
+            end = (eos_id is not None and token == eos_id) or (until is not None and bool(until(token)))
             session.peer.send_json({"stop": bool(end)}, "decode-step")
             return end
         q = session.peer.recv_json("decode-step")

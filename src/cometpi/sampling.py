@@ -23,12 +23,13 @@ client sees only the 0/1 marks (``marks_to_indices``), never the logits.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 
 from .protocols import cmp_chunks
-from .ring import uniform01
+from .ring import SEED_BYTES, AesCtrPrg, logical_rshift, uniform01
 
 #: Width of the argmax's comparisons at f = 16 (LOGIT_BITS + f - 16): logits of a row within 2^(28-16) =
 #: 4096 of each other (SmolLM2's stay within 60; ``RingOps`` raises ``HeadroomError`` beyond).
@@ -45,8 +46,22 @@ TOPK_BIG = 2.0 ** (LOGIT_BITS - 16)
 
 def gumbel_noise(shape) -> torch.Tensor:
     """Gumbel(0, 1) samples -log(-log U) from the CSPRNG (U uniform in (0, 1), 53 bits): in [-3.6, 36.7]."""
-    u = uniform01(shape).clamp_min(2.0**-53)
-    return -torch.log(-torch.log(u))
+    return _gumbel(uniform01(shape))
+
+
+def _gumbel(u: torch.Tensor) -> torch.Tensor:
+    return -torch.log(-torch.log(u.clamp_min(2.0**-53)))
+
+
+def seeded_gumbel(seed: int, shape):
+    """``noise(step)`` for ``nn.greedy_decode`` from a seed: Gumbel(0, 1) samples of ``shape`` like
+    ``gumbel_noise``, their 53-bit uniforms from AES-CTR under BLAKE2b(seed) (step i: counter stream i),
+    so that one seed gives one sample path (an API's ``seed``).  Only the client draws the noise."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"a seed is an integer, got {seed!r}")
+    key = hashlib.blake2b(str(seed).encode(), digest_size=SEED_BYTES, person=b"cometpi-seed").digest()
+    prg, shape = AesCtrPrg(key), tuple(shape)
+    return lambda step: _gumbel(logical_rshift(prg.ring(step, shape)[0], 11).to(torch.float64) * 2.0**-53)
 
 
 def _cmp_rounds(k: int) -> int:

@@ -30,6 +30,7 @@ model hash itself.  ``op: stats`` (process-wide peak memory, timings) is served 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import resource
@@ -57,6 +58,8 @@ from .nn import (
     trained_smu_lo,
 )
 from .party import connect_client
+from .profiling import thread_profile
+from .sampling import seeded_gumbel
 from .transport import DEFAULT_TIMEOUT, Traffic
 
 log = logging.getLogger("cometpi.service")
@@ -418,6 +421,8 @@ class PrivateClient:
         pin = {"model_hash": model_hash} if model_hash else None
         self.sess = connect_client(server, dealer, config, timeout=timeout, net=net, extra=pin, tls=tls,
                                    insecure_plaintext=insecure_plaintext)
+        self._profile = contextlib.ExitStack()  # COMETPI_PROFILE=DIR: this thread's CPU time until close()
+        self._profile.enter_context(thread_profile("client"))
         try:
             card = self.sess.card
             if "arch" not in card:
@@ -504,16 +509,20 @@ class PrivateClient:
         return out, stats
 
     def generate(self, prompt, *, max_new_tokens: int = 32, chat: bool = False, fixed_length: bool = False,
-                 temperature: float = 0.0, top_k: int | None = None):
-        """Private greedy generation: an iterator of ``{"token": id, "text": piece}`` as each token is
-        produced (the server learns neither the prompt nor the tokens: only the prompt length and the
-        number of tokens, or with ``fixed_length`` only ``max_new_tokens``).  ``prompt``: text (with
+                 temperature: float = 0.0, top_k: int | None = None, seed: int | None = None, until=None):
+        """Private greedy generation: an iterator of ``{"token": id, "text": piece, "step": cost}`` as each
+        token is produced (cost: the step's online bytes, rounds and seconds).  The server learns neither
+        the prompt nor the tokens: only the prompt length and the number of tokens, or with
+        ``fixed_length`` only ``max_new_tokens``.  ``prompt``: text (with
         ``chat``: one user message through the tokenizer's chat template) or a list of token ids.
         Afterwards ``self.last_generation`` holds the ids, the text and the costs: prefill and per
         token (online bytes, rounds, seconds) and the KV cache's size per party.  ``temperature`` > 0
         samples (the Gumbel-max trick with the client's own CSPRNG noise, ``nn.greedy_decode``), with
         ``top_k`` among the k largest logits only (``sampling``: the server learns that top-k is on,
-        not k)."""
+        not k).  ``seed``: the sampling noise from AES-CTR under a key derived from it (reproducible by
+        whoever knows the seed; the server never sees it), instead of the OS's CSPRNG.  ``until(ids)``:
+        the client's own stopping rule, asked after each token with the ids so far (the server learns
+        only that generation ended, as at an end of sequence; e.g. a stop string)."""
         if self.arch.head != "lm":
             raise ValueError(f"the served model has no LM head (head {self.arch.head!r})")
         ids = self.encode_prompt(prompt, chat=chat)
@@ -531,12 +540,14 @@ class PrivateClient:
             self.sess.peer.send_json({"op": "generate", "length": T, "max_new": max_new_tokens,
                                       "fixed_length": fixed_length, "top_k": top_k is not None}, "query")
         steps, out_ids, done, cache = [], [], False, KVCache()
+        noise = None if seed is None else seeded_gumbel(seed, (1, self.arch.vocab))
         before, t0 = self.sess.meter.snapshot(), time.perf_counter()
         with self.sess.span("generation"):
             for token in secure_generate(self.sess, self.arch, self.approx, model=self.model, prompt_ids=ids,
                                          prompt_length=T, max_new=max_new_tokens, eos_id=eos,
                                          fixed_length=fixed_length, temperature=temperature, top_k=top_k,
-                                         cache=cache):
+                                         cache=cache, noise=noise,
+                                         until=None if until is None else lambda t: until([*out_ids, t])):
                 after, t1 = self.sess.meter.snapshot(), time.perf_counter()
                 on = sum((after[k] - before[k] for k in after if k[1] == "online"), Traffic())
                 steps.append({"online_bytes": on.payload_bytes, "rounds": on.rounds, "seconds": t1 - t0})
@@ -545,7 +556,7 @@ class PrivateClient:
                     continue
                 out_ids.append(token)
                 done = eos is not None and token == eos
-                yield {"token": token, "text": self._decode([token], skip_special_tokens=True)}
+                yield {"token": token, "text": self._decode([token], skip_special_tokens=True), "step": steps[-1]}
         self.last_generation = {
             "prompt_tokens": T, "ids": out_ids, "text": self._decode(out_ids, skip_special_tokens=True),
             "steps": len(steps), "fixed_length": fixed_length, "temperature": temperature, "top_k": top_k,
@@ -639,6 +650,7 @@ class PrivateClient:
         except Exception:  # noqa: BLE001 - the server may be gone already
             pass
         self.sess.close()
+        self._profile.close()
 
     def __enter__(self):
         return self

@@ -1,0 +1,505 @@
+"""An OpenAI-compatible HTTP endpoint on the client's side, and a web chat page.
+
+``cometpi api`` runs the *client* role as a local HTTP server: it holds the text, tokenizes it, and
+speaks the private protocol to the model server (which sees neither the prompt nor the answer) and the
+dealer.  Any OpenAI client (the ``openai`` package, ``curl``, chat front-ends) talks to it:
+
+* ``GET /v1/models``: the one model the server serves (its card's architecture and approximations);
+* ``POST /v1/chat/completions``: ``messages`` through the model's chat template, streamed by
+  server-sent events (``stream: true``) or in one response;
+* ``POST /v1/completions``: a raw prompt (text or token ids);
+* ``GET /``: a chat page that streams the private answer with the cost of every token beside it.
+
+One private session serves the requests, one at a time (a session's weights are masked once, which
+takes seconds and 1.2 GB for SmolLM2); requests that arrive meanwhile wait in a queue of bounded length,
+and one beyond it gets HTTP 429.  A session the server ended or lost is replaced at the next request
+(503 for the request that met the loss); a session whose query budget is spent is replaced before the
+next request.  Which fields are supported, refused or ignored: docs/api.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import ipaddress
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from .transport import TransportError
+
+log = logging.getLogger("cometpi.api")
+
+#: Tokens generated when a request names no ``max_tokens`` (a private token takes seconds; OpenAI's
+#: default is the rest of the context).
+DEFAULT_MAX_TOKENS = 64
+#: Requests that may wait for the session while one is served; one more gets HTTP 429.
+DEFAULT_MAX_WAITING = 8
+#: At most this many stop strings (as OpenAI).
+MAX_STOP = 4
+
+
+class ApiError(Exception):
+    """An error in the OpenAI API's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenParams:
+    """A request's generation parameters, checked."""
+
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    seed: int | None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, *, integer: bool = False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    ok = isinstance(v, int) if integer else isinstance(v, int | float)
+    if isinstance(v, bool) or not ok or not lo <= v <= hi:
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"'{name}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}", param=name,
+                       code="invalid_value")
+    return v
+
+
+#: Fields an OpenAI client may send that this endpoint accepts only at their neutral value.
+_NEUTRAL = {"n": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "best_of": 1,
+            "echo": False}
+#: Fields refused whatever their value (no private construction for them here).
+_REFUSED = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "suffix", "top_logprobs",
+            "response_format", "audio", "modalities", "prediction")
+
+
+def parse_params(body: dict, vocab: int) -> GenParams:
+    for name, neutral in _NEUTRAL.items():
+        if name in body and body[name] is not None and body[name] != neutral:
+            why = {"top_p": "use 'top_k' (an extension field) to restrict sampling",
+                   "n": "one completion per request"}.get(name, "not computed privately")
+            raise ApiError(400, f"'{name}' other than {neutral!r} is not supported ({why})", param=name,
+                           code="unsupported_parameter")
+    for name in _REFUSED:
+        if body.get(name) not in (None, [], {}):
+            raise ApiError(400, f"'{name}' is not supported by this private endpoint", param=name,
+                           code="unsupported_parameter")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 20, integer=True)
+    temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
+    top_k = _number(body, "top_k", None, 1, vocab, integer=True)
+    if top_k is not None and temperature == 0:
+        top_k = None  # greedy already takes the top 1
+    seed = _number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings",
+                       param="stop", code="invalid_value")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", param="stream", code="invalid_value")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options", code="invalid_value")
+    return GenParams(max_tokens, temperature, top_k, seed, stop, stream, bool(opts.get("include_usage")))
+
+
+def _content(message: dict, i: int) -> str:
+    c = message.get("content")
+    if c is None:
+        return ""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):  # content parts: text only
+        parts = []
+        for p in c:
+            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages",
+                               code="unsupported_content")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages",
+                   code="invalid_value")
+
+
+def parse_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages", code="invalid_value")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}] needs a role of system, developer, user or assistant",
+                           param="messages", code="invalid_value")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m, i)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The private session
+# --------------------------------------------------------------------------------------------------
+
+
+class StopText:
+    """Text of the generated ids with the request's stop strings applied: ``hit`` once one appears,
+    ``safe`` the text that can be shown (a tail that could begin a stop string is held back)."""
+
+    def __init__(self, decode, stop: list[str]):
+        self.decode, self.stop = decode, stop
+        self.text, self.hit = "", False
+
+    def update(self, ids: list[int]) -> bool:
+        text = self.decode(ids)
+        for s in self.stop:
+            at = text.find(s)
+            if at >= 0:
+                text, self.hit = text[:at], True
+        self.text = text
+        return self.hit
+
+    def safe(self, final: bool) -> str:
+        text = self.text
+        if final or self.hit:
+            return text
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            text = text.rstrip("\ufffd")
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return text[: len(text) - hold]
+
+
+class PrivateChat:
+    """One private session (``service.PrivateClient``) serving requests one at a time.
+
+    ``connect()`` makes a new ``PrivateClient``; it is called at start and again whenever the session
+    was lost or its query budget is spent."""
+
+    def __init__(self, connect, model_name: str | None = None, max_waiting: int = DEFAULT_MAX_WAITING):
+        self._connect = connect
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._count_lock = threading.Lock()
+        self.max_waiting = max_waiting
+        self.client = connect()
+        self.tokenizer = self.client.tokenizer  # kept across sessions (a lost session has none)
+        card = self.client.card
+        named = Path(str(getattr(self.tokenizer, "name_or_path", "") or "")).name
+        self.model_name = model_name or named or f"cometpi-{card['arch']['kind']}"
+        self.created = int(time.time())
+        self.vocab = self.client.arch.vocab
+        self.max_positions = self.client.arch.max_positions
+        if self.client.arch.head != "lm":
+            raise ValueError(f"the server's model has no LM head (head {self.client.arch.head!r}): nothing to chat "
+                             "with")
+
+
+    def model_card(self) -> dict:
+        c = self.client.card
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "cometpi",
+                "cometpi": {"arch": c.get("arch"), "approx": c.get("approx"), "model_hash": c.get("model_hash"),
+                            "reveal": c.get("reveal"), "private": True}}
+
+    def check_model(self, name) -> None:
+        if name != self.model_name:
+            raise ApiError(404, f"The model '{name}' does not exist; this endpoint serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # noqa: BLE001 - a template that refuses these roles
+            raise ApiError(400, f"the model's chat template refused the messages: {e}", param="messages",
+                           code="invalid_value") from None
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        return [int(i) for i in (ids[0] if ids and isinstance(ids[0], list) else ids)]
+
+    def prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
+        if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            if not all(0 <= i < self.vocab for i in prompt):
+                raise ApiError(400, f"token ids must lie in [0, {self.vocab})", param="prompt", code="invalid_value")
+            return list(prompt)
+        raise ApiError(400, "'prompt' must be a string, a list of one string, or a list of token ids", param="prompt",
+                       code="invalid_value")
+
+    def check_context(self, n_prompt: int, max_tokens: int, param: str = "messages") -> None:
+        if n_prompt + max_tokens > self.max_positions:
+            raise ApiError(400, f"This model's maximum context length is {self.max_positions} tokens. However, you "
+                                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} in "
+                                "the completion). Please reduce the prompt or the completion length.",
+                           param=param, code="context_length_exceeded")
+
+    def enter_queue(self) -> None:
+        with self._count_lock:
+            if self._waiting > self.max_waiting:
+                raise ApiError(429, f"the private session is busy and {self.max_waiting} requests already wait; try "
+                                    "again later", type="rate_limit_error", code="queue_full")
+            self._waiting += 1
+
+    def leave_queue(self) -> None:
+        with self._count_lock:
+            self._waiting -= 1
+
+    def _session(self):
+        """The live session, replaced when it was lost or its query budget is spent (lock held)."""
+        c = self.client
+        spent = c is not None and c.max_queries is not None and c.queries >= c.max_queries
+        if c is None or spent:
+            if c is not None:
+                c.close()
+            self.client = None
+            try:
+                self.client = self._connect()
+            except (TransportError, OSError, ValueError) as e:
+                raise ApiError(503, f"cannot reach the private model server: {e}", type="api_error",
+                               code="server_unavailable") from None
+        return self.client
+
+    def generate(self, ids: list[int], p: GenParams, on_step=None) -> dict:
+        """Generate privately (blocking; the caller has entered the queue).  ``on_step(piece, step)``
+        sees the text that can be shown so far and the step's cost, after each token."""
+        with self._lock:
+            client = self._session()
+            st = StopText(lambda t: client._decode(t, skip_special_tokens=True), p.stop)
+            shown, got = 0, []
+            try:
+                for piece in client.generate(ids, max_new_tokens=p.max_tokens, temperature=p.temperature,
+                                             top_k=p.top_k, seed=p.seed, until=st.update if p.stop else None):
+                    got.append(piece["token"])
+                    st.update(got)
+                    safe = st.safe(final=False)
+                    if on_step is not None:
+                        on_step(safe[shown:], piece["step"])
+                    shown = max(shown, len(safe))
+            except (TransportError, OSError) as e:
+                client.close()
+                self.client = None  # the next request connects again
+                raise ApiError(503, f"the private session was lost: {e}", type="api_error",
+                               code="server_unavailable") from None
+            g = client.last_generation
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            stopped = st.hit or (bool(g["ids"]) and g["ids"][-1] == eos)
+            rest = st.safe(final=True)[shown:]
+            if rest and on_step is not None:
+                on_step(rest, None)
+            return {"text": st.text, "ids": g["ids"], "finish_reason": "stop" if stopped else "length",
+                    "usage": usage(len(ids), g)}
+
+
+def usage(n_prompt: int, g: dict) -> dict:
+    """OpenAI's token counts, and the private cost under ``cometpi``: online bytes, rounds and seconds
+    of the prefill and of each token (their sums and means)."""
+    steps = [g["prefill"], *g["per_token"]] if g.get("prefill") else []
+    per = g["per_token"]
+    tot = {k: sum(s[k] for s in steps) for k in ("online_bytes", "rounds", "seconds")}
+    mean = {k: (sum(s[k] for s in per) / len(per) if per else None) for k in ("online_bytes", "rounds", "seconds")}
+    return {"prompt_tokens": n_prompt, "completion_tokens": len(g["ids"]), "total_tokens": n_prompt + len(g["ids"]),
+            "cometpi": {**tot, "prefill": g.get("prefill"), "per_token_mean": mean, "steps": len(steps),
+                        "kv_cache_bytes_per_party": g.get("kv_cache_bytes_per_party")}}
+
+
+# --------------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------------
+
+
+def create_app(chat: PrivateChat):
+    """The FastAPI application around one ``PrivateChat``."""
+    app = FastAPI(title="cometpi private inference", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_req, e: HTTPException):
+        return JSONResponse(ApiError(e.status_code, str(e.detail), code=None).body(), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req, e: RequestValidationError):
+        return JSONResponse(ApiError(400, f"invalid request: {e.errors()!r:.300}").body(), status_code=400)
+
+    async def _body(req: Request) -> dict:
+        try:
+            body = await req.json()
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        chat.check_model(body.get("model"))
+        return body
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [chat.model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        chat.check_model(name)
+        return chat.model_card()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        page_html = resources.files("cometpi").joinpath("web/chat.html").read_text(encoding="utf-8")
+        return (page_html.replace("{{MODEL_JSON}}", json.dumps(chat.model_name).replace("<", "\\u003c"))
+                .replace("{{MODEL}}", html.escape(chat.model_name)))
+
+    async def _complete(ids: list[int], p: GenParams, kind: str):
+        chat.check_context(len(ids), p.max_tokens, "messages" if kind == "chat" else "prompt")
+        chat.enter_queue()
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+
+        def choice(text, finish, delta=False):
+            if kind == "chat":
+                key = "delta" if delta else "message"
+                return {"index": 0, key: {"role": "assistant", "content": text} if not delta or text is None
+                        else {"content": text}, "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        if not p.stream:
+            try:
+                out = await run_in_threadpool(chat.generate, ids, p)
+            finally:
+                chat.leave_queue()
+            return {"id": rid, "object": obj, "created": created, "model": chat.model_name,
+                    "choices": [choice(out["text"], out["finish_reason"])], "usage": out["usage"]}
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_step(text, step):
+            loop.call_soon_threadsafe(queue.put_nowait, ("piece", text, step))
+
+        def work():
+            try:
+                out = chat.generate(ids, p, on_step)
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", out, None))
+            except ApiError as e:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e, None))
+            except Exception as e:  # noqa: BLE001 - reported to the stream, then logged
+                log.exception("generation failed")
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", ApiError(500, f"internal error: {e}",
+                                                                               type="api_error"), None))
+            finally:
+                chat.leave_queue()
+
+        threading.Thread(target=work, name="api-generate", daemon=True).start()
+        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(choices, **extra):
+            return json.dumps({"id": rid, "object": chunk_obj, "created": created, "model": chat.model_name,
+                               "choices": choices, **extra})
+
+        async def events():
+            if kind == "chat":
+                yield {"data": chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                       "finish_reason": None, "logprobs": None}])}
+            while True:
+                what, a, step = await queue.get()
+                if what == "piece":
+                    cost = None if step is None else {k: step[k] for k in ("online_bytes", "rounds", "seconds")}
+                    yield {"data": chunk([choice(a, None, delta=True)], cometpi=cost)}
+                elif what == "error":
+                    yield {"data": json.dumps(a.body())}
+                    break
+                else:
+                    yield {"data": chunk([choice("" if kind == "completion" else None, a["finish_reason"],
+                                                 delta=True)] if kind == "completion" else
+                                         [{"index": 0, "delta": {}, "finish_reason": a["finish_reason"],
+                                           "logprobs": None}],
+                                         **({"usage": None} if p.include_usage else {}))}
+                    if p.include_usage:
+                        yield {"data": chunk([], usage=a["usage"])}
+                    break
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(events(), ping=15)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: Request):
+        body = await _body(req)
+        p = parse_params(body, chat.vocab)
+        return await _complete(chat.chat_ids(parse_messages(body)), p, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(req: Request):
+        body = await _body(req)
+        p = parse_params(body, chat.vocab)
+        if "prompt" not in body:
+            raise ApiError(400, "'prompt' is required", param="prompt", code="invalid_value")
+        return await _complete(chat.prompt_ids(body["prompt"]), p, "completion")
+
+    return app
+
+
+def serve(chat: PrivateChat, host: str = "127.0.0.1", port: int = 8000, *, ssl_certfile=None, ssl_keyfile=None,
+          allow_remote: bool = False, log_level: str = "warning") -> None:
+    """Run the endpoint with uvicorn until interrupted, after printing 'listening on HOST:PORT'.  An
+    address other than loopback needs TLS (``ssl_certfile`` and ``ssl_keyfile``) or ``allow_remote``:
+    the endpoint hands out the plaintext."""
+    import socket
+
+    import uvicorn
+
+    tls = bool(ssl_certfile and ssl_keyfile)
+    if not is_loopback(host) and not tls and not allow_remote:
+        raise ValueError(f"refusing to serve the plaintext API on {host}: anyone who reaches it reads the prompts "
+                         "and answers; bind 127.0.0.1, give --ssl-certfile and --ssl-keyfile, or pass --allow-remote")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(chat), ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                            log_level=log_level, lifespan="off")
+    print(f"cometpi api listening on {host}:{bound}", flush=True)
+    print(f"  chat page: http{'s' if tls else ''}://{host}:{bound}/   OpenAI base URL: "
+          f"http{'s' if tls else ''}://{host}:{bound}/v1   model: {chat.model_name}", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
