@@ -192,6 +192,10 @@ def test_demo_classifies_with_three_processes(trained):
         if "private:" in line:
             assert line.split()[1] == line.split("plaintext:")[1].split()[0]
     assert "dealer and server stopped" in out
+    # quiet: the dealer's and the server's JSON session lines go to the log file it names, not the terminal
+    assert '"event"' not in r.stdout + r.stderr
+    log = out.split("the dealer's and the server's logs: ")[1].split(" (--verbose")[0]
+    assert '"event": "session"' in open(log).read()
 
 
 def test_teacher_must_be_an_existing_exact_checkpoint(trained, tiny_dir, table, tmp_path, capsys):

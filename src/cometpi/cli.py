@@ -679,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead: SmolLM2-135M-Instruct answers MESSAGE privately (greedy, KV cache in shares; "
                          "a few minutes on 2 cores; `make demo-chat`), beside the plaintext model's answer")
     dm.add_argument("--max-new-tokens", type=int, default=12, help="with --chat (default %(default)s)")
+    dm.add_argument("--verbose", action="store_true",
+                    help="show the dealer's and the server's session logs here (default: a log file, named at the end)")
     dm.set_defaults(fn=cmd_demo)
 
     ed = sub.add_parser("engine-demo", help="engine demo: a private X @ W over three processes")

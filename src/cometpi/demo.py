@@ -16,6 +16,7 @@ over a KV cache in shares, with the plaintext model's greedy answer beside it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -62,8 +63,28 @@ def example_sentences(n: int) -> list[tuple[str, str]]:
     return [r for pair in zip(pos, neg, strict=False) for r in pair] + pos[len(neg):]
 
 
+@contextlib.contextmanager
+def _child_logs(args):
+    """Where the dealer's and the server's stderr (their JSON session log lines) go: this terminal with
+    ``--verbose``, else a log file whose name the demo prints at the end.  Yields (file or None, note)."""
+    if getattr(args, "verbose", False):
+        yield None, ""
+        return
+    from .data import cache_dir
+
+    path = cache_dir() / "logs" / f"demo-{'chat' if getattr(args, 'chat', None) else 'classify'}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yield f, f"; the dealer's and the server's logs: {path} (--verbose shows them here)"
+
+
 def chat(args) -> int:
     """The generation job: dealer and SmolLM2 server processes, this process the client."""
+    with _child_logs(args) as (logs, note):
+        return _chat(args, logs, note)
+
+
+def _chat(args, logs, note) -> int:
     from .bench.generate import _plaintext_greedy, first_divergence
     from .convert import from_hf
     from .data import smollm2_path
@@ -72,12 +93,12 @@ def chat(args) -> int:
 
     t_start = time.perf_counter()
     model = smollm2_path()
-    dealer, daddr = spawn(["dealer", "--port", "0"])
+    dealer, daddr = spawn(["dealer", "--port", "0"], stderr=logs)
     print(f"[demo] dealer process pid {dealer.pid} on {daddr}")
     server = None
     try:
         server, saddr = spawn(["serve", "--model", model, "--port", "0", "--dealer", daddr, "--once",
-                               "--timeout", "600"], timeout=300)
+                               "--timeout", "600"], timeout=300, stderr=logs)
         print(f"[demo] model server process pid {server.pid} on {saddr} holds SmolLM2-135M-Instruct's weights; this "
               f"process (the client, pid {os.getpid()}) holds the message and sees the answer")
         with PrivateClient(saddr, daddr, tokenizer=model, timeout=600) as client:
@@ -105,13 +126,18 @@ def chat(args) -> int:
               f"model's top-2 logit margin there: {margin}; the original functions approximate GeLU/SiLU, exp and "
               "RMSNorm to about 1e-4)")
     print(f"[demo] cost: {generation_costs(g)}")
-    print(f"[demo] done in {time.perf_counter() - t_start:.0f} s; dealer and server stopped")
+    print(f"[demo] done in {time.perf_counter() - t_start:.0f} s; dealer and server stopped{note}")
     return 0
 
 
 def main(args) -> int:
     if getattr(args, "chat", None):
         return chat(args)
+    with _child_logs(args) as (logs, note):
+        return _classify(args, logs, note)
+
+
+def _classify(args, logs, note) -> int:
     from . import checkpoint
     from .nn import plaintext_forward
     from .serve import spawn, stop
@@ -121,13 +147,13 @@ def main(args) -> int:
     model = Path(args.model) if args.model else demo_model(args.train_rows)
     arch, params, _ = checkpoint.load(model)
     rows = [(s, None) for s in args.sentences] if args.sentences else example_sentences(args.n)
-    dealer, daddr = spawn(["dealer", "--port", "0"])
+    dealer, daddr = spawn(["dealer", "--port", "0"], stderr=logs)
     print(f"[demo] dealer process pid {dealer.pid} on {daddr}")
     server = None
     try:
         extra = ["--guess", args.guess] if args.guess else []
         server, saddr = spawn(["serve", "--model", str(model), "--port", "0", "--dealer", daddr, "--once",
-                               "--timeout", "600", *extra], timeout=300)
+                               "--timeout", "600", *extra], timeout=300, stderr=logs)
         print(f"[demo] model server process pid {server.pid} on {saddr} holds the weights; this process (the "
               f"client, pid {os.getpid()}) holds the text")
         with PrivateClient(saddr, daddr, timeout=600) as client:
@@ -160,5 +186,5 @@ def main(args) -> int:
         if server is not None:
             stop(server)
         stop(dealer)
-    print(f"[demo] done in {time.perf_counter() - t_start:.0f} s; dealer and server stopped")
+    print(f"[demo] done in {time.perf_counter() - t_start:.0f} s; dealer and server stopped{note}")
     return 0
