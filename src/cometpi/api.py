@@ -20,6 +20,7 @@ next request.  Which fields are supported, refused or ignored: docs/api.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import ipaddress
 import json
@@ -235,6 +236,13 @@ class PrivateChat:
                              "with")
 
 
+    def close(self) -> None:
+        """End the session (the server hears a bye); idempotent."""
+        with self._lock:
+            if self.client is not None:
+                self.client.close()
+                self.client = None
+
     def model_card(self) -> dict:
         c = self.client.card
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "cometpi",
@@ -350,7 +358,12 @@ def usage(n_prompt: int, g: dict) -> dict:
 
 def create_app(chat: PrivateChat):
     """The FastAPI application around one ``PrivateChat``."""
-    app = FastAPI(title="cometpi private inference", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        chat.close()  # say bye to the model server (uvicorn re-raises SIGTERM after this: no finally runs)
+
+    app = FastAPI(title="cometpi private inference", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(ApiError)
     async def _api_error(_req, e: ApiError):
@@ -496,9 +509,10 @@ def serve(chat: PrivateChat, host: str = "127.0.0.1", port: int = 8000, *, ssl_c
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(128)  # before the banner: a client that reads it may connect at once
     bound = sock.getsockname()[1]
     config = uvicorn.Config(create_app(chat), ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                            log_level=log_level, lifespan="off")
+                            log_level=log_level, lifespan="on")
     print(f"cometpi api listening on {host}:{bound}", flush=True)
     print(f"  chat page: http{'s' if tls else ''}://{host}:{bound}/   OpenAI base URL: "
           f"http{'s' if tls else ''}://{host}:{bound}/v1   model: {chat.model_name}", flush=True)

@@ -376,8 +376,7 @@ def cmd_api(args) -> int:
         serve(chat, args.host, args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
               allow_remote=args.allow_remote)
     finally:
-        if chat.client is not None:
-            chat.client.close()
+        chat.close()
     return 0
 
 
@@ -712,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", "private generation with a KV cache: SmolLM2 continuations against plaintext, per-token cost"),
         ("tls", "a MiniLM private inference with and without TLS on loopback: seconds and bytes on the wire"),
         ("rtt", "a channel's round trip against a raw socket's, 8 B to 1 MB, TCP and TLS"),
+        ("api", "SmolLM2 through the OpenAI-compatible endpoint next to PrivateClient.generate: overhead per token"),
     ):
         sp = bsub.add_parser(what, help=help_)
         import_module(f"cometpi.bench.{what}").add_arguments(sp)
