@@ -32,6 +32,7 @@ from cometpi.approx import (
     sqrt,
 )
 from cometpi.approx.guess import bit_trick_error, iterations_for, local_quarter_factor, newton_t
+from cometpi.approx.interface import Ops
 from cometpi.core import Role
 from cometpi.party import run_local
 from cometpi.transport import Traffic
@@ -376,3 +377,22 @@ def test_softmax_and_root_costs_match_their_docstrings():
     _, on = on_shares(quad2_softmax, s, mask)
     recip = 16 + 8 * 32 + 16 + 10 * 96  # exp, the public product by 3, Newton
     assert (on.payload_bytes, on.rounds) == (16 * 32 + 2 * 16 + 2 * recip + 16 * 48, 2 + 1 + (17 + 1 + 40) + 2)
+
+
+def test_every_backend_implements_the_declared_interface():
+    """``approx.interface``: the backend interface declared once; the three arithmetic backends and the
+    three model backends implement every method with its parameters (and the check can fail)."""
+    from cometpi.approx.interface import ModelOps, missing
+    from cometpi.weights import FloatModel, RingModel, ShareModel
+
+    for cls in (FloatOps, RingOps, ShareOps, FloatModel, RingModel, ShareModel):
+        assert missing(cls, ModelOps if cls.__name__.endswith("Model") else Ops) == [], cls.__name__
+
+    class Partial(FloatOps):
+        def mul(self, a, c, extra=0):  # another parameter name
+            return a * c
+
+        sign = None
+
+    assert missing(Partial) == ["mul('self', 'a', 'c', 'extra'): expected ('self', 'a', 'b', 'extra')",
+                                "sign: missing"]

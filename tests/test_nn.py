@@ -147,3 +147,28 @@ def test_forward_reports_each_layer_for_a_progress_bar():
 
     out = run_local(job)[0]
     assert len(done) == arch.layers and float((out - plaintext).abs().max()) < TOL
+
+
+def test_resolve_approx_merges_in_one_place():
+    """``resolve_approx`` (serve, eval, demo, benchmarks): a checkpoint's stored approximations, else the
+    original functions, then the overrides; SMU's rsqrt form on a trained per-channel mu gets its rsqrt
+    domain from the smallest mu^2 (eval once did not, and refused ``--smu-form rsqrt`` on such a model);
+    the segments form drops it.  The choices are enums that compare equal to their strings."""
+    from cometpi.approx.config import PER_CHANNEL, Gelu, resolve_approx, trained_smu_lo
+
+    params = {f"layers.{i}.ffn.smu_mu": torch.tensor([0.3, 0.2 + i, 0.5]) for i in range(2)}
+    stored = ApproxConfig(smu_mu=PER_CHANNEL)  # SMU by segments (trained with the defaults)
+    assert resolve_approx(stored, params, layers=2) == stored
+    rs = resolve_approx(stored, params, {"smu_form": "rsqrt"}, layers=2)
+    assert rs.smu_form == "rsqrt" and rs.smu_lo == pytest.approx(0.2**2 * 0.999) == trained_smu_lo(params, 2)
+    back = resolve_approx(rs, params, {"smu_form": "segments"}, layers=2)
+    assert back.smu_lo is None and back.folds_mu
+    assert resolve_approx(None, {}, layers=2) == ApproxConfig.original()  # a stock checkpoint
+    assert resolve_approx(ApproxConfig.exact(), {}, {"softmax": "relu"}, layers=2) == \
+        ApproxConfig(gelu="spline", softmax="relu")
+    assert stored.gelu == "smu" and stored.gelu is Gelu.SMU and stored.to_dict()["gelu"] == "smu"
+    import json
+
+    assert json.loads(json.dumps(stored.to_dict())) == stored.to_dict()
+    with pytest.raises(ValueError, match="unknown GeLU approximation 'gelu3'"):
+        ApproxConfig(gelu="gelu3")

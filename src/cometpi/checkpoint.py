@@ -64,7 +64,7 @@ def read_meta(model_dir: str | Path) -> dict:
 
 def approx_of(meta: dict):
     """The ApproxConfig a checkpoint was trained for, or None."""
-    from .nn import ApproxConfig
+    from .approx.config import ApproxConfig
 
     cfg = meta.get("approx")
     if cfg is None:

@@ -148,10 +148,12 @@ def _add_dealer_limits(p: argparse.ArgumentParser) -> None:
 
 def _add_approx(p: argparse.ArgumentParser, insecure: bool = False) -> None:
     src = "default: the checkpoint's own (cometpi.json); a stock or exact checkpoint:"
-    p.add_argument("--gelu", default=None, choices=["smu", "quad", "spline", "erf", "tanh"],
+    from .approx.config import Gelu, Relu, SmuForm, Softmax
+
+    p.add_argument("--gelu", default=None, choices=[g.value for g in Gelu if g != Gelu.EXACT],
                    help=f"GeLU replacement ({src} spline, the model's own GeLU/SiLU by splines; smu: Comet's "
                         "replacement; erf/tanh: CrypTen's constructions, reproduced)")
-    p.add_argument("--softmax", default=None, choices=["relu", "relu2", "quad2", "exp", "crypten"],
+    p.add_argument("--softmax", default=None, choices=[s.value for s in Softmax if s != Softmax.EXACT],
                    help=f"softmax replacement ({src} exp, the original softmax: max, spline exp, reciprocal; "
                         "relu: Comet's ReLU normalisation; crypten: CrypTen's, reproduced)")
     p.add_argument("--comet", action="store_true",
@@ -164,11 +166,11 @@ def _add_approx(p: argparse.ArgumentParser, insecure: bool = False) -> None:
                            "only with --allow-insecure insecure,flood" if insecure else "") + ")")
     p.add_argument("--sigma", type=float, default=None,
                    help=f"statistical security of Comet's flood in bits ({src} 40)")
-    p.add_argument("--smu-form", dest="smu_form", default=None, choices=["segments", "rsqrt"],
+    p.add_argument("--smu-form", dest="smu_form", default=None, choices=[f.value for f in SmuForm],
                    help="how SMU is computed (default segments: ReLU plus 24 public line segments of its "
                         "correction, mu folded into the server's weights, no rsqrt; rsqrt: Comet's "
                         "(x + sqrt(x^2 + mu^2))/2 by Newton)")
-    p.add_argument("--relu", default=None, choices=["narrow", "smooth", "full"],
+    p.add_argument("--relu", default=None, choices=[r.value for r in Relu],
                    help="ReLU-softmax's ReLU (default narrow: exact, by one narrow comparison; smooth: Comet's "
                         "SMU with mu 0.1, no comparison; full: the full-ring comparison)")
 
@@ -297,7 +299,7 @@ def _connect(args, out=None):
 
 
 def cmd_infer(args) -> int:
-    from .serve import save_json
+    from .costs import save_json
     from .service import format_bytes, reveal_note, truncation_note
 
     with _connect(args) as client:
@@ -347,7 +349,7 @@ def cmd_infer(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .serve import save_json
+    from .costs import save_json
     from .service import generation_costs
 
     if (args.prompt is None) == (args.chat is None):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .core import Role
+from .links import accept
 from .profiling import thread_profile
 from .protocols import KINDS
 from .protocols.material import Cost, DealerError
@@ -774,13 +775,10 @@ class DealerServer:
         watchdog.daemon = True
         watchdog.start()
         if self.tls is None:
-            ch = TcpChannel(conn, link="dealer", timeout=self.idle_timeout, peer_name=name)
+            ch = accept(conn, link="dealer", timeout=self.idle_timeout, peer_name=name)
         else:
-            from .tls import TlsChannel
-
             try:  # the handshake in this connection's thread: a slow peer does not block the others
-                ch = TlsChannel(conn, self.tls, server_side=True, link="dealer",
-                                timeout=self.limits.handshake_timeout, peer_name=name)
+                ch = accept(conn, tls=self.tls, link="dealer", timeout=self.limits.handshake_timeout, peer_name=name)
             except TransportError as e:
                 watchdog.cancel()
                 log.warning("refusing %s: %s", name, e)

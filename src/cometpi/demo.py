@@ -85,9 +85,9 @@ def chat(args) -> int:
 
 
 def _chat(args, logs, note) -> int:
-    from .bench.generate import _plaintext_greedy, first_divergence
     from .convert import from_hf
     from .data import smollm2_path
+    from .nn import first_divergence, plaintext_greedy
     from .serve import spawn, stop
     from .service import PrivateClient, generation_costs
 
@@ -115,7 +115,7 @@ def _chat(args, logs, note) -> int:
             stop(server)
         stop(dealer)
     arch, params = from_hf(model)
-    plain, margins = _plaintext_greedy(arch, params, ids, args.max_new_tokens, client.tokenizer.eos_token_id)
+    plain, margins = plaintext_greedy(arch, params, ids, args.max_new_tokens, client.tokenizer.eos_token_id)
     print(f"[demo] plaintext model's answer: {client.tokenizer.decode(plain, skip_special_tokens=True)!r}")
     first = first_divergence(g["ids"], plain)
     if first is None:

@@ -21,7 +21,6 @@ JSONL file as they arrive, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -31,9 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .approx.config import ApproxConfig, resolve_approx
 from .convert import params_hash
 from .finetune import _order, collate, load_dataset, predict
-from .nn import ApproxConfig
 
 RESULTS = Path("bench/results/accuracy.json")
 
@@ -66,7 +65,7 @@ def _code_hash() -> str:
     """Hash of the sources of the float model and the approximations (a change there recomputes)."""
     pkg = Path(__file__).parent
     h = hashlib.sha256()
-    for f in [pkg / "nn.py", *sorted((pkg / "approx").glob("*.py"))]:
+    for f in [pkg / "nn.py", pkg / "weights.py", *sorted((pkg / "approx").glob("*.py"))]:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -82,7 +81,7 @@ def _cached_plaintext(path: Path, key: dict) -> dict | None:
 
 
 def _store_plaintext(path: Path, entry: dict) -> None:
-    from .serve import save_json
+    from .costs import save_json
 
     entries = json.loads(path.read_text()) if path.is_file() else []
     save_json(str(path), [e for e in entries if e.get("key") != entry["key"]] + [entry])
@@ -193,16 +192,13 @@ def evaluate(model_dir: str, *, name: str | None = None, data: str = "rt", text_
     predictions are computed for the private rows only."""
     from transformers import AutoTokenizer
 
-    from .bench.ops import git_sha
+    from .costs import git_sha
 
     arch, params, meta = checkpoint.load(model_dir)
     trained = checkpoint.approx_of(meta)
-    approx_overrides = approx_overrides or {}
-    approx = None
-    if trained is not None and not trained.is_exact:
-        approx = dataclasses.replace(trained, **approx_overrides)
-    elif approx_overrides or private:  # a stock or exact checkpoint: the original functions unless told
-        approx = dataclasses.replace(ApproxConfig.original(), **approx_overrides)
+    approx = None  # an exact checkpoint evaluated in plaintext only, as it is
+    if (trained is not None and not trained.is_exact) or approx_overrides or private:
+        approx = resolve_approx(trained, params, approx_overrides, layers=arch.layers)  # the same as serve's
     _, _, test, labels, data_name = load_dataset(data, text_col, label_col)
     if meta.get("data") and meta["data"] != data_name:
         log(f"note: {model_dir} was fine-tuned on {meta['data']}, evaluated on {data_name}")
@@ -279,7 +275,7 @@ def evaluate(model_dir: str, *, name: str | None = None, data: str = "rt", text_
 
 def save_result(result: dict, path: Path = RESULTS) -> None:
     """Upsert ``result`` (by name) into the JSON list at ``path`` (atomically)."""
-    from .serve import save_json
+    from .costs import save_json
 
     rows = json.loads(path.read_text()) if path.is_file() else []
     rows = [r for r in rows if r.get("name") != result["name"]] + [result]

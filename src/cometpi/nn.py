@@ -9,15 +9,11 @@ weights are (in, out)).  Shapes are commented as in nanoGPT: (B, T, d), (B, nh, 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from . import protocols as P
 from .approx import (
-    FloatOps,
-    RingOps,
-    ShareOps,
     crypten_softmax,
     gelu_erf,
     gelu_tanh,
@@ -31,332 +27,34 @@ from .approx import (
     smu,
     softmax_exp,
 )
-from .approx.backends import checked_matmul, checked_product
-from .approx.functions import RELUS, rms_fold
+from .approx.config import (  # noqa: F401 - re-exported: cometpi.nn.ApproxConfig is the public name
+    GELUS,
+    PER_CHANNEL,
+    SMU_FORMS,
+    SOFTMAXES,
+    ApproxConfig,
+    resolve_approx,
+    trained_smu_lo,
+)
 from .approx.newton import warn_insecure_once
-from .approx.segments import fold_mu, smu1_segments
-from .approx.sites import SMU_MU, SOFTMAX_EPS, site_spec
+from .approx.segments import smu1_segments
 from .approx.splines import activation as spline_activation
 from .convert import rotary_tables, rotate_half_index
 from .core import ConfigError, Role, Session, TruncMode
-from .dealer import plan_delta, plan_shift
-from .ring import FixedPoint
+from .costs import LAYER_TYPES, breakdown  # noqa: F401 - re-exported
+from .lookahead import DealerLookahead
 from .sampling import choose, marks_to_indices, top_marks
-
-PER_CHANNEL = "per-channel"
-#: ``spline``: the model's own activation (erf or tanh GeLU, SiLU) by splines (``approx.splines``); ``erf`` and
-#: ``tanh`` are CrypTen's constructions (reproductions of its limits).
-GELUS = ("smu", "quad", "spline", "erf", "tanh", "exact")
-#: ``exp``: the original softmax (max, spline exp, reciprocal); ``crypten``: CrypTen's (a reproduction).
-SOFTMAXES = ("relu", "relu2", "quad2", "exp", "crypten", "exact")
-SMU_FORMS = ("segments", "rsqrt")
-
-
-@dataclass(frozen=True)
-class ApproxConfig:
-    """Which approximation each layer type uses, and how rsqrt is computed.  Comet's model by
-    default: SMU for GeLU, ReLU normalisation for softmax, Newton LayerNorm.
-
-    * ``smu_form``: ``segments`` (the default: SMU1 = ReLU + 24 public line segments of the correction
-      after folding mu into the FFN weights, ``approx.segments``: no rsqrt) or ``rsqrt`` (SMU as
-      (x + sqrt(x^2 + mu^2))/2 by Newton: Comet's own construction).
-    * ``relu``: ReLU-softmax's ReLU, ``narrow`` (exact, by the narrow comparison: the default),
-      ``smooth`` (SMU with mu = relu_mu: no comparison) or ``full`` (the full-ring comparison).
-    * ``guess``: rsqrt's initial guess (LayerNorm, the row sums, and SMU's rsqrt form): the secure
-      thermometer by default; ``comet`` is Comet's flooded guess at sigma = 40 (the faithful
-      reproduction).
-    ``exact`` is for plaintext references only."""
-
-    gelu: str = "smu"
-    softmax: str = "relu"
-    guess: str = "thermometer"
-    sigma: float = 40.0
-    target: float = 1e-3
-    smu_mu: float | str = SMU_MU  # or "per-channel": the model's trained layers.{i}.ffn.smu_mu (server-private)
-    smu_lo: float | None = None  # lower end of SMU's rsqrt domain; default mu^2 (per-channel: set by finetune)
-    relu_mu: float = 0.1
-    softmax_eps: float = SOFTMAX_EPS
-    pooler: str = "sigmoid"  # tanh(x) = 2 sigmoid(2x) - 1 (approx.sigmoid: CrypTen's with a (1, 2] reciprocal)
-    smu_form: str = "segments"
-    relu: str = "narrow"
-
-    def __post_init__(self):
-        if self.gelu not in GELUS:
-            raise ValueError(f"unknown GeLU approximation {self.gelu!r}; choose from {GELUS}")
-        if self.softmax not in SOFTMAXES:
-            raise ValueError(f"unknown softmax approximation {self.softmax!r}; choose from {SOFTMAXES}")
-        if self.smu_form not in SMU_FORMS:
-            raise ValueError(f"unknown SMU form {self.smu_form!r}; choose from {SMU_FORMS}")
-        if self.relu not in RELUS:
-            raise ValueError(f"unknown ReLU {self.relu!r} for ReLU-softmax; choose from {RELUS}")
-        if isinstance(self.smu_mu, str) and self.smu_mu != PER_CHANNEL:
-            raise ValueError(f"smu_mu must be a number or {PER_CHANNEL!r}, got {self.smu_mu!r}")
-        if self.smu_mu == PER_CHANNEL and self.gelu == "smu" and self.smu_form == "rsqrt" and self.smu_lo is None:
-            raise ValueError("a per-channel SMU mu needs smu_lo (the smallest mu^2), which `cometpi finetune` sets")
-
-    def spec(self, site: str):
-        kw = {"guess": self.guess, "target": self.target}
-        if self.guess.endswith("comet") or "flood" in self.guess:
-            kw["sigma"] = self.sigma
-        spec = site_spec(site, **kw)
-        if site == "smu":
-            lo = self.smu_lo if self.smu_lo is not None else float(self.smu_mu) ** 2 * 0.999
-            spec = spec.with_(lo=lo)
-        if site == "softmax_relu":
-            spec = spec.with_(lo=min(spec.lo, self.relu_mu**2 / 2))
-        return spec
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def folds_mu(self) -> bool:
-        """Whether SMU's mu is folded into the FFN weights (the segments form)."""
-        return self.gelu == "smu" and self.smu_form == "segments"
-
-    @property
-    def is_exact(self) -> bool:
-        return self.gelu == "exact" and self.softmax == "exact"
-
-    @classmethod
-    def exact(cls) -> ApproxConfig:
-        """The original model (plaintext floats only): exact GeLU, softmax, LayerNorm and tanh."""
-        return cls(gelu="exact", softmax="exact", pooler="exact")
-
-    @classmethod
-    def original(cls, **kw) -> ApproxConfig:
-        """The original functions, securely (a stock checkpoint, no fine-tuning): the model's own
-        activation by splines, softmax by max + spline exp + reciprocal, LayerNorm/RMSNorm by rsqrt."""
-        return cls(gelu="spline", softmax="exp", **kw)
-
-    @property
-    def is_original(self) -> bool:
-        return self.gelu == "spline" and self.softmax == "exp"
-
-
-def trained_smu_lo(params: dict, layers: int) -> float:
-    """The lower end of SMU's rsqrt domain for a trained per-channel mu: just below the smallest mu^2
-    (public with ``--smu-form rsqrt``; SMU by segments needs none)."""
-    return min(float(params[f"layers.{i}.ffn.smu_mu"].min()) for i in range(layers)) ** 2 * 0.999
-
-
-def folds_norm_weights(arch) -> bool:
-    """Whether RMSNorm's gamma is folded into the linear layer each norm feeds (pre-norm RMSNorm models:
-    Llama, SmolLM2): gamma x_hat W = x_hat (diag(gamma) W), so no private vector product (2 rounds) runs
-    on shares; rmsnorm's public per-row factor (``rms_fold``) goes there too (1 round).  Public (both
-    parties derive it from the architecture): the folded weights are not masked."""
-    return arch.pre_ln and arch.norm == "rms"
-
-
-def prepare_params(arch, params: dict, cfg: ApproxConfig) -> dict:
-    """Fold the attention scale 1/sqrt(hs) into the query weights and bias (a local, exact rewrite:
-    the secure path then needs no public product for it); for pre-norm RMSNorm models fold each norm's
-    gamma into the weights of the linear layer it feeds (``folds_norm_weights``; the gammas become
-    the 1 / rms_fold(d) that the exact float norm then needs); for SMU's segments form, fold mu into the
-    FFN weights (``approx.segments.fold_mu``: the per-channel mu stays the server's, inside its
-    weights); for the rsqrt form, square trained SMU mu's (the server adds mu^2).  Differentiable:
-    fine-tuning runs through it."""
-    out = dict(params)
-    d, hs = arch.hidden, arch.hidden // arch.heads
-    scale = 1.0 / math.sqrt(hs)
-    if folds_norm_weights(arch):
-        for norm, lin in [(f"layers.{i}.ln{j}", f"layers.{i}.{'attn.qkv' if j == 1 else 'ffn.up'}")
-                          for i in range(arch.layers) for j in (1, 2)] + [("final_ln", "lm_head")]:
-            gamma = out[norm + ".weight"] * rms_fold(d)  # and rmsnorm's public factor (rmsnorm(scaled=False))
-            out[lin + ".weight"] = gamma[:, None] * out[lin + ".weight"]
-            out[norm + ".weight"] = torch.full_like(gamma, 1 / rms_fold(d))  # the exact norm (floats) undoes it
-    for i in range(arch.layers):
-        w = out[f"layers.{i}.attn.qkv.weight"].clone()
-        w[:, :d] *= scale  # rotary positions commute with the scale
-        out[f"layers.{i}.attn.qkv.weight"] = w
-        if arch.bias:
-            b = out[f"layers.{i}.attn.qkv.bias"].clone()
-            b[:d] *= scale
-            out[f"layers.{i}.attn.qkv.bias"] = b
-        mu = out.get(f"layers.{i}.ffn.smu_mu")
-        if cfg.folds_mu:
-            if cfg.smu_mu != PER_CHANNEL:
-                mu = float(cfg.smu_mu)
-            elif mu is None:
-                raise ConfigError("the approximations ask for a trained per-channel SMU mu, but the model has none")
-            up, down = f"layers.{i}.ffn.up", f"layers.{i}.ffn.down"
-            if arch.gated:  # SwiGLU: mu enters through the gate only
-                gate = out[up + ".weight"][:, :arch.ffn]
-                g, _, out[down + ".weight"] = fold_mu(gate, torch.zeros(arch.ffn, dtype=gate.dtype),
-                                                      out[down + ".weight"], mu)
-                out[up + ".weight"] = torch.cat([g, out[up + ".weight"][:, arch.ffn:]], -1)
-            else:
-                out[up + ".weight"], out[up + ".bias"], out[down + ".weight"] = fold_mu(
-                    out[up + ".weight"], out[up + ".bias"], out[down + ".weight"], mu)
-        elif mu is not None:
-            out[f"layers.{i}.ffn.smu_mu2"] = mu * mu
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Model backends: the approx backends plus access to the model's parameters
-# --------------------------------------------------------------------------------------------------
-
-
-class FloatModel(FloatOps):
-    """Floats with the parameters in the clear (plaintext reference; ``ideal`` for fine-tuning)."""
-
-    def __init__(self, params: dict, dtype=torch.float64, ideal: bool = False):
-        super().__init__(dtype, ideal)
-        self.p = {k: v.to(dtype) for k, v in params.items()}
-
-    def linear(self, x, name, bias=True):
-        y = x @ self.p[name + ".weight"]
-        return y + self.p[name + ".bias"] if bias else y
-
-    def scale_param(self, x, name):
-        return x * self.p[name]
-
-    def add_param(self, x, name, index=None):
-        t = self.p[name]
-        return x + (t if index is None else t[index])
-
-    def embed(self, ids, n_tokens=None):
-        return self.p["embeddings.word"][ids.reshape(-1)]
-
-    def matmul(self, a, b):
-        return a @ b
-
-    def mul_const_sum(self, pairs):
-        return sum(a * torch.as_tensor(c, dtype=a.dtype) for a, c in pairs)
-
-    def reveal(self, x):
-        return x
-
-
-class RingModel(RingOps):
-    """The fixed-point simulation with parameters encoded (no network)."""
-
-    def __init__(self, params: dict, fp: FixedPoint | None = None, count_local_odds: bool = False):
-        super().__init__(fp, count_local_odds)
-        self.p = {k: self.fp.encode(v) for k, v in params.items()}
-
-    def linear(self, x, name, bias=True):
-        y = self.shift(checked_matmul(x, self.p[name + ".weight"]), self.fp.frac_bits)
-        return y + self.p[name + ".bias"] if bias else y
-
-    def scale_param(self, x, name):
-        return self.shift(checked_product(x, self.p[name]), self.fp.frac_bits)
-
-    def add_param(self, x, name, index=None):
-        t = self.p[name]
-        return x + (t if index is None else t[index])
-
-    def embed(self, ids, n_tokens=None):
-        return self.p["embeddings.word"][ids.reshape(-1)]
-
-    def matmul(self, a, b):
-        return self.shift(checked_matmul(a, b), self.fp.frac_bits)
-
-    def mul_const_sum(self, pairs):
-        """sum of a * c for public real tensors c, with one truncation."""
-        return self.shift(sum(checked_product(a, self.fp.encode(c)) for a, c in pairs), self.fp.frac_bits)
-
-    def reveal(self, x):
-        return self.fp.decode(x)
-
-
-class ShareModel(ShareOps):
-    """The secure path: private weights masked once per session, biases added by the server."""
-
-    def __init__(self, session: Session, arch, params: dict | None, *, encoded: dict | None = None):
-        """``encoded``: the server's ``encode_params(params, session.fp)`` made once for many sessions
-        (read only; encoding SmolLM2's weights takes seconds)."""
-        super().__init__(session)
-        self.arch = arch
-        self.server = session.role == Role.SERVER
-        if self.server and params is None:
-            raise ValueError("the server must hold the parameters")
-        self.enc = (encoded if encoded is not None else encode_params(params, self.fp)) if self.server else {}
-        self.w = prepare_private(session, arch, self.enc if self.server else None, encoded=True)
-        # the dealer material of coming layers, guessed and fetched ahead (Config.lookahead)
-        self.lookahead = DealerLookahead(session.provider if session.config.lookahead else None)
-
-    def linear(self, x, name, bias=True):
-        y = P.matmul_private(x, self.w[name + ".weight"])
-        return self.add_param(y, name + ".bias") if bias else y
-
-    def scale_param(self, x, name):
-        return P.matmul_private(x, self.w[name])
-
-    def add_param(self, x, name, index=None):
-        if not self.server:
-            return x
-        t = self.enc[name]
-        return x._wrap(x.data + (t if index is None else t[index]).to(x.data.device))
-
-    def embed(self, ids, n_tokens=None):
-        return P.embedding_lookup(None if ids is None else ids.reshape(-1), self.w["embeddings.word"],
-                                  n_tokens=n_tokens)
-
-    def matmul(self, a, b):
-        return P.matmul(a, b)
-
-    def mul_const_sum(self, pairs):
-        """sum of a * c for public real tensors c: local products, one truncation (1 round, 16 B/element)."""
-        acc = None
-        for a, c in pairs:
-            t = a.mul_int(torch.broadcast_to(self.fp.encode(c), a.shape).contiguous())
-            acc = t if acc is None else acc + t
-        return P.truncate(acc, self.fp.frac_bits)
-
-    def reveal(self, x):
-        return self.s.reveal_float(x, Role.CLIENT)
-
-
-def private_weight_names(arch) -> list[tuple[str, int]]:
-    """The server-private weights masked at session start, in order, with their ring size."""
-    names = [("embeddings.word", 32)]
-    if not arch.pre_ln:
-        names.append(("embeddings.ln.weight", 64))
-    norms = not folds_norm_weights(arch)  # folded gammas are inside the next layer's weights
-    for i in range(arch.layers):
-        names += [(f"layers.{i}.attn.qkv.weight", 64), (f"layers.{i}.attn.out.weight", 64),
-                  *[(f"layers.{i}.ln1.weight", 64)] * norms, (f"layers.{i}.ffn.up.weight", 64),
-                  (f"layers.{i}.ffn.down.weight", 64), *[(f"layers.{i}.ln2.weight", 64)] * norms]
-    if arch.pre_ln and norms:
-        names.append(("final_ln.weight", 64))
-    if arch.head == "classifier":
-        names += [("pooler.weight", 64), ("classifier.weight", 64)] if arch.kind == "bert" else [
-            ("head.dense.weight", 64), ("head.out.weight", 64)]
-    if arch.head == "lm":
-        names.append(("lm_head.weight", 64))
-    return names
-
-
-def param_shapes(arch) -> dict[str, tuple]:
-    d, ff = arch.hidden, arch.ffn
-    shapes = {"embeddings.word": (arch.vocab, d), "embeddings.ln.weight": (d,), "final_ln.weight": (d,),
-              "pooler.weight": (d, d), "classifier.weight": (d, arch.num_labels), "head.dense.weight": (d, d),
-              "head.out.weight": (d, arch.num_labels), "lm_head.weight": (d, arch.vocab)}
-    for i in range(arch.layers):
-        shapes.update({f"layers.{i}.attn.qkv.weight": (d, arch.qkv_width), f"layers.{i}.attn.out.weight": (d, d),
-                       f"layers.{i}.ln1.weight": (d,), f"layers.{i}.ffn.up.weight": (d, 2 * ff if arch.gated else ff),
-                       f"layers.{i}.ffn.down.weight": (ff, d), f"layers.{i}.ln2.weight": (d,)})
-    return shapes
-
-
-def encode_params(params: dict, fp) -> dict:
-    """Every parameter as ring elements (the server's, once per model and fixed-point precision)."""
-    return {k: fp.encode(v) for k, v in params.items()}
-
-
-def prepare_private(session: Session, arch, params: dict | None, *, encoded: bool = False) -> dict:
-    """Mask every private weight for this session (offline; both parties, same order).  The server
-    passes ``params`` (real, or ring elements with ``encoded``)."""
-    shapes = param_shapes(arch)
-    out = {}
-    with session.span("prepare_model"):
-        for name, bits in private_weight_names(arch):
-            w = None if params is None else params[name]
-            out[name] = P.prepare_weight(session, w, shape=shapes[name], bits=bits, encoded=encoded)
-    return out
-
+from .weights import (  # noqa: F401 - re-exported: the model's backends and parameters
+    FloatModel,
+    RingModel,
+    ShareModel,
+    encode_params,
+    folds_norm_weights,
+    param_shapes,
+    prepare_params,
+    prepare_private,
+    private_weight_names,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Layers
@@ -381,27 +79,6 @@ def _layernorm(ops, x, name, cfg: ApproxConfig, eps: float, arch=None):
 
 
 #: Span names that classify traffic by layer type (the outermost one on a span's path wins).
-LAYER_TYPES = {"embedding": "embedding", "ln": "layernorm", "softmax": "softmax", "gelu": "gelu",
-               "matmul_private": "linear", "matmul": "attention matmul", "head": "head", "rotary": "rotary",
-               "gate": "swiglu gate"}
-
-
-def breakdown(spans: dict) -> dict[str, dict]:
-    """Online/offline traffic and seconds per layer type from a meter report's spans."""
-    out: dict[str, dict] = {}
-    for path, rec in spans.items():
-        parts = path.split("/")
-        first = next((p for p in parts if p in LAYER_TYPES), None)
-        if first is None or parts[-1] != first or parts.index(first) != len(parts) - 1:
-            continue
-        t = out.setdefault(LAYER_TYPES[first], {"online_bytes": 0, "offline_bytes": 0, "rounds": 0, "seconds": 0.0})
-        t["online_bytes"] += rec["online"]["bytes_sent"] + rec["online"]["bytes_recv"]
-        t["offline_bytes"] += rec["offline"]["bytes_sent"] + rec["offline"]["bytes_recv"]
-        t["rounds"] += rec["online"]["rounds"]
-        t["seconds"] += rec["seconds"]
-    return out
-
-
 def _activation(ops, x, cfg: ApproxConfig, arch, i: int):
     with ops.span("gelu"):
         if cfg.gelu == "exact":
@@ -512,73 +189,6 @@ class KVCache:
     def nbytes(self) -> int:
         """This party's memory for the cache (8 B per ring element)."""
         return sum(8 * math.prod(getattr(t, "shape", ())) for t in (*self.k, *self.v))
-
-
-class DealerLookahead:
-    """Prefetches the dealer material of layers not yet run, guessed from the layers just done, so that
-    a first query of a shape and every decoding step wait on the dealer for their first layers only.
-
-    Every layer makes the same requests but for the index of its weights: the guess of layer i+1 is
-    layer i's plan moved on by the difference between two consecutive layers (``dealer.plan_delta``,
-    learnt once from layers 0 and 1 and kept for later forwards).  ``AHEAD`` layers are kept
-    requested ahead; each guess is checked request by request (``Provider.speculate``), and the first
-    wrong one ends the guessing for the rest of the forward.  ``tail_begin``/``tail_end`` do the same
-    for what follows the last layer of a decoding step (the final norm, the LM head, the argmax: the
-    same requests at every step), guessed from the step before.  ``ShareModel`` keeps one per session
-    (both parties make the same guesses); without a provider (floats, ring simulation) it does nothing,
-    and nothing where a replayed plan of the whole query already covers the indices."""
-
-    AHEAD = 2
-
-    def __init__(self, provider=None):
-        self.p = provider
-        self.delta = None  # plan_delta of two consecutive layers
-        self.tail: list | None = None
-        self._tail_start = None
-        self.on = False
-        self.decoding = False  # set by greedy_decode: only its forwards end in the guessed tail
-
-    def forward_begin(self, layers: int) -> None:
-        self.layers, self.ahead, self.last, self.guess = layers, 0, None, None
-        self.on = self.p is not None
-        self._misses = self.p.mispredictions if self.on else 0
-
-    def layer_begin(self) -> None:
-        if self.on:
-            self._start = self.p.index
-
-    def layer_end(self, i: int) -> None:
-        if not self.on:
-            return
-        if self.p.mispredictions != self._misses:  # a layer was not as guessed: stop, learn again next time
-            self.on, self.delta = False, None
-            return
-        plan = self.p.plan_since(self._start)
-        if self.last is not None and self.delta is None:
-            self.delta = plan_delta(self.last, plan)
-        self.last = plan
-        if self.delta is None:
-            self.on = i == 0  # after layers 0 and 1 without a delta: the layers differ, no guessing
-            return
-        if self.guess is None:
-            self.guess, self.ahead = plan, i + 1
-        while self.ahead < min(i + 1 + self.AHEAD, self.layers):
-            guess = plan_shift(self.guess, self.delta)
-            if guess is None:
-                self.on = False
-                return
-            self.p.speculate(guess)
-            self.guess, self.ahead = guess, self.ahead + 1
-
-    def tail_begin(self) -> None:
-        if self.p is not None and self.decoding:
-            if self.tail is not None:
-                self.p.speculate(self.tail)
-            self._tail_start = self.p.index
-
-    def tail_end(self) -> None:
-        if self.p is not None and self._tail_start is not None:
-            self.tail, self._tail_start = self.p.plan_since(self._tail_start), None
 
 
 def decode_mask(batch: int, start: int, length: int) -> torch.Tensor:
@@ -822,3 +432,27 @@ def secure_generate(session: Session, arch, cfg: ApproxConfig, *, model: ShareMo
         yield from greedy_decode(model, arch, cfg, prompt_ids=prompt_ids, prompt_length=prompt_length,
                                  max_new=max_new, stop=stop, temperature=temperature, top_k=top_k, noise=noise,
                                  cache=cache)
+
+
+def first_divergence(got: list[int], want: list[int]) -> int | None:
+    """The first position where two token lists differ (one ending early counts), or None."""
+    first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+    return min(len(got), len(want)) if first is None and len(got) != len(want) else first
+
+
+def plaintext_greedy(arch, params, ids: torch.Tensor, n: int, eos: int | None):
+    """Greedy continuation by the plaintext float64 model with a KV cache (cached = uncached: tests),
+    with each step's top-2 margin."""
+    cfg = ApproxConfig.exact()
+    ops = FloatModel(prepare_params(arch, params, cfg))
+    cache, out, margins = KVCache(), [], []
+    cur = ids
+    for _ in range(n):
+        logits = forward(ops, arch, cfg, batch=1, length=cur.shape[1], input_ids=cur, cache=cache)[0]
+        top = logits.topk(2)
+        out.append(int(top.indices[0]))
+        margins.append(float(top.values[0] - top.values[1]))
+        if eos is not None and out[-1] == eos:
+            break
+        cur = torch.tensor([[out[-1]]])
+    return out, margins

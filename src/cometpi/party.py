@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from .core import Config, ConfigError, Role, Session, new_session_id
 from .dealer import DealerClient, LocalDealer, Provider
+from .links import accept, dial
 from .ring import new_seed
 from .transport import (
     DEFAULT_TIMEOUT,
@@ -31,7 +32,6 @@ from .transport import (
     Meter,
     NetProfile,
     PeerDisconnected,
-    TcpChannel,
     VersionMismatch,
     parse_address,
 )
@@ -114,7 +114,7 @@ def _dealer_client(dealer: str, meter: Meter, timeout: float, tls=None, insecure
         from .tls import check_plaintext
 
         check_plaintext(host, insecure_plaintext, "the dealer")
-    return DealerClient(TcpChannel.connect(host, port, link="dealer", meter=meter, timeout=timeout,
+    return DealerClient(dial(host, port, link="dealer", meter=meter, timeout=timeout,
                                            peer_name=f"dealer at {dealer}", retries=10,
                                            tls=None if tls is None else tls.dealer, **deadline))
 
@@ -131,7 +131,7 @@ def connect_client(server: str, dealer: str, config: Config, *, timeout: float =
         from .tls import check_plaintext
 
         check_plaintext(host, insecure_plaintext, "the server")
-    ch = TcpChannel.connect(host, port, meter=meter, timeout=timeout, net=net,
+    ch = dial(host, port, meter=meter, timeout=timeout, net=net,
                             peer_name=f"server at {server}", retries=10, tls=None if tls is None else tls.peer)
     try:
         sid, pair_seed, card = client_handshake(ch, config, extra)
@@ -157,12 +157,7 @@ def accept_server(conn: socket.socket, dealer: str, config: Config, *, timeout: 
     kw = {"meter": meter, "timeout": timeout, "net": net, "peer_name": "client", "deadline": at,
           "deadline_message": f"the client did not complete the handshake {within}"}
     try:
-        if tls is not None and tls.peer is not None:
-            from .tls import TlsChannel
-
-            ch = TlsChannel(conn, tls.peer, server_side=True, **kw)
-        else:
-            ch = TcpChannel(conn, **kw)
+        ch = accept(conn, tls=tls.peer if tls is not None else None, **kw)
     except BaseException:
         conn.close()
         raise

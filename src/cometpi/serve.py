@@ -12,16 +12,15 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .core import Config, Role, Session
+from .costs import atomic_write, save_json  # noqa: F401 - re-exported
 from .party import HANDSHAKE_TIMEOUT, accept_server
 from .profiling import thread_profile
 from .protocols import matmul_private, prepare_weight
@@ -234,21 +233,6 @@ def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
         proc.stdout.close()
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_tensor(path: str, key: str | None = None) -> torch.Tensor:
     """One tensor from a safetensors file (the only tensor, or ``key``)."""
     try:
@@ -303,7 +287,3 @@ def linear_client(sess: Session, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
 
 def save_result(path: str, y: torch.Tensor) -> None:
     atomic_write(path, lambda tmp: save_file({"y": y.contiguous()}, tmp))
-
-
-def save_json(path: str, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))

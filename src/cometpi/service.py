@@ -53,9 +53,9 @@ from .nn import (
     ShareModel,
     encode_params,
     prepare_params,
+    resolve_approx,
     secure_forward,
     secure_generate,
-    trained_smu_lo,
 )
 from .party import connect_client
 from .profiling import thread_profile
@@ -211,20 +211,12 @@ class ModelServer:
             params = {k: v for k, v in params.items()
                       if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
         if not isinstance(approx, ApproxConfig):
-            base = trained if trained is not None and not trained.is_exact else ApproxConfig.original()
-            fields = {**base.to_dict(), **(approx or {})}
-            if (fields["gelu"] == "smu" and fields["smu_mu"] == PER_CHANNEL and fields["smu_form"] == "rsqrt"
-                    and fields["smu_lo"] is None and "layers.0.ffn.smu_mu" in params):
-                # SMU by rsqrt with a trained mu: its rsqrt domain starts at the smallest mu^2 (then public)
-                fields["smu_lo"] = trained_smu_lo(params, self.arch.layers)
-            approx = ApproxConfig(**fields)
+            approx = resolve_approx(trained, params, approx, layers=self.arch.layers)
         if approx.is_exact or approx.gelu == "exact" or approx.softmax == "exact":
             raise ValueError("exact GeLU/softmax are plaintext-only; choose an approximation to serve")
         if approx.smu_mu == PER_CHANNEL and approx.gelu == "smu" and "layers.0.ffn.smu_mu" not in params:
             raise ValueError("the approximations ask for a trained per-channel SMU mu, but the model has none "
                              f"({checkpoint.MU_FILE} missing)")
-        if approx.folds_mu and approx.smu_lo is not None:  # not needed by segments: the smallest mu stays private
-            approx = dataclasses.replace(approx, smu_lo=None)
         self.approx = approx
         self.idle_timeout = idle_timeout
         self.config = config or Config()

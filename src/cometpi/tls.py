@@ -156,6 +156,11 @@ class TlsConfig:
         ctx.load_verify_locations(cadata="".join(p.decode() for p in self._pins))
         return ctx
 
+    def channel(self, sock: socket.socket, *, server_side: bool, **kw) -> TlsChannel:
+        """A TLS channel over ``sock`` with this identity and these pins (what ``TcpChannel.connect`` makes
+        when given a ``tls``: the transport needs no import of this module)."""
+        return TlsChannel(sock, self, server_side=server_side, **kw)
+
 
 def _reason(e: Exception) -> str:
     msg = getattr(e, "verify_message", None) or getattr(e, "reason", None) or str(e)

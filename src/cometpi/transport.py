@@ -665,10 +665,8 @@ class TcpChannel(Channel):
         for _ in range(retries + 1):
             try:
                 sock = socket.create_connection((host, port), timeout=connect_timeout)
-                if tls is not None:
-                    from .tls import TlsChannel
-
-                    return TlsChannel(sock, tls, server_side=False, **kw)
+                if tls is not None:  # a tls.TlsConfig makes its own channel (no import circle)
+                    return tls.channel(sock, server_side=False, **kw)
                 return cls(sock, **kw)
             except (TimeoutError, ConnectionRefusedError, OSError) as e:
                 last = e

@@ -139,7 +139,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def report(out: Path) -> None:
-    from ..serve import atomic_write
+    from ..costs import atomic_write
 
     rows = json.loads(out.read_text())
     order = {e[0]: i for i, e in enumerate(EVALS)} | {h: len(EVALS) + i for i, h in enumerate(HISTORIC)}

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ..nn import first_divergence, plaintext_greedy  # noqa: F401 - first_divergence re-exported
+
 #: Real prompts of our own (plain user requests of the kind an assistant gets).
 PROMPTS = [
     "Give me three tips for a rainy day.",
@@ -47,32 +49,6 @@ PROMPTS = [
     "Suggest a name for a small bakery.",
     "How many days are there in a leap year?",
 ]
-
-
-def first_divergence(got: list[int], want: list[int]) -> int | None:
-    """The first position where two token lists differ (one ending early counts), or None."""
-    first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
-    return min(len(got), len(want)) if first is None and len(got) != len(want) else first
-
-
-def _plaintext_greedy(arch, params, ids: torch.Tensor, n: int, eos: int | None):
-    """Greedy continuation by the plaintext float64 model with a KV cache (cached = uncached: tests),
-    with each step's top-2 margin."""
-    from ..nn import ApproxConfig, FloatModel, KVCache, forward, prepare_params
-
-    cfg = ApproxConfig.exact()
-    ops = FloatModel(prepare_params(arch, params, cfg))
-    cache, out, margins = KVCache(), [], []
-    cur = ids
-    for _ in range(n):
-        logits = forward(ops, arch, cfg, batch=1, length=cur.shape[1], input_ids=cur, cache=cache)[0]
-        top = logits.topk(2)
-        out.append(int(top.indices[0]))
-        margins.append(float(top.values[0] - top.values[1]))
-        if eos is not None and out[-1] == eos:
-            break
-        cur = torch.tensor([[out[-1]]])
-    return out, margins
 
 
 def _serve(model_dir: str, daddr: str, extra=()):
@@ -98,7 +74,7 @@ def accuracy(model_dir: str, daddr: str, n_prompts: int, new_tokens: int) -> dic
                 t0 = time.perf_counter()
                 list(client.generate(ids[0].tolist(), max_new_tokens=new_tokens))
                 g = client.last_generation
-                plain, margins = _plaintext_greedy(arch, params, ids, new_tokens, tok.eos_token_id)
+                plain, margins = plaintext_greedy(arch, params, ids, new_tokens, tok.eos_token_id)
                 first = first_divergence(g["ids"], plain)
                 row = {"prompt": prompt, "prompt_tokens": g["prompt_tokens"], "private_text": g["text"],
                        "plaintext_text": tok.decode(plain, skip_special_tokens=True), "equal": first is None,

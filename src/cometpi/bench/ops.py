@@ -14,7 +14,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from .. import protocols as P
 from ..core import Config, Role, Session, TruncMode
+from ..costs import git_sha, write_results  # noqa: F401 - re-exported
 from ..party import connect_client, run_local
 from ..ring import FixedPoint, limbs_needed, random_ring, ring_matmul
 from ..transport import NETWORKS, Traffic
@@ -253,26 +253,6 @@ def bench_trunc_failures(sha: str, trials: int = 1 << 22) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 # Drivers
 # --------------------------------------------------------------------------------------------------
-
-
-def git_sha() -> str:
-    """Short HEAD sha, with ``+dirty`` when tracked files have uncommitted changes."""
-    def git(*a):
-        return subprocess.run(["git", *a], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-
-    try:
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_results(out: Path, rows: list[dict], md: str) -> None:
-    """The rows as JSON lines at ``out`` and the markdown table beside it (.md), each written atomically."""
-    from ..serve import atomic_write
-
-    atomic_write(out, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
-    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md + "\n"))
 
 
 def bench_inproc(reps: int, sha: str, ops=OPS) -> list[dict]:

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..costs import save_json
 from ..data import minilm_path, rotten_tomatoes, split
-from ..serve import save_json
 from .ops import git_sha
 
 PERCENTILES = (0.1, 1, 50, 99, 99.9)  # plus min (p0) and max (p100)
