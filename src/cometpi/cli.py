@@ -120,6 +120,19 @@ def _server_limits(args) -> dict:
                 max_session_seconds=args.max_session_seconds)
 
 
+def _add_client(p: argparse.ArgumentParser, tokenizer_default: str) -> None:
+    """The options of every client command (infer, generate, api): where the server and the dealer
+    are, the tokenizer, a pinned model hash, the client's floor, the session config, TLS."""
+    p.add_argument("--server", required=True, help="model server HOST:PORT")
+    p.add_argument("--dealer", required=True, help="dealer HOST:PORT")
+    p.add_argument("--tokenizer", default=None, help=f"tokenizer directory (default: {tokenizer_default})")
+    p.add_argument("--model-hash", default=None, help="refuse a server whose model hash differs (the client "
+                                                      "compares the card's itself)")
+    _add_allow_insecure(p, "client")
+    _add_config(p)
+    _add_tls(p, "client")
+
+
 def _add_dealer_limits(p: argparse.ArgumentParser) -> None:
     """The dealer's bounds against anyone who can connect (``dealer.DealerLimits``, docs/robustness.md)."""
     from .dealer import DealerLimits as L
@@ -283,7 +296,8 @@ def cmd_serve(args) -> int:
 
 def _connect(args, out=None):
     """The client's session from the command line (infer, generate), announced on ``out``."""
-    from .service import PrivateClient, reveal_note
+    from .client import PrivateClient
+    from .policy import reveal_note
 
     client = PrivateClient(args.server, args.dealer, tokenizer=args.tokenizer, config=_config(args),
                            model_hash=args.model_hash, timeout=args.timeout, net=_net(args),
@@ -299,8 +313,9 @@ def _connect(args, out=None):
 
 
 def cmd_infer(args) -> int:
+    from .client import format_bytes, truncation_note
     from .costs import save_json
-    from .service import format_bytes, reveal_note, truncation_note
+    from .policy import reveal_note
 
     with _connect(args) as client:
         a = client.arch
@@ -349,8 +364,8 @@ def cmd_infer(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .client import generation_costs
     from .costs import save_json
-    from .service import generation_costs
 
     if (args.prompt is None) == (args.chat is None):
         raise SystemExit("give a prompt or --chat MESSAGE (one of them)")
@@ -384,7 +399,7 @@ def cmd_api(args) -> int:
 
 def _with_note(row: dict) -> str:
     """The echoed text of an ``infer`` result, after '(truncated to K of N tokens)' if it was cut."""
-    from .service import truncation_note
+    from .client import truncation_note
 
     note = truncation_note(row)
     return f"{note} {row['text']}" if note else row["text"]
@@ -548,11 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inf = sub.add_parser("infer", help="classify text privately against a model server")
     inf.add_argument("texts", nargs="+", help="one or more sentences (one batch)")
-    inf.add_argument("--server", required=True, help="model server HOST:PORT")
-    inf.add_argument("--dealer", required=True, help="dealer HOST:PORT")
-    inf.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MiniLM's for BERT vocab)")
-    inf.add_argument("--model-hash", default=None, help="refuse a server whose model hash differs (the client "
-                                                        "compares the card's itself)")
+    _add_client(inf, "MiniLM's for BERT vocab")
     inf.add_argument("--max-length", type=int, default=128,
                      help="tokens per text, at most the model's positions; longer texts are truncated and marked "
                           "'(truncated to K of N tokens)' (default %(default)s)")
@@ -561,19 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--hide-length", action="store_true", help="share the padding mask: the server learns "
                      "only the padded length")
     inf.add_argument("--json", default=None, help="write results and costs to this JSON file")
-    _add_allow_insecure(inf, "client")
-    _add_config(inf)
-    _add_tls(inf, "client")
     inf.set_defaults(fn=cmd_infer)
 
     gen = sub.add_parser("generate", help="generate text privately (greedy, KV cache in shares) from an LM server")
     gen.add_argument("prompt", nargs="?", default=None, help="prompt text (or --chat)")
     gen.add_argument("--chat", default=None, metavar="MESSAGE",
                      help="one user message through the tokenizer's chat template")
-    gen.add_argument("--server", required=True, help="model server HOST:PORT")
-    gen.add_argument("--dealer", required=True, help="dealer HOST:PORT")
-    gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: SmolLM2's for its vocabulary)")
-    gen.add_argument("--model-hash", default=None, help="refuse a server whose model hash differs")
+    _add_client(gen, "SmolLM2's for its vocabulary")
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default %(default)s)")
     gen.add_argument("--fixed-length", action="store_true",
                      help="always run --max-new-tokens steps: the server does not learn where the text ended")
@@ -584,17 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --temperature: sample among the K largest logits only (the server learns that "
                           "top-k is on, not K)")
     gen.add_argument("--json", default=None, help="write the text, token ids and costs to this JSON file")
-    _add_allow_insecure(gen, "client")
-    _add_config(gen)
-    _add_tls(gen, "client")
     gen.set_defaults(fn=cmd_generate)
 
     api = sub.add_parser("api", help="the client as an OpenAI-compatible HTTP endpoint with a web chat page "
                                      "(docs/api.md)")
-    api.add_argument("--server", required=True, help="model server HOST:PORT")
-    api.add_argument("--dealer", required=True, help="dealer HOST:PORT")
-    api.add_argument("--tokenizer", default=None, help="tokenizer directory (default: SmolLM2's for its vocabulary)")
-    api.add_argument("--model-hash", default=None, help="refuse a server whose model hash differs")
+    _add_client(api, "SmolLM2's for its vocabulary")
     api.add_argument("--model-name", default=None,
                      help="the model's id in /v1/models and requests (default: the tokenizer folder's name)")
     api.add_argument("--host", default="127.0.0.1",
@@ -607,9 +606,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve plain HTTP on a non-loopback address (anyone who reaches it reads the text)")
     api.add_argument("--max-waiting", type=int, default=8,
                      help="requests that may wait while one is generated; more get HTTP 429 (default %(default)s)")
-    _add_allow_insecure(api, "client")
-    _add_config(api)
-    _add_tls(api, "client")
     api.set_defaults(fn=cmd_api)
 
     ft = sub.add_parser("finetune", help="fine-tune a BERT classifier for the secure approximations")

@@ -85,11 +85,11 @@ def chat(args) -> int:
 
 
 def _chat(args, logs, note) -> int:
+    from .client import PrivateClient, generation_costs
     from .convert import from_hf
     from .data import smollm2_path
     from .nn import first_divergence, plaintext_greedy
     from .serve import spawn, stop
-    from .service import PrivateClient, generation_costs
 
     t_start = time.perf_counter()
     model = smollm2_path()
@@ -139,9 +139,9 @@ def main(args) -> int:
 
 def _classify(args, logs, note) -> int:
     from . import checkpoint
+    from .client import PrivateClient, format_bytes
     from .nn import plaintext_forward
     from .serve import spawn, stop
-    from .service import PrivateClient, format_bytes
 
     t_start = time.perf_counter()
     model = Path(args.model) if args.model else demo_model(args.train_rows)

@@ -121,8 +121,8 @@ def serve_args(model_dir: str, dealer: str, timeout: float, approx_overrides: di
 def run_private(model_dir: str, approx_overrides: dict, enc, y, subset: list[int], sim_pred, *, batch: int,
                 records: Path, header: dict, timeout: float = 600.0) -> list[dict]:
     """Classify ``subset`` privately (3 processes) and return one record per example."""
+    from .client import PrivateClient
     from .serve import spawn, stop
-    from .service import PrivateClient
 
     done = _read_records(records, header)
     # longest first: the progress bar's ETA then errs long rather than short

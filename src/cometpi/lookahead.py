@@ -1,10 +1,10 @@
 """The dealer lookahead: both parties guess the dealer requests of layers not yet run from the layers
 just done, and fetch them ahead (``DealerLookahead``), beside the dealer's plan arithmetic
-(``dealer.plan_delta``, ``dealer.plan_shift``)."""
+(``provider.plan_delta``, ``provider.plan_shift``)."""
 
 from __future__ import annotations
 
-from .dealer import plan_delta, plan_shift
+from .provider import plan_delta, plan_shift
 
 
 class DealerLookahead:

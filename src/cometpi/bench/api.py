@@ -46,7 +46,7 @@ def _stream(url: str, body: dict) -> tuple[list[str], list[float], dict]:
 
 def _generate(saddr: str, daddr: str, model: str, args) -> dict:
     """One session of ``PrivateClient.generate`` (what ``cometpi generate --chat`` runs): its costs."""
-    from ..service import PrivateClient
+    from ..client import PrivateClient
 
     with PrivateClient(saddr, daddr, tokenizer=model, timeout=600) as client:
         ids = client.encode_prompt(args.message, chat=True)[0].tolist()

@@ -59,9 +59,9 @@ def _serve(model_dir: str, daddr: str, extra=()):
 
 
 def accuracy(model_dir: str, daddr: str, n_prompts: int, new_tokens: int) -> dict:
+    from ..client import PrivateClient
     from ..convert import from_hf
     from ..serve import stop
-    from ..service import PrivateClient
 
     arch, params = from_hf(model_dir)
     server, saddr = _serve(model_dir, daddr)
@@ -107,9 +107,9 @@ def _plaintext_topk_rank(arch, params, ids: torch.Tensor, out: list[int]) -> lis
 
 
 def sampling(model_dir: str, daddr: str, n_prompts: int, new_tokens: int, temperature: float, top_k: int) -> dict:
+    from ..client import PrivateClient
     from ..convert import from_hf
     from ..serve import stop
-    from ..service import PrivateClient
 
     arch, params = from_hf(model_dir)
     server, saddr = _serve(model_dir, daddr)
@@ -139,9 +139,9 @@ def sampling(model_dir: str, daddr: str, n_prompts: int, new_tokens: int, temper
 def lookahead_ab(model_dir: str, daddr: str, pairs: int, new_tokens: int = 9, prompt_tokens: int = 16) -> dict:
     import statistics
 
+    from ..client import PrivateClient
     from ..core import Config
     from ..serve import stop
-    from ..service import PrivateClient
 
     runs = []
     for pair in range(pairs):
@@ -174,8 +174,8 @@ def lookahead_ab(model_dir: str, daddr: str, pairs: int, new_tokens: int = 9, pr
 def cost(model_dir: str, daddr: str, name: str, lengths=(16, 64, 256), steps: int = 4) -> list[dict]:
     """Prefill at each prompt length, then ``steps`` decoding steps (with the cache) and one forward of
     the same context length (without it: what re-running the prefix costs per token)."""
+    from ..client import PrivateClient
     from ..serve import stop
-    from ..service import PrivateClient
 
     server, saddr = _serve(model_dir, daddr)
     rows = []

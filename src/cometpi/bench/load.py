@@ -26,9 +26,10 @@ def add_arguments(p) -> None:
 
 def run(model: str, clients: int, workers: int, guess: str, texts: list[str]) -> dict:
     from .. import checkpoint
+    from ..client import PrivateClient
     from ..nn import ApproxConfig, plaintext_forward
     from ..serve import spawn, stop
-    from ..service import PrivateClient, peak_rss_mb, reset_peak_rss, resolve_model_dir
+    from ..service import peak_rss_mb, reset_peak_rss, resolve_model_dir
 
     reset_peak_rss()
     dealer, daddr = spawn(["dealer", "--port", "0"])

@@ -70,8 +70,9 @@ def bert_base_dir(root: Path) -> str:
 
 
 def run_case(model_dir: str, case: dict, layers: int | None, daddr: str) -> dict:
+    from ..client import PrivateClient
     from ..serve import spawn, stop
-    from ..service import PrivateClient, peak_rss_mb, reset_peak_rss
+    from ..service import peak_rss_mb, reset_peak_rss
 
     reset_peak_rss()  # the client's peak of this case only
     a = case["approx"]
@@ -81,7 +82,7 @@ def run_case(model_dir: str, case: dict, layers: int | None, daddr: str) -> dict
     args += [x for k in ("smu_form", "relu") if k in a for x in (f"--{k.replace('_', '-')}", a[k])]
     if layers is not None:
         args += ["--layers", str(layers)]
-    from ..service import floor_violations
+    from ..policy import floor_violations
 
     allow = ",".join(sorted({name for name, _ in floor_violations(a, None)})) or None  # a case below the floor
     if allow:  # (e.g. --sigma 30) is measured on purpose: both sides accept it

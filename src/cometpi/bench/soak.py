@@ -77,11 +77,11 @@ def markdown(rows: list[dict]) -> str:
 
 def main(args) -> int:
     from .. import checkpoint
+    from ..client import PrivateClient
     from ..demo import DEMO_MODEL, cache_dir
     from ..finetune import load_dataset
     from ..nn import prepare_params
     from ..serve import spawn, stop
-    from ..service import PrivateClient
     from .ops import git_sha, write_results
 
     model = Path(args.model or cache_dir() / DEMO_MODEL)

@@ -20,8 +20,8 @@ import torch
 
 
 def _run(tls_dir: Path | None, seq: int, reps: int) -> dict:
+    from ..client import PrivateClient
     from ..serve import spawn, stop
-    from ..service import PrivateClient
     from ..tls import PartyTls, TlsConfig
 
     dealer_args = ["dealer", "--port", "0"]
