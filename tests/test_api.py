@@ -202,11 +202,18 @@ def test_errors_in_the_api_shape(stack):
     assert e.value.code == "context_length_exceeded" and "maximum context length is 128" in e.value.message
     with pytest.raises(openai.BadRequestError, match="top_k"):
         client.chat.completions.create(model="tiny", messages=msgs, top_p=0.3)
-    req = urllib.request.Request(base + "/v1/chat/completions", data=b"{not json", method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=30)
-    assert e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="at most 1024"):  # the server's own bound, refused here
+        client.completions.create(model="tiny", prompt=[1, 2], max_tokens=1025)
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client.completions.create(model="tiny", prompt="", max_tokens=2)
+    for data, kind, code, what in ((b"{not json", "application/json", 400, "not valid JSON"),
+                                   (b'{"messages": []}', "application/json", 400, "'model' is required"),
+                                   (b'{"model": "tiny"}', "text/plain", 415, "Content-Type: application/json")):
+        req = urllib.request.Request(base + "/v1/chat/completions", data=data, method="POST",
+                                     headers={"Content-Type": kind})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == code and what in json.loads(e.value.read())["error"]["message"]
 
 
 def test_concurrent_requests_are_queued_never_mixed(stack, reference):
@@ -231,6 +238,28 @@ def test_concurrent_requests_are_queued_never_mixed(stack, reference):
         t.join(300)
     assert len(out) >= 2 and all(v == reference["text"] for v in out.values())
     assert len(out) + len(errors) == 4 and set(errors) <= {"queue_full"}
+
+
+def test_a_client_that_goes_away_frees_the_session(stack, reference):
+    """A streamed request whose client disconnects after the first token stops generating after its
+    next token: a request right after it is served at once, and correctly."""
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    base, *_ = stack
+    msgs = [{"role": "user", "content": MESSAGE}]
+    with httpx.Client(timeout=120) as h:
+        with h.stream("POST", base + "/v1/chat/completions", json={
+                "model": "tiny", "messages": msgs, "max_tokens": 90, "temperature": 0, "stream": True}) as r:
+            for line in r.iter_lines():
+                if '"cometpi"' in line:  # the first token's chunk: hang up
+                    break
+        t0 = time.perf_counter()
+        r = h.post(base + "/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 4,
+                                                        "temperature": 0})
+        waited = time.perf_counter() - t0
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == reference["text"]
+    assert waited < 60, f"waited {waited:.1f} s: the abandoned generation (90 tokens) was not stopped"
 
 
 def test_chat_page_in_a_real_browser(stack, reference, tmp_path):
@@ -280,3 +309,28 @@ def test_a_lost_server_gives_503_and_the_next_request_reconnects(stack, tiny_lla
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
                                        temperature=0)
     assert e.value.status_code == 503 and "cannot reach" in e.value.message
+    assert [m.id for m in client.models.list().data] == ["tiny"]  # the card is kept while there is no session
+
+
+def test_a_session_the_server_ended_while_idle_is_replaced(tiny_llama, reference):
+    """The server ends a session idle past its --idle-timeout (here at least --timeout, 3 s): the next
+    request opens a new session and is answered (not a 503)."""
+    import time
+
+    from cometpi.serve import spawn, stop
+
+    procs = {}
+    try:
+        procs["dealer"], daddr = spawn(["dealer", "--port", "0"])
+        procs["server"], saddr = spawn(["serve", "--model", str(tiny_llama), "--port", "0", "--dealer", daddr,
+                                        "--idle-timeout", "1", "--timeout", "3"], timeout=120)
+        procs["api"], aaddr = spawn(["api", "--server", saddr, "--dealer", daddr, "--port", "0", "--model-name",
+                                     "tiny", "--timeout", "30"], timeout=180)
+        _, client = _openai(f"http://{aaddr}")
+        time.sleep(6)  # the server gives up on the idle session
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": MESSAGE}],
+                                           max_tokens=4, temperature=0)
+        assert r.choices[0].message.content == reference["text"]
+    finally:
+        for p in procs.values():
+            stop(p)

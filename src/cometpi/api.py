@@ -50,6 +50,8 @@ DEFAULT_MAX_TOKENS = 64
 DEFAULT_MAX_WAITING = 8
 #: At most this many stop strings (as OpenAI).
 MAX_STOP = 4
+#: Tokens one generation may ask for (the model server's own bound, ``service.MAX_NEW_TOKENS``).
+MAX_NEW_TOKENS = 1024
 
 
 class ApiError(Exception):
@@ -113,8 +115,8 @@ def parse_params(body: dict, vocab: int) -> GenParams:
         if body.get(name) not in (None, [], {}):
             raise ApiError(400, f"'{name}' is not supported by this private endpoint", param=name,
                            code="unsupported_parameter")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 20, integer=True)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, DEFAULT_MAX_TOKENS, 1, 1 << 20, integer=True)
     temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
     top_k = _number(body, "top_k", None, 1, vocab, integer=True)
     if top_k is not None and temperature == 0:
@@ -213,12 +215,14 @@ class PrivateChat:
         self._lock = threading.Lock()
         self._waiting = 0
         self._count_lock = threading.Lock()
+        self._cancels: set[threading.Event] = set()  # one per running or waiting request
         self.max_waiting = max_waiting
         self.client = connect()
         self.tokenizer = self.client.tokenizer  # kept across sessions (a lost session has none)
         card = self.client.card
-        named = Path(str(getattr(self.tokenizer, "name_or_path", "") or "")).name
-        self.model_name = model_name or named or f"cometpi-{card['arch']['kind']}"
+        self.card = card  # kept: /v1/models answers while a lost session is replaced
+        self.closed = False
+        self.model_name = model_name or default_model_name(self.tokenizer, card)
         self.created = int(time.time())
         self.vocab = self.client.arch.vocab
         self.max_positions = self.client.arch.max_positions
@@ -227,15 +231,27 @@ class PrivateChat:
                              "with")
 
 
-    def close(self) -> None:
-        """End the session (the server hears a bye); idempotent."""
-        with self._lock:
+    def close(self, wait: float = 10.0) -> None:
+        """End the session (the server hears a bye); idempotent.  A generation still running is told to
+        stop after its next token (``cancel_all``) and given ``wait`` seconds."""
+        self.closed = True
+        self.cancel_all()
+        got = self._lock.acquire(timeout=wait)
+        try:
             if self.client is not None:
                 self.client.close()
                 self.client = None
+        finally:
+            if got:
+                self._lock.release()
+
+    def cancel_all(self) -> None:
+        with self._count_lock:
+            for ev in list(self._cancels):
+                ev.set()
 
     def model_card(self) -> dict:
-        c = self.client.card
+        c = self.card
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "cometpi",
                 "cometpi": {"arch": c.get("arch"), "approx": c.get("approx"), "model_hash": c.get("model_hash"),
                             "reveal": c.get("reveal"), "private": True}}
@@ -267,25 +283,38 @@ class PrivateChat:
                        code="invalid_value")
 
     def check_context(self, n_prompt: int, max_tokens: int, param: str = "messages") -> None:
+        if n_prompt == 0:
+            raise ApiError(400, "the prompt is empty (0 tokens)", param=param, code="invalid_value")
+        if max_tokens > MAX_NEW_TOKENS:
+            raise ApiError(400, f"max_tokens is at most {MAX_NEW_TOKENS} here (the model server's bound), got "
+                                f"{max_tokens}", param="max_tokens", code="invalid_value")
         if n_prompt + max_tokens > self.max_positions:
             raise ApiError(400, f"This model's maximum context length is {self.max_positions} tokens. However, you "
                                 f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} in "
                                 "the completion). Please reduce the prompt or the completion length.",
                            param=param, code="context_length_exceeded")
 
-    def enter_queue(self) -> None:
+    def enter_queue(self) -> threading.Event:
+        """Take a place (429 beyond ``max_waiting`` waiting); returns the request's cancel event: set
+        when its HTTP client goes away (or at shutdown), it ends the generation after the next token."""
         with self._count_lock:
             if self._waiting > self.max_waiting:
                 raise ApiError(429, f"the private session is busy and {self.max_waiting} requests already wait; try "
                                     "again later", type="rate_limit_error", code="queue_full")
             self._waiting += 1
+            ev = threading.Event()
+            self._cancels.add(ev)
+            return ev
 
-    def leave_queue(self) -> None:
+    def leave_queue(self, ev: threading.Event) -> None:
         with self._count_lock:
             self._waiting -= 1
+            self._cancels.discard(ev)
 
     def _session(self):
         """The live session, replaced when it was lost or its query budget is spent (lock held)."""
+        if self.closed:
+            raise ApiError(503, "the endpoint is shutting down", type="api_error", code="server_unavailable")
         c = self.client
         spent = c is not None and c.max_queries is not None and c.queries >= c.max_queries
         if c is None or spent:
@@ -299,27 +328,49 @@ class PrivateChat:
                                code="server_unavailable") from None
         return self.client
 
-    def generate(self, ids: list[int], p: GenParams, on_step=None) -> dict:
+    def generate(self, ids: list[int], p: GenParams, on_step=None, cancel: threading.Event | None = None) -> dict:
         """Generate privately (blocking; the caller has entered the queue).  ``on_step(piece, step)``
-        sees the text that can be shown so far and the step's cost, after each token."""
+        sees the text that can be shown so far and the step's cost, after each token.  ``cancel`` set:
+        the generation ends after its next token (the server sees an early end, as at a stop string).
+        A session found dead before the first token (e.g. the server ended it after its idle timeout)
+        is replaced and the request tried once more."""
         with self._lock:
-            client = self._session()
-            st = StopText(lambda t: client._decode(t, skip_special_tokens=True), p.stop)
-            shown, got = 0, []
-            try:
-                for piece in client.generate(ids, max_new_tokens=p.max_tokens, temperature=p.temperature,
-                                             top_k=p.top_k, seed=p.seed, until=st.update if p.stop else None):
-                    got.append(piece["token"])
-                    st.update(got)
-                    safe = st.safe(final=False)
-                    if on_step is not None:
-                        on_step(safe[shown:], piece["step"])
-                    shown = max(shown, len(safe))
-            except (TransportError, OSError) as e:
-                client.close()
-                self.client = None  # the next request connects again
-                raise ApiError(503, f"the private session was lost: {e}", type="api_error",
-                               code="server_unavailable") from None
+            for attempt in (0, 1):
+                if cancel is not None and cancel.is_set():
+                    raise ApiError(499, "the request was cancelled", type="api_error", code="cancelled")
+                client = self._session()
+                st = StopText(lambda t, c=client: c._decode(t, skip_special_tokens=True,
+                                                            clean_up_tokenization_spaces=False), p.stop)
+                shown, got = 0, []
+
+                def until(ids_so_far, st=st):
+                    return st.update(ids_so_far) or (cancel is not None and cancel.is_set())
+
+                try:
+                    for piece in client.generate(ids, max_new_tokens=p.max_tokens, temperature=p.temperature,
+                                                 top_k=p.top_k, seed=p.seed, until=until):
+                        got.append(piece["token"])
+                        st.update(got)
+                        safe = st.safe(final=False)
+                        if on_step is not None:
+                            on_step(safe[shown:], piece["step"])
+                        shown = max(shown, len(safe))
+                    break
+                except (TransportError, OSError) as e:
+                    client.close()
+                    self.client = None  # the next request connects again
+                    if attempt == 0 and not got:
+                        log.info("the private session was gone before the first token (%s): a new one", e)
+                        continue
+                    raise ApiError(503, f"the private session was lost: {e}", type="api_error",
+                                   code="server_unavailable") from None
+                except ApiError:
+                    raise
+                except Exception as e:  # the session's state is unknown: never reuse it
+                    client.close()
+                    self.client = None
+                    log.exception("generation failed")
+                    raise ApiError(500, f"internal error: {type(e).__name__}: {e}", type="api_error") from None
             g = client.last_generation
             eos = getattr(self.tokenizer, "eos_token_id", None)
             stopped = st.hit or (bool(g["ids"]) and g["ids"][-1] == eos)
@@ -328,6 +379,18 @@ class PrivateChat:
                 on_step(rest, None)
             return {"text": st.text, "ids": g["ids"], "finish_reason": "stop" if stopped else "length",
                     "usage": usage(len(ids), g)}
+
+
+def default_model_name(tokenizer, card: dict) -> str:
+    """The model's id when none is given: the tokenizer folder's name; SmolLM2's cache folder name for
+    the bundled SmolLM2 (whose tokenizer may load from its package's GGUF folder)."""
+    from .data import SMOLLM2_DIR
+
+    arch = card.get("arch") or {}
+    if arch.get("kind") == "llama" and arch.get("vocab") == 49152:
+        named = Path(str(getattr(tokenizer, "name_or_path", "") or "")).name
+        return named if named and named != "." and "gguf" not in named.lower() else SMOLLM2_DIR
+    return Path(str(getattr(tokenizer, "name_or_path", "") or "")).name or f"cometpi-{arch.get('kind', 'model')}"
 
 
 def usage(n_prompt: int, g: dict) -> dict:
@@ -352,7 +415,9 @@ def create_app(chat: PrivateChat):
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
-        chat.close()  # say bye to the model server (uvicorn re-raises SIGTERM after this: no finally runs)
+        # say bye to the model server (uvicorn re-raises SIGTERM after this: no finally runs); a running
+        # generation is told to stop after its next token
+        await run_in_threadpool(chat.close)
 
     app = FastAPI(title="cometpi private inference", docs_url=None, redoc_url=None, lifespan=lifespan)
 
@@ -368,13 +433,25 @@ def create_app(chat: PrivateChat):
     async def _invalid(_req, e: RequestValidationError):
         return JSONResponse(ApiError(400, f"invalid request: {e.errors()!r:.300}").body(), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def _internal(_req, e: Exception):  # anything else: logged, and still in the API's shape
+        log.error("internal error: %s: %s", type(e).__name__, e)
+        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}", type="api_error").body(),
+                            status_code=500)
+
     async def _body(req: Request) -> dict:
+        kind = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":  # also keeps a web page's form posts (no CORS preflight) out
+            raise ApiError(415, f"the request body must be JSON (Content-Type: application/json), got {kind!r}",
+                           code="unsupported_media_type")
         try:
             body = await req.json()
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        if not isinstance(body.get("model"), str):
+            raise ApiError(400, "'model' is required", param="model", code="invalid_value")
         chat.check_model(body.get("model"))
         return body
 
@@ -393,9 +470,9 @@ def create_app(chat: PrivateChat):
         return (page_html.replace("{{MODEL_JSON}}", json.dumps(chat.model_name).replace("<", "\\u003c"))
                 .replace("{{MODEL}}", html.escape(chat.model_name)))
 
-    async def _complete(ids: list[int], p: GenParams, kind: str):
+    async def _complete(req: Request, ids: list[int], p: GenParams, kind: str):
         chat.check_context(len(ids), p.max_tokens, "messages" if kind == "chat" else "prompt")
-        chat.enter_queue()
+        cancel = chat.enter_queue()
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -408,31 +485,44 @@ def create_app(chat: PrivateChat):
             return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
         if not p.stream:
+            async def watch():  # a client that went away: the generation ends after its next token
+                while not cancel.is_set():
+                    if await req.is_disconnected():
+                        cancel.set()
+                    await asyncio.sleep(0.5)
+
+            watcher = asyncio.create_task(watch())
             try:
-                out = await run_in_threadpool(chat.generate, ids, p)
+                out = await run_in_threadpool(chat.generate, ids, p, None, cancel)
             finally:
-                chat.leave_queue()
+                watcher.cancel()
+                chat.leave_queue(cancel)
             return {"id": rid, "object": obj, "created": created, "model": chat.model_name,
                     "choices": [choice(out["text"], out["finish_reason"])], "usage": out["usage"]}
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
+        def put(item):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody listens any more
+                cancel.set()
+
         def on_step(text, step):
-            loop.call_soon_threadsafe(queue.put_nowait, ("piece", text, step))
+            put(("piece", text, step))
 
         def work():
             try:
-                out = chat.generate(ids, p, on_step)
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", out, None))
+                out = chat.generate(ids, p, on_step, cancel)
+                put(("done", out, None))
             except ApiError as e:
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e, None))
+                put(("error", e, None))
             except Exception as e:  # noqa: BLE001 - reported to the stream, then logged
                 log.exception("generation failed")
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", ApiError(500, f"internal error: {e}",
-                                                                               type="api_error"), None))
+                put(("error", ApiError(500, f"internal error: {e}", type="api_error"), None))
             finally:
-                chat.leave_queue()
+                chat.leave_queue(cancel)
 
         threading.Thread(target=work, name="api-generate", daemon=True).start()
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -442,6 +532,13 @@ def create_app(chat: PrivateChat):
                                "choices": choices, **extra})
 
         async def events():
+            try:
+                async for e in _events():
+                    yield e
+            finally:  # the stream ended or its client went away: stop generating after the next token
+                cancel.set()
+
+        async def _events():
             if kind == "chat":
                 yield {"data": chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
                                        "finish_reason": None, "logprobs": None}])}
@@ -470,7 +567,7 @@ def create_app(chat: PrivateChat):
     async def chat_completions(req: Request):
         body = await _body(req)
         p = parse_params(body, chat.vocab)
-        return await _complete(chat.chat_ids(parse_messages(body)), p, "chat")
+        return await _complete(req, chat.chat_ids(parse_messages(body)), p, "chat")
 
     @app.post("/v1/completions")
     async def completions(req: Request):
@@ -478,7 +575,7 @@ def create_app(chat: PrivateChat):
         p = parse_params(body, chat.vocab)
         if "prompt" not in body:
             raise ApiError(400, "'prompt' is required", param="prompt", code="invalid_value")
-        return await _complete(chat.prompt_ids(body["prompt"]), p, "completion")
+        return await _complete(req, chat.prompt_ids(body["prompt"]), p, "completion")
 
     return app
 

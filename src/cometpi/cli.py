@@ -277,7 +277,8 @@ def cmd_serve(args) -> int:
         k = args.reveal_k
     server = ModelServer(args.model, _approx_overrides(args), _config(args), layers=args.layers, reveal=reveal,
                          reveal_k=k, max_queries_per_session=args.max_queries_per_session,
-                         allow_stats=args.allow_stats, allow_insecure=args.allow_insecure)
+                         allow_stats=args.allow_stats, allow_insecure=args.allow_insecure,
+                         idle_timeout=args.idle_timeout)
     a, ap = server.arch, server.approx
     mu = "trained per-channel mu" if ap.smu_mu == "per-channel" else f"mu {ap.smu_mu:g}"
     print(f"cometpi serve: {a.kind} ({a.layers} layers, hidden {a.hidden}, head {a.head}), model hash "
@@ -388,6 +389,8 @@ def cmd_api(args) -> int:
     def connect():
         return _connect(args, out=sys.stderr)
 
+    if args.max_waiting < 0:
+        raise SystemExit(f"--max-waiting must be >= 0, got {args.max_waiting}")
     chat = PrivateChat(connect, model_name=args.model_name, max_waiting=args.max_waiting)
     try:
         serve(chat, args.host, args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
@@ -548,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "infer refused); topk:K or topk with --reveal-k K (a classifier's K best labels in order, "
                          "no logits)")
     sv.add_argument("--reveal-k", type=int, default=None, metavar="K", help="K of --reveal topk")
+    sv.add_argument("--idle-timeout", type=float, default=300.0,
+                    help="seconds a session may sit between queries before the server ends it (at least --timeout; "
+                         "default %(default)s)")
     sv.add_argument("--max-queries-per-session", type=int, default=None, metavar="N",
                     help="inferences and generations one session may ask for (default: no bound); beyond: "
                          "'query budget exceeded'")
