@@ -161,12 +161,12 @@ def _add_dealer_limits(p: argparse.ArgumentParser) -> None:
 
 def _add_approx(p: argparse.ArgumentParser, insecure: bool = False) -> None:
     src = "default: the checkpoint's own (cometpi.json); a stock or exact checkpoint:"
-    from .approx.config import Gelu, Relu, SmuForm, Softmax
+    from .approx.config import GELU, SOFTMAX, Relu, SmuForm
 
-    p.add_argument("--gelu", default=None, choices=[g.value for g in Gelu if g != Gelu.EXACT],
+    p.add_argument("--gelu", default=None, choices=[g for g in GELU if g != "exact"],
                    help=f"GeLU replacement ({src} spline, the model's own GeLU/SiLU by splines; smu: Comet's "
                         "replacement; erf/tanh: CrypTen's constructions, reproduced)")
-    p.add_argument("--softmax", default=None, choices=[s.value for s in Softmax if s != Softmax.EXACT],
+    p.add_argument("--softmax", default=None, choices=[s for s in SOFTMAX if s != "exact"],
                    help=f"softmax replacement ({src} exp, the original softmax: max, spline exp, reciprocal; "
                         "relu: Comet's ReLU normalisation; crypten: CrypTen's, reproduced)")
     p.add_argument("--comet", action="store_true",

@@ -14,31 +14,22 @@ from dataclasses import dataclass, field
 import torch
 
 from .approx import (
-    crypten_softmax,
-    gelu_erf,
-    gelu_tanh,
     layernorm,
-    quad2_softmax,
-    quad_gelu,
-    relu2_softmax,
-    relu_softmax,
     rmsnorm,
     sigmoid,
-    smu,
-    softmax_exp,
 )
 from .approx.config import (  # noqa: F401 - re-exported: cometpi.nn.ApproxConfig is the public name
+    GELU,
     GELUS,
     PER_CHANNEL,
     SMU_FORMS,
+    SOFTMAX,
     SOFTMAXES,
     ApproxConfig,
     resolve_approx,
     trained_smu_lo,
 )
 from .approx.newton import warn_insecure_once
-from .approx.segments import smu1_segments
-from .approx.splines import activation as spline_activation
 from .convert import rotary_tables, rotate_half_index
 from .core import ConfigError, Role, Session, TruncMode
 from .costs import LAYER_TYPES, breakdown  # noqa: F401 - re-exported
@@ -80,46 +71,15 @@ def _layernorm(ops, x, name, cfg: ApproxConfig, eps: float, arch=None):
 
 #: Span names that classify traffic by layer type (the outermost one on a span's path wins).
 def _activation(ops, x, cfg: ApproxConfig, arch, i: int):
+    """The FFN's activation (GeLU, SiLU, ReLU) by the approximation ``cfg.gelu`` names (``approx.config.GELU``)."""
     with ops.span("gelu"):
-        if cfg.gelu == "exact":
-            if arch.activation == "relu":
-                return torch.relu(x)
-            if arch.activation == "silu":
-                return torch.nn.functional.silu(x)
-            return torch.nn.functional.gelu(x, approximate="none" if arch.activation == "gelu" else "tanh")
-        if cfg.gelu == "spline":
-            if arch.activation == "relu":
-                return ops.mask(x, ops.sign(x, 28 + ops.frac_bits - 16))
-            return spline_activation(ops, x, arch.activation)
-        if cfg.folds_mu:  # mu is inside the FFN weights (prepare_params)
-            return smu1_segments(ops, x)
-        if cfg.gelu == "smu" and cfg.smu_mu == PER_CHANNEL:
-            return smu(ops, x, None, cfg.spec("smu"), add_mu2=lambda z: ops.add_param(z, f"layers.{i}.ffn.smu_mu2"))
-        if cfg.gelu == "smu":
-            return smu(ops, x, cfg.smu_mu, cfg.spec("smu"))
-        if cfg.gelu == "quad":
-            return quad_gelu(ops, x)
-        if cfg.gelu == "erf":
-            return gelu_erf(ops, x)
-        return gelu_tanh(ops, x)
+        return GELU[cfg.gelu](ops, x, cfg, arch, i)
 
 
 def _softmax(ops, s, mask, cfg: ApproxConfig):
-    """s (B, nh, T, T); mask broadcastable 0/1 (public tensor or a shared one)."""
+    """s (B, nh, T, T); mask broadcastable 0/1 (public tensor or a shared one); by ``approx.config.SOFTMAX``."""
     with ops.span("softmax"):
-        if cfg.softmax == "exact":
-            return torch.softmax(s.masked_fill(mask == 0, float("-inf")), -1).nan_to_num(0.0)
-        spec = cfg.spec("softmax_sum")
-        if cfg.softmax == "relu":
-            return relu_softmax(ops, s, mask, spec, mu=cfg.relu_mu, eps=cfg.softmax_eps, relu=cfg.relu,
-                                relu_spec=cfg.spec("softmax_relu") if cfg.relu == "smooth" else None)
-        if cfg.softmax == "relu2":
-            return relu2_softmax(ops, s, mask, spec, eps=cfg.softmax_eps)
-        if cfg.softmax == "quad2":
-            return quad2_softmax(ops, s, mask)
-        if cfg.softmax == "exp":
-            return softmax_exp(ops, s, mask, cfg.spec("softmax_exp_sum"))
-        return crypten_softmax(ops, s, mask)
+        return SOFTMAX[cfg.softmax](ops, s, mask, cfg)
 
 
 def _rope(ops, t, arch, positions):

@@ -5,10 +5,26 @@ benchmarks)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
+import torch
+
+from .functions import (
+    crypten_softmax,
+    gelu_erf,
+    gelu_tanh,
+    quad2_softmax,
+    quad_gelu,
+    relu2_softmax,
+    relu_softmax,
+    smu,
+    softmax_exp,
+)
+from .segments import smu1_segments
 from .sites import SMU_MU, SOFTMAX_EPS, site_spec
+from .splines import activation as spline_activation
 
 PER_CHANNEL = "per-channel"
 
@@ -84,13 +100,18 @@ class ApproxConfig:
     relu: str = "narrow"
 
     def __post_init__(self):
-        for name, enum, what in (("gelu", Gelu, "GeLU approximation"), ("softmax", Softmax, "softmax approximation"),
-                                 ("smu_form", SmuForm, "SMU form"), ("relu", Relu, "ReLU for ReLU-softmax")):
+        for name, enum, table, what in (("gelu", Gelu, GELU, "GeLU approximation"),
+                                        ("softmax", Softmax, SOFTMAX, "softmax approximation"),
+                                        ("smu_form", SmuForm, None, "SMU form"),
+                                        ("relu", Relu, None, "ReLU for ReLU-softmax")):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))  # a string from JSON or the command line
             except ValueError:
-                raise ValueError(f"unknown {what} {value!r}; choose from {tuple(e.value for e in enum)}") from None
+                if table is not None and value in table:  # a registered approximation (register_gelu, ...)
+                    continue
+                known = tuple(table) if table is not None else tuple(e.value for e in enum)
+                raise ValueError(f"unknown {what} {value!r}; choose from {known}") from None
         if isinstance(self.smu_mu, str) and self.smu_mu != PER_CHANNEL:
             raise ValueError(f"smu_mu must be a number or {PER_CHANNEL!r}, got {self.smu_mu!r}")
         if self.smu_mu == PER_CHANNEL and self.gelu == "smu" and self.smu_form == "rsqrt" and self.smu_lo is None:
@@ -162,5 +183,75 @@ def resolve_approx(stored: ApproxConfig | None, params: dict, overrides: dict | 
     return cfg
 
 
-__all__ = ["PER_CHANNEL", "Gelu", "Softmax", "SmuForm", "Relu", "GELUS", "SOFTMAXES", "SMU_FORMS", "ApproxConfig",
-           "trained_smu_lo", "resolve_approx"]
+# --------------------------------------------------------------------------------------------------
+# The approximations by name: what ``nn`` dispatches on and the command line offers
+# --------------------------------------------------------------------------------------------------
+
+#: GeLU's replacements: name -> fn(ops, x, cfg, arch, layer index).  ``register_gelu`` adds one.
+GELU: dict[str, Callable] = {}
+#: Softmax's replacements: name -> fn(ops, scores, mask, cfg).  ``register_softmax`` adds one.
+SOFTMAX: dict[str, Callable] = {}
+
+
+def register_gelu(name: str, fn: Callable) -> Callable:
+    """Add a GeLU replacement under ``name`` (``ApproxConfig(gelu=name)``, ``--gelu name``): ``fn(ops, x,
+    cfg, arch, i)`` written once against the backend interface (``approx.interface.Ops``), so the float
+    model, the ring simulation and the shares compute the same function."""
+    GELU[str(name)] = fn
+    return fn
+
+
+def register_softmax(name: str, fn: Callable) -> Callable:
+    """Add a softmax replacement: ``fn(ops, s, mask, cfg)`` with s (B, nh, T, T), mask 0/1."""
+    SOFTMAX[str(name)] = fn
+    return fn
+
+
+def _gelu_exact(ops, x, cfg, arch, i):
+    if arch.activation == "relu":
+        return torch.relu(x)
+    if arch.activation == "silu":
+        return torch.nn.functional.silu(x)
+    return torch.nn.functional.gelu(x, approximate="none" if arch.activation == "gelu" else "tanh")
+
+
+def _gelu_spline(ops, x, cfg, arch, i):
+    """The model's own activation: ReLU exactly, GeLU/SiLU by splines."""
+    if arch.activation == "relu":
+        return ops.mask(x, ops.sign(x, 28 + ops.frac_bits - 16))
+    return spline_activation(ops, x, arch.activation)
+
+
+def _gelu_smu(ops, x, cfg, arch, i):
+    if cfg.folds_mu:  # mu is inside the FFN weights (prepare_params)
+        return smu1_segments(ops, x)
+    if cfg.smu_mu == PER_CHANNEL:
+        return smu(ops, x, None, cfg.spec("smu"), add_mu2=lambda z: ops.add_param(z, f"layers.{i}.ffn.smu_mu2"))
+    return smu(ops, x, cfg.smu_mu, cfg.spec("smu"))
+
+
+def _softmax_exact(ops, s, mask, cfg):
+    return torch.softmax(s.masked_fill(mask == 0, float("-inf")), -1).nan_to_num(0.0)
+
+
+def _softmax_relu(ops, s, mask, cfg):
+    return relu_softmax(ops, s, mask, cfg.spec("softmax_sum"), mu=cfg.relu_mu, eps=cfg.softmax_eps, relu=cfg.relu,
+                        relu_spec=cfg.spec("softmax_relu") if cfg.relu == "smooth" else None)
+
+
+for _name, _fn in ((Gelu.SMU, _gelu_smu), (Gelu.QUAD, lambda ops, x, cfg, arch, i: quad_gelu(ops, x)),
+                   (Gelu.SPLINE, _gelu_spline), (Gelu.ERF, lambda ops, x, cfg, arch, i: gelu_erf(ops, x)),
+                   (Gelu.TANH, lambda ops, x, cfg, arch, i: gelu_tanh(ops, x)), (Gelu.EXACT, _gelu_exact)):
+    register_gelu(_name, _fn)
+for _name, _fn in ((Softmax.RELU, _softmax_relu),
+                   (Softmax.RELU2, lambda ops, s, mask, cfg: relu2_softmax(ops, s, mask, cfg.spec("softmax_sum"),
+                                                                           eps=cfg.softmax_eps)),
+                   (Softmax.QUAD2, lambda ops, s, mask, cfg: quad2_softmax(ops, s, mask)),
+                   (Softmax.EXP, lambda ops, s, mask, cfg: softmax_exp(ops, s, mask, cfg.spec("softmax_exp_sum"))),
+                   (Softmax.CRYPTEN, lambda ops, s, mask, cfg: crypten_softmax(ops, s, mask)),
+                   (Softmax.EXACT, _softmax_exact)):
+    register_softmax(_name, _fn)
+
+
+__all__ = ["GELU", "SOFTMAX", "register_gelu", "register_softmax", "PER_CHANNEL", "Gelu", "Softmax", "SmuForm", "Relu",
+           "GELUS", "SOFTMAXES", "SMU_FORMS", "ApproxConfig", "trained_smu_lo", "resolve_approx"]
