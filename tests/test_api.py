@@ -94,20 +94,15 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stack(tiny_llama):
     """Dealer, model server and API as processes; yields (api base URL, server addr, dealer addr, procs)."""
-    from cometpi.serve import spawn, stop
+    from cometpi.serve import spawn, spawn_roles, stop
 
-    procs = {}
-    try:
-        procs["dealer"], daddr = spawn(["dealer", "--port", "0"])
-        procs["server"], saddr = spawn(["serve", "--model", str(tiny_llama), "--port", "0", "--dealer", daddr,
-                                        "--workers", "2"],
-                                       timeout=120)
-        procs["api"], aaddr = spawn(["api", "--server", saddr, "--dealer", daddr, "--port", "0", "--model-name",
-                                     "tiny", "--max-waiting", "1"], timeout=180)
-        yield f"http://{aaddr}", saddr, daddr, procs
-    finally:
-        for p in procs.values():
-            stop(p)
+    with spawn_roles(tiny_llama, "--workers", "2", timeout=120) as roles:
+        api, aaddr = spawn(["api", "--server", roles.saddr, "--dealer", roles.daddr, "--port", "0", "--model-name",
+                            "tiny", "--max-waiting", "1"], timeout=180)
+        try:
+            yield f"http://{aaddr}", roles.saddr, roles.daddr, {"server": roles.server, "api": api}
+        finally:
+            stop(api)
 
 
 @pytest.fixture(scope="module")
@@ -327,20 +322,16 @@ def test_a_session_the_server_ended_while_idle_is_replaced(tiny_llama, reference
     request opens a new session and is answered (not a 503)."""
     import time
 
-    from cometpi.serve import spawn, stop
+    from cometpi.serve import spawn, spawn_roles, stop
 
-    procs = {}
-    try:
-        procs["dealer"], daddr = spawn(["dealer", "--port", "0"])
-        procs["server"], saddr = spawn(["serve", "--model", str(tiny_llama), "--port", "0", "--dealer", daddr,
-                                        "--idle-timeout", "1", "--timeout", "3"], timeout=120)
-        procs["api"], aaddr = spawn(["api", "--server", saddr, "--dealer", daddr, "--port", "0", "--model-name",
-                                     "tiny", "--timeout", "30"], timeout=180)
-        _, client = _openai(f"http://{aaddr}")
-        time.sleep(6)  # the server gives up on the idle session
-        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": MESSAGE}],
-                                           max_tokens=4, temperature=0)
-        assert r.choices[0].message.content == reference["text"]
-    finally:
-        for p in procs.values():
-            stop(p)
+    with spawn_roles(tiny_llama, "--idle-timeout", "1", "--timeout", "3", timeout=120) as roles:
+        api, aaddr = spawn(["api", "--server", roles.saddr, "--dealer", roles.daddr, "--port", "0", "--model-name",
+                            "tiny", "--timeout", "30"], timeout=180)
+        try:
+            _, client = _openai(f"http://{aaddr}")
+            time.sleep(6)  # the server gives up on the idle session
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": MESSAGE}],
+                                               max_tokens=4, temperature=0)
+            assert r.choices[0].message.content == reference["text"]
+        finally:
+            stop(api)

@@ -97,7 +97,7 @@ def test_generate_over_three_processes(tmp_path, tiny_llama_dir):
     import subprocess
     import sys
 
-    from cometpi.serve import spawn, stop
+    from cometpi.serve import spawn_roles
     from cometpi.service import load_tokenizer
 
     arch, params = from_hf(str(tiny_llama_dir))
@@ -105,20 +105,13 @@ def test_generate_over_three_processes(tmp_path, tiny_llama_dir):
     ids = load_tokenizer(None, arch)(prompt, return_tensors="pt")["input_ids"]
     want = list(greedy_decode(RingModel(prepare_params(arch, params, ORIGINAL)), arch, ORIGINAL, prompt_ids=ids,
                               prompt_length=ids.shape[1], max_new=4))
-    dealer, daddr = spawn(["dealer", "--port", "0"])
-    server = None
-    try:
-        server, saddr = spawn(["serve", "--model", str(tiny_llama_dir), "--port", "0", "--dealer", daddr,
-                               "--once"], timeout=60)
-        r = subprocess.run([sys.executable, "-m", "cometpi", "generate", "--server", saddr, "--dealer", daddr,
-                            "--max-new-tokens", "4", "--fixed-length", "--json", str(tmp_path / "gen.json"), prompt],
+    with spawn_roles(tiny_llama_dir, "--once", timeout=60) as roles:
+        out = str(tmp_path / "gen.json")
+        r = subprocess.run([sys.executable, "-m", "cometpi", "generate", "--server", roles.saddr, "--dealer",
+                            roles.daddr, "--max-new-tokens", "4", "--fixed-length", "--json", out, prompt],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        server.wait(30)
-    finally:
-        if server is not None:
-            stop(server)
-        stop(dealer)
+        roles.server.wait(30)
     g = json.loads((tmp_path / "gen.json").read_text())["generation"]
     eos = 2 if 2 in want else None
     assert g["ids"] == (want[: want.index(eos) + 1] if eos else want)

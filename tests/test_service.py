@@ -10,7 +10,7 @@ import torch
 
 from cometpi.convert import from_hf
 from cometpi.nn import ApproxConfig, plaintext_forward
-from cometpi.serve import spawn, stop
+from cometpi.serve import spawn_roles
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,20 +32,12 @@ def tiny_bert_dir(tmp_path_factory):
 
 def test_three_processes_text_to_label(tmp_path, tiny_bert_dir):
     texts = ["a gorgeous, witty, seductive movie.", "dull, lifeless and far too long."]
-    dealer, daddr = spawn(["dealer", "--port", "0"])
-    server = None
-    try:
-        server, saddr = spawn(["serve", "--model", str(tiny_bert_dir), "--port", "0", "--dealer", daddr,
-                               "--once", "--guess", "constant"], timeout=60)
-        r = subprocess.run([sys.executable, "-m", "cometpi", "infer", "--server", saddr, "--dealer", daddr,
+    with spawn_roles(tiny_bert_dir, "--once", "--guess", "constant", timeout=60) as roles:
+        r = subprocess.run([sys.executable, "-m", "cometpi", "infer", "--server", roles.saddr, "--dealer", roles.daddr,
                             "--json", str(tmp_path / "out.json"), *texts],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        server.wait(30)
-    finally:
-        if server is not None:
-            stop(server)
-        stop(dealer)
+        roles.server.wait(30)
     out = json.loads((tmp_path / "out.json").read_text())
     # the plaintext-approximate model on the same tokens gives the same labels and nearly the same logits
     from cometpi.data import minilm_path
@@ -140,16 +132,8 @@ def test_infer_says_when_a_text_was_truncated(tiny_bert_dir, tmp_path, capsys):
 @pytest.fixture
 def model_service(tiny_bert_dir):
     """A dealer and a model server (3 concurrent sessions) as processes; yields their addresses."""
-    dealer, daddr = spawn(["dealer", "--port", "0"])
-    server = None
-    try:
-        server, saddr = spawn(["serve", "--model", str(tiny_bert_dir), "--port", "0", "--dealer", daddr,
-                               "--guess", "constant", "--workers", "3", "--timeout", "20"], timeout=60)
-        yield saddr, daddr, server
-    finally:
-        if server is not None:
-            stop(server)
-        stop(dealer)
+    with spawn_roles(tiny_bert_dir, "--guess", "constant", "--workers", "3", "--timeout", "20", timeout=60) as roles:
+        yield roles.saddr, roles.daddr, roles.server
 
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "dull, lifeless and far too long.", "meh.",

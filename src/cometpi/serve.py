@@ -7,6 +7,7 @@ server learns nothing about X.  Dealer, server and client are separate OS proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -231,6 +233,32 @@ def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
             proc.wait()
     if proc.stdout:
         proc.stdout.close()
+
+
+@dataclass
+class Roles:
+    """A dealer and a model server started by ``spawn_roles``: their processes and HOST:PORT addresses."""
+
+    dealer: subprocess.Popen
+    daddr: str
+    server: subprocess.Popen | None = None
+    saddr: str | None = None
+
+
+@contextlib.contextmanager
+def spawn_roles(model: str, *serve_args: str, timeout: float = 300.0, stderr=None):
+    """Start ``cometpi dealer`` and ``cometpi serve --model MODEL SERVE_ARGS`` (on free ports, the server
+    using that dealer) and stop both when the block ends, whatever happens in it.  Yields ``Roles``."""
+    dealer, daddr = spawn(["dealer", "--port", "0"], stderr=stderr)
+    roles = Roles(dealer, daddr)
+    try:
+        roles.server, roles.saddr = spawn(["serve", "--model", str(model), "--port", "0", "--dealer", daddr,
+                                           *serve_args], timeout=timeout, stderr=stderr)
+        yield roles
+    finally:
+        if roles.server is not None:
+            stop(roles.server)
+        stop(dealer)
 
 
 def load_tensor(path: str, key: str | None = None) -> torch.Tensor:

@@ -58,32 +58,25 @@ def _generate(saddr: str, daddr: str, model: str, args) -> dict:
 
 def main(args) -> int:
     from ..data import smollm2_path
-    from ..serve import spawn, stop
+    from ..serve import spawn, spawn_roles, stop
     from .machine import machine
     from .ops import git_sha
 
     model = smollm2_path()
-    procs = []
-    try:
-        dealer, daddr = spawn(["dealer", "--port", "0"])
-        procs.append(dealer)
-        server, saddr = spawn(["serve", "--model", model, "--port", "0", "--dealer", daddr, "--timeout", "600"],
-                              timeout=300)
-        procs.append(server)
+    with spawn_roles(model, "--timeout", "600") as roles:
+        saddr, daddr = roles.saddr, roles.daddr
         gens = [_generate(saddr, daddr, model, args)]
         api, aaddr = spawn(["api", "--server", saddr, "--dealer", daddr, "--tokenizer", model, "--port", "0",
                             "--model-name", "smollm2"], timeout=300)
-        procs.append(api)
-        t0 = time.perf_counter()
-        pieces, times, usage = _stream(f"http://{aaddr}/v1/chat/completions", {
-            "model": "smollm2", "messages": [{"role": "user", "content": args.message}], "max_tokens": args.tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
-        api_wall = time.perf_counter() - t0
-        stop(procs.pop())  # the API's session ends (its bye), then generate again
+        try:
+            t0 = time.perf_counter()
+            pieces, times, usage = _stream(f"http://{aaddr}/v1/chat/completions", {
+                "model": "smollm2", "messages": [{"role": "user", "content": args.message}],
+                "max_tokens": args.tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+            api_wall = time.perf_counter() - t0
+        finally:
+            stop(api)  # the API's session ends (its bye), then generate again
         gens.append(_generate(saddr, daddr, model, args))
-    finally:
-        for p in reversed(procs):
-            stop(p)
     gen_steps = [st["seconds"] for g in gens for st in g["per_token"]]
     api_steps = [b - a for a, b in zip(times, times[1:], strict=False)]
     gen_med, api_med = statistics.median(gen_steps), statistics.median(api_steps)
