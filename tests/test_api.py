@@ -18,6 +18,8 @@ from cometpi.api import ApiError, GenParams, StopText, is_loopback, parse_messag
 from cometpi.convert import from_hf, reference_forward
 from cometpi.nn import ApproxConfig, RingModel, greedy_decode, prepare_params
 
+from .test_generate import save_tiny_llama
+
 ORIGINAL = ApproxConfig.original()
 MESSAGE = "Tell me about the rain"
 
@@ -79,16 +81,8 @@ def test_the_plaintext_api_binds_loopback_only_unless_told():
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    """A stock tiny Llama with SmolLM2's vocabulary and 128 positions (SmolLM2's chat template takes ~30)."""
-    import transformers
-
-    torch.manual_seed(15)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=37, num_hidden_layers=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True, initializer_range=0.3)
-    path = tmp_path_factory.mktemp("model") / "tiny-llama"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    """The tiny Llama of test_generate with 128 positions (SmolLM2's chat template takes ~30)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("model"), max_positions=128)
 
 
 @pytest.fixture(scope="module")

@@ -76,18 +76,23 @@ def test_private_tokens_equal_the_simulation(cls, kind):
     assert plain[:3] == ring[:3]  # the original functions follow the plaintext model (margins permitting)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    """A stock tiny Llama with SmolLM2's vocabulary (so SmolLM2's tokenizer works), saved as a checkpoint."""
+def save_tiny_llama(folder, max_positions: int = 64):
+    """A stock tiny Llama with SmolLM2's vocabulary (so SmolLM2's tokenizer works), saved as a checkpoint
+    in ``folder``/tiny-llama (seeded: the same weights every time)."""
     import transformers
 
     torch.manual_seed(15)
     cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=37, num_hidden_layers=2, max_position_embeddings=64,
+                                   intermediate_size=37, num_hidden_layers=2, max_position_embeddings=max_positions,
                                    tie_word_embeddings=True, initializer_range=0.3)
-    path = tmp_path_factory.mktemp("model") / "tiny-llama"
+    path = folder / "tiny-llama"
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("model"))
 
 
 def test_generate_over_three_processes(tmp_path, tiny_llama_dir):

@@ -38,6 +38,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from .service import MAX_NEW_TOKENS  # the model server's own bound on one generation
 from .tls import is_loopback
 from .transport import TransportError
 
@@ -50,8 +51,6 @@ DEFAULT_MAX_TOKENS = 64
 DEFAULT_MAX_WAITING = 8
 #: At most this many stop strings (as OpenAI).
 MAX_STOP = 4
-#: Tokens one generation may ask for (the model server's own bound, ``service.MAX_NEW_TOKENS``).
-MAX_NEW_TOKENS = 1024
 
 
 class ApiError(Exception):
@@ -230,7 +229,6 @@ class PrivateChat:
             raise ValueError(f"the server's model has no LM head (head {self.client.arch.head!r}): nothing to chat "
                              "with")
 
-
     def close(self, wait: float = 10.0) -> None:
         """End the session (the server hears a bye); idempotent.  A generation still running is told to
         stop after its next token (``cancel_all``) and given ``wait`` seconds."""
@@ -341,16 +339,15 @@ class PrivateChat:
                 client = self._session()
                 st = StopText(lambda t, c=client: c._decode(t, skip_special_tokens=True,
                                                             clean_up_tokenization_spaces=False), p.stop)
-                shown, got = 0, []
+                shown, steps = 0, 0
 
-                def until(ids_so_far, st=st):
+                def until(ids_so_far, st=st):  # asked with the ids so far before each token is yielded
                     return st.update(ids_so_far) or (cancel is not None and cancel.is_set())
 
                 try:
                     for piece in client.generate(ids, max_new_tokens=p.max_tokens, temperature=p.temperature,
                                                  top_k=p.top_k, seed=p.seed, until=until):
-                        got.append(piece["token"])
-                        st.update(got)
+                        steps += 1  # st holds this token's text already (until)
                         safe = st.safe(final=False)
                         if on_step is not None:
                             on_step(safe[shown:], piece["step"])
@@ -359,7 +356,7 @@ class PrivateChat:
                 except (TransportError, OSError) as e:
                     client.close()
                     self.client = None  # the next request connects again
-                    if attempt == 0 and not got:
+                    if attempt == 0 and not steps:
                         log.info("the private session was gone before the first token (%s): a new one", e)
                         continue
                     raise ApiError(503, f"the private session was lost: {e}", type="api_error",
@@ -387,10 +384,10 @@ def default_model_name(tokenizer, card: dict) -> str:
     from .data import SMOLLM2_DIR
 
     arch = card.get("arch") or {}
-    if arch.get("kind") == "llama" and arch.get("vocab") == 49152:
-        named = Path(str(getattr(tokenizer, "name_or_path", "") or "")).name
-        return named if named and named != "." and "gguf" not in named.lower() else SMOLLM2_DIR
-    return Path(str(getattr(tokenizer, "name_or_path", "") or "")).name or f"cometpi-{arch.get('kind', 'model')}"
+    named = Path(str(getattr(tokenizer, "name_or_path", "") or "")).name
+    if arch.get("kind") == "llama" and arch.get("vocab") == 49152 and (not named or "gguf" in named.lower()):
+        return SMOLLM2_DIR
+    return named or f"cometpi-{arch.get('kind', 'model')}"
 
 
 def usage(n_prompt: int, g: dict) -> dict:
@@ -420,6 +417,9 @@ def create_app(chat: PrivateChat):
         await run_in_threadpool(chat.close)
 
     app = FastAPI(title="cometpi private inference", docs_url=None, redoc_url=None, lifespan=lifespan)
+    page_html = (resources.files("cometpi").joinpath("web/chat.html").read_text(encoding="utf-8")
+                 .replace("{{MODEL_JSON}}", json.dumps(chat.model_name).replace("<", "\\u003c"))
+                 .replace("{{MODEL}}", html.escape(chat.model_name)))
 
     @app.exception_handler(ApiError)
     async def _api_error(_req, e: ApiError):
@@ -466,9 +466,7 @@ def create_app(chat: PrivateChat):
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        page_html = resources.files("cometpi").joinpath("web/chat.html").read_text(encoding="utf-8")
-        return (page_html.replace("{{MODEL_JSON}}", json.dumps(chat.model_name).replace("<", "\\u003c"))
-                .replace("{{MODEL}}", html.escape(chat.model_name)))
+        return page_html
 
     async def _complete(req: Request, ids: list[int], p: GenParams, kind: str):
         chat.check_context(len(ids), p.max_tokens, "messages" if kind == "chat" else "prompt")
@@ -478,11 +476,14 @@ def create_app(chat: PrivateChat):
         obj = "chat.completion" if kind == "chat" else "text_completion"
 
         def choice(text, finish, delta=False):
+            """One choice: a chat message or delta, or a completion's text (a finishing delta: ``text`` None)."""
             if kind == "chat":
-                key = "delta" if delta else "message"
-                return {"index": 0, key: {"role": "assistant", "content": text} if not delta or text is None
-                        else {"content": text}, "finish_reason": finish, "logprobs": None}
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+                if not delta:
+                    body = {"role": "assistant", "content": text}
+                else:
+                    body = {} if text is None else {"content": text}
+                return {"index": 0, "delta" if delta else "message": body, "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
 
         if not p.stream:
             async def watch():  # a client that went away: the generation ends after its next token
@@ -551,10 +552,7 @@ def create_app(chat: PrivateChat):
                     yield {"data": json.dumps(a.body())}
                     break
                 else:
-                    yield {"data": chunk([choice("" if kind == "completion" else None, a["finish_reason"],
-                                                 delta=True)] if kind == "completion" else
-                                         [{"index": 0, "delta": {}, "finish_reason": a["finish_reason"],
-                                           "logprobs": None}],
+                    yield {"data": chunk([choice(None, a["finish_reason"], delta=True)],
                                          **({"usage": None} if p.include_usage else {}))}
                     if p.include_usage:
                         yield {"data": chunk([], usage=a["usage"])}

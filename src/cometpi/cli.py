@@ -278,7 +278,7 @@ def cmd_serve(args) -> int:
     server = ModelServer(args.model, _approx_overrides(args), _config(args), layers=args.layers, reveal=reveal,
                          reveal_k=k, max_queries_per_session=args.max_queries_per_session,
                          allow_stats=args.allow_stats, allow_insecure=args.allow_insecure,
-                         idle_timeout=args.idle_timeout)
+                         **({} if args.idle_timeout is None else {"idle_timeout": args.idle_timeout}))
     a, ap = server.arch, server.approx
     mu = "trained per-channel mu" if ap.smu_mu == "per-channel" else f"mu {ap.smu_mu:g}"
     print(f"cometpi serve: {a.kind} ({a.layers} layers, hidden {a.hidden}, head {a.head}), model hash "
@@ -551,9 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "infer refused); topk:K or topk with --reveal-k K (a classifier's K best labels in order, "
                          "no logits)")
     sv.add_argument("--reveal-k", type=int, default=None, metavar="K", help="K of --reveal topk")
-    sv.add_argument("--idle-timeout", type=float, default=300.0,
+    sv.add_argument("--idle-timeout", type=float, default=None,
                     help="seconds a session may sit between queries before the server ends it (at least --timeout; "
-                         "default %(default)s)")
+                         "default service.IDLE_TIMEOUT, 300)")
     sv.add_argument("--max-queries-per-session", type=int, default=None, metavar="N",
                     help="inferences and generations one session may ask for (default: no bound); beyond: "
                          "'query budget exceeded'")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 
-from .tls import TlsChannel, TlsConfig
+from .tls import TlsConfig
 from .transport import TcpChannel
 
 
@@ -19,9 +19,7 @@ def dial(host: str, port: int, *, tls: TlsConfig | None = None, **kw) -> TcpChan
 def accept(conn: socket.socket, *, tls: TlsConfig | None = None, **kw) -> TcpChannel:
     """The channel of an accepted connection; with ``tls`` the handshake runs here (in the caller's
     thread, under ``kw['timeout']``)."""
-    if tls is not None:
-        return TlsChannel(conn, tls, server_side=True, **kw)
-    return TcpChannel(conn, **kw)
+    return tls.channel(conn, server_side=True, **kw) if tls is not None else TcpChannel(conn, **kw)
 
 
 __all__ = ["dial", "accept"]

@@ -81,13 +81,6 @@ class Meter:
         finally:
             self._local.phase = prev
 
-    def add(self, link: str, phase: str, **deltas: int) -> None:
-        base = _BASE[(link, phase)]
-        with self._lock:
-            c = self._c
-            for k, v in deltas.items():
-                c[base + _FIELD[k]] += v
-
     def count(self, link: str, phase: str, sent: bool, payload: int, header: int, rounds: int) -> None:
         """One frame sent (or received): its payload and header bytes, one message, the rounds it ends."""
         base, o = _BASE[(link, phase)], 0 if sent else 1  # fields: bytes, header bytes, msgs (sent, recv), rounds
@@ -97,10 +90,6 @@ class Meter:
             c[base + 2 + o] += header
             c[base + 4 + o] += 1
             c[base + 6] += rounds
-
-    @property
-    def traffic(self) -> dict[tuple[str, str], Traffic]:
-        return self.snapshot()
 
     def total(self, phase: str | None = None, link: str | None = None) -> Traffic:
         out = Traffic()
@@ -145,7 +134,6 @@ class Meter:
 _KEYS = tuple((l, p) for l in LINKS for p in PHASES)
 _NF = len(_TRAFFIC_FIELDS)
 _BASE = {k: i * _NF for i, k in enumerate(_KEYS)}
-_FIELD = {f: i for i, f in enumerate(_TRAFFIC_FIELDS)}
 
 
 def _by_phase(counts: list[int]) -> dict:
