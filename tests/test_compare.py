@@ -38,23 +38,38 @@ def _compare(x: torch.Tensor, k: int, thresholds):
     return run_local(job)[0]
 
 
+def _chunks(k: int) -> int:
+    return P.cmp_chunks(k, P.chunk_bits(k))
+
+
 def _ands(k: int) -> int:
-    c = math.ceil(k / 4)
-    return max(0, 2 * c - 3)
+    return P.tree_ands(_chunks(k))
 
 
 def tree_padding(chunks: int) -> int:
-    """Most bytes the AND tree's packing adds over 4 bits per AND: each level sends its packed chunk
-    rows (4 per pair, 2 at the top) each rounded up to whole bytes, each way."""
+    """Most bytes the AND tree's packing adds over 4 bits per AND: each level of h pairs sends its packed
+    rows (2h - 1 of each AND operand) each rounded up to whole bytes, each way."""
     rows, c = 0, chunks
     while c > 1:
-        rows += 4 * (c // 2) if c > 2 else 2
+        rows += 2 * (2 * (c // 2) - 1)
         c = c // 2 + c % 2
     return 2 * rows
 
 
 def test_tree_padding_counts_the_rows():
-    assert tree_padding(1) == 0 and tree_padding(2) == 4 and tree_padding(7) == 2 * (12 + 8 + 2)
+    assert tree_padding(1) == 0 and tree_padding(2) == 4 and tree_padding(7) == 2 * (10 + 6 + 2)
+
+
+def test_the_tree_and_the_chunk_widths_are_as_documented():
+    """ANDs of the lt-only tree (the lowest node of each level skips eq) and the default chunk widths."""
+    assert [P.tree_ands(c) for c in (1, 2, 3, 4, 5, 7, 64)] == [0, 1, 2, 4, 5, 9, 120]
+    assert {k: (P.chunk_bits(k), _chunks(k)) for k in (3, 8, 12, 20, 24, 28, 29, 61)} == {
+        3: (3, 1), 8: (8, 1), 12: (6, 2), 20: (7, 3), 24: (8, 3), 28: (7, 4), 29: (8, 4), 61: (6, 11)}
+    assert P.chunk_bits(33, P.compare.ROW_TABLE_BYTES) == 11
+    for k in range(1, 62):  # the tables fit the budget and cover the k low bits
+        m = P.chunk_bits(k)
+        assert P.compare.MIN_CHUNK <= m <= P.compare.MAX_CHUNK
+        assert P.cmp_chunks(k, m) * P.compare.table_bytes(m) <= P.compare.TABLE_BYTES
 
 
 @pytest.mark.parametrize("k", [3, 5, 12, 24, 25, 27, 30, 31, 32, 40, 61])
@@ -70,7 +85,7 @@ def test_compare_many_is_exact_over_its_domain(k):
 
 
 def test_drelu_narrow_meets_its_cost_line():
-    """k = 24: 5 rounds, 8 B opening + 9 ANDs (36 bits) + 2 bits b2a = 12.75 B/element."""
+    """k = 24: 4 rounds, 8 B opening + 2 ANDs (8 bits) + 2 bits b2a = 9.25 B/element."""
     x = torch.arange(-4000, 4000, 3, dtype=torch.int64) * 1000
     n = x.numel()
 
@@ -81,23 +96,24 @@ def test_drelu_narrow_meets_its_cost_line():
 
     d, on = run_local(job)[0]
     assert torch.equal(d, (x >= 0).to(torch.int64))
-    assert "12.75 B/element" in P.drelu_narrow.__doc__
-    assert on.rounds == 5
-    packing = tree_padding(6) + 2  # packed rows of the AND tree and the b2a message round up to bytes
-    assert n * 12.75 <= on.payload_bytes <= n * 12.75 + packing
+    assert "4 rounds, 8 B + 2 ANDs (8 bits) + 2 bits = 9.25 B/element" in " ".join(P.drelu_narrow.__doc__.split())
+    assert on.rounds == 4 == P.compare_rounds(24) and P.compare_bytes(24, 1) == 9.25
+    packing = tree_padding(3) + 2  # packed rows of the AND tree and the b2a message round up to bytes
+    assert n * 9.25 <= on.payload_bytes <= n * 9.25 + packing
 
 
 @pytest.mark.parametrize("k,t", [(12, 1), (24, 3), (33, 5), (61, 2)])
 def test_compare_many_cost_line(k, t):
-    """2 + ceil(log2 C) rounds; 2 x 4 B opening (8 B above 32 bits), per threshold (2C - 3) ANDs of
+    """2 + ceil(log2 C) rounds; 2 x 4 B opening (8 B above 32 bits), per threshold ``tree_ands(C)`` ANDs of
     4 bits and 2 bits of b2a."""
     x = torch.arange(-300, 300, dtype=torch.int64)
-    n, c = x.numel(), math.ceil(k / 4)
+    n, c = x.numel(), _chunks(k)
     _, on = _compare(x, k, list(range(t)))
-    assert on.rounds == 2 + math.ceil(math.log2(c))
+    assert on.rounds == 2 + math.ceil(math.log2(c)) == P.compare_rounds(k)
     bits = n * t * (4 * _ands(k) + 2)
     opening = n * (8 if k + 1 <= 32 else 16)
     assert opening + bits / 8 <= on.payload_bytes <= opening + bits / 8 + tree_padding(c) + 2
+    assert opening + bits / 8 == n * P.compare_bytes(k, t)
 
 
 def test_out_of_range_wraps_as_documented_and_the_simulation_raises():
@@ -140,12 +156,15 @@ def server_messages(body, x: torch.Tensor, *, encoded: bool = False) -> list[tor
 
 
 def assert_same_views(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    """Message by message, the low-byte histograms (and for int32 narrow openings the top byte within
-    their ring) of two views pass a chi-square homogeneity test at about 1e-6."""
+    """Message by message, the low-byte histograms (and the top byte: of the ring for int64 messages, within
+    their ring for int32 narrow openings) of two views pass a chi-square homogeneity test at about 1e-6."""
     assert len(a) == len(b)
     for ta, tb in zip(a, b, strict=True):
         ha = torch.bincount((ta.to(torch.int64) & 0xFF), minlength=256).double()
         hb = torch.bincount((tb.to(torch.int64) & 0xFF), minlength=256).double()
+        if ta.dtype == torch.int64:  # a full-ring opening: its top byte too
+            ha = torch.cat([ha, torch.bincount((ta >> 56) & 0xFF, minlength=256).double()])
+            hb = torch.cat([hb, torch.bincount((tb >> 56) & 0xFF, minlength=256).double()])
         if ta.dtype == torch.int32:  # a narrow opening: its top byte too
             top = max(int(ta.max()), int(tb.max())).bit_length() - 8
             ha = torch.cat([ha, torch.bincount((ta.to(torch.int64) >> top) & 0xFF, minlength=256).double()])
@@ -177,7 +196,7 @@ def test_what_the_server_receives_does_not_depend_on_x():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("per_octave,steps", [(4, 2), (1, 3)])
+@pytest.mark.parametrize("per_octave,steps", [(4, 2), (1, 3), (64, 1)])
 @pytest.mark.parametrize("site", sorted(DOMAINS))
 def test_thermometer_rsqrt_over_each_site_domain(site, per_octave, steps):
     """Four thresholds per octave (the default) save a Newton step (6 rounds) over one per octave, and
@@ -207,9 +226,9 @@ def test_thermometer_rsqrt_over_each_site_domain(site, per_octave, steps):
     assert ((y - ref).abs() <= tol).all()
     thresholds, _, _, k = spec.thermometer()
     assert len(thresholds) == per_octave * (spec.octaves()[1] + 1 - spec.octaves()[0]) - 1
-    c = math.ceil(k / 4)
-    assert on.rounds == (2 + math.ceil(math.log2(c))) + 6 * steps
-    guess_bytes = (8 if k < 32 else 16) + len(thresholds) * (4 * _ands(k) + 2) / 8
+    c = P.cmp_chunks(k, P.chunk_bits(k, spec.table_bytes))
+    assert on.rounds == (2 + math.ceil(math.log2(c))) + 6 * steps == P.compare_rounds(k, spec.table_bytes) + 6 * steps
+    guess_bytes = (8 if k < 32 else 16) + len(thresholds) * (4 * P.tree_ands(c) + 2) / 8
     # packed rows round up to whole bytes: a few bytes per message
     assert 0 <= on.payload_bytes / x.numel() - (guess_bytes + steps * 144) <= 8 * on.msgs_sent / x.numel()
 
@@ -245,7 +264,7 @@ def test_smu_with_the_thermometer_guess_on_shares():
 def test_sigmoid_with_the_unit_interval_reciprocal():
     """approx.sigmoid (the pooler's tanh): |error| <= 1.2e-3 over |v| <= 256 on every backend (the limit
     exp's own error, (1 + x/256)^256 against exp(x): 8.6e-4 at v = -2.5; the reciprocal adds < 64 ulp), and its
-    Cost line: drelu (8 rounds, 78.75 B) + 2 selects (2 x (1 round, 32 B)) + exp (17 rounds, 272 B)
+    Cost line: drelu (8 rounds, 76.25 B) + 2 selects (2 x (1 round, 32 B)) + exp (17 rounds, 272 B)
     + 4 reciprocal steps (16 rounds, 384 B)."""
     from cometpi.approx import sigmoid
 
@@ -264,7 +283,7 @@ def test_sigmoid_with_the_unit_interval_reciprocal():
     y, on = run_local(job)[0]
     assert ((y - ref).abs() <= tol).all()
     assert on.rounds == 8 + 2 + 17 + 16
-    want = v.numel() * (78.75 + 64 + 272 + 384)
+    want = v.numel() * (76.25 + 64 + 272 + 384)
     # the full-ring drelu's tree over 64 bit positions and its b2a: packed rows round up to bytes
     assert want <= on.payload_bytes <= want + tree_padding(64) + 2
 
@@ -278,3 +297,49 @@ def test_compare_many_far_from_zero():
     got, _ = _compare(x[keep], k, thr)
     sel = (x[keep][:, None] - thr[None]).abs() < (1 << k)
     assert torch.equal(got[sel], (x[keep][:, None] >= thr[None]).to(torch.int64)[sel])
+
+
+@pytest.mark.parametrize("k", [8, 20, 28, 40])
+def test_drelu_select_is_the_sign_and_the_relu_with_its_cost_line(k):
+    """([x >= 0], x [x >= 0]) exactly over |x| < 2^k, edges included; rounds ``compare_rounds(k)``; online
+    2 x 8 B + the tree's ANDs + 2 bits per element (at k = 28 the documented 18.25 B)."""
+    top = (1 << k) - 1
+    x = torch.cat([torch.tensor([0, 1, -1, top, -top, top - 1, -top + 1]),
+                   torch.linspace(-top, top, 997, dtype=torch.float64).round().to(torch.int64)])
+
+    def job(s):
+        xs = s.share(x if s.is_client else None, owner=Role.CLIENT, shape=x.shape, encoded=True)
+        (b, bx), on = _online(s, lambda: P.drelu_select(xs, k))
+        return s.open(b), s.open(bx), on
+
+    b, bx, on = run_local(job)[0]
+    assert torch.equal(b, (x >= 0).to(torch.int64)) and torch.equal(bx, torch.relu(x))
+    assert on.rounds == P.compare_rounds(k)
+    c = _chunks(k)
+    want = x.numel() * (16 + (4 * P.tree_ands(c) + 2) / 8)
+    assert want <= on.payload_bytes <= want + tree_padding(c) + 2
+    if k == 28:
+        assert "at k = 28, 16 B + 4 ANDs + 2 bits = 18.25 B" in " ".join(P.drelu_select.__doc__.split())
+        assert want == 18.25 * x.numel()
+
+
+def test_drelu_select_beyond_its_range_wraps_and_the_server_view_is_uniform():
+    """|x| >= 2^k: the bit of the wrapped value and x or 0 accordingly (wrong, as documented); what the server
+    receives for x = 0 and for x spread over the domain has the same distribution."""
+    k = 10
+    x = torch.tensor([1 << 10, 3000, -(1 << 10) - 1, -3000], dtype=torch.int64)
+
+    def job(s):
+        xs = s.share(x if s.is_client else None, owner=Role.CLIENT, shape=x.shape, encoded=True)
+        b, bx = P.drelu_select(xs, k)
+        return s.open(b), s.open(bx)
+
+    b, bx = run_local(job)[0]
+    wrapped = (((x + (1 << k)) % (1 << (k + 1))) >= (1 << k)).to(torch.int64)
+    assert torch.equal(b, wrapped) and torch.equal(bx, x * wrapped)
+    n = 20_000
+    a = server_messages(lambda s, xs: P.drelu_select(xs, 28), torch.zeros(n, dtype=torch.int64), encoded=True)
+    v = server_messages(lambda s, xs: P.drelu_select(xs, 28), torch.linspace(-(2**27), 2**27, n).to(torch.int64),
+                        encoded=True)
+    assert len(a) == len(v) >= 3
+    assert_same_views(a, v)

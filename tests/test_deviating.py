@@ -74,11 +74,15 @@ def honest_run(s):
     y = P.matmul_private(y, pv)  # mulpriv (vec)
     e = P.embedding_lookup(torch.tensor([1, 3]) if s.is_client else None, table, n_tokens=2)  # mulpriv 32, lift
     z = P.mul(y, y)  # mul
+    P.mul(y, y._wrap(y.data[:, :1].contiguous()))  # mulb
+    t, kept = P.truncate_keep(y, 4)  # truncmul
+    P.mul_kept(t, kept)
     z = P.square(z)  # square
     z = P.matmul(y, y._wrap(y.data.T.contiguous()))  # matmul
     P.mul_private_pair(y.data[:1].clone(), s)  # pmul
     P.drelu(y)  # cmp, bandp, b2a
     P.drelu_narrow(e, 24)  # cmpn, bandp, b2a
+    P.drelu_select(e, 24)  # cmpsel, bandp
     s.test_weights = {pw.index: pw, pv.index: pv, table.index: table}
     return s.reveal_float(z, Role.CLIENT)
 
@@ -241,8 +245,14 @@ def test_dealer_index_bookkeeping_is_bounded():
 @pytest.mark.parametrize("request_, match", [
     ([0, "mulpriv", {"x": [1 << 14, 1 << 14], "w": [1 << 14, 1 << 10], "widx": 0}], "multiply-accumulates"),
     ([0, "matmul", {"a": [1 << 13, 1 << 13], "b": [1 << 13, 1 << 13]}], "multiply-accumulates"),
-    ([0, "cmpn", {"shape": [1 << 26], "k": 61}], "bytes of correction"),
+    ([0, "cmpn", {"shape": [1 << 26], "k": 61, "m": 4}], "bytes of correction"),
+    ([0, "cmpn", {"shape": [1 << 20], "k": 24, "m": 12}], "bytes of correction"),
+    ([0, "cmpsel", {"shape": [1 << 25], "k": 28, "m": 7}], "bytes of correction"),
+    ([0, "cmpn", {"shape": [8], "k": 24, "m": 13}], "chunk width"),
+    ([0, "cmpsel", {"shape": [8], "k": 24, "m": 2}], "chunk width"),
     ([0, "mul", {"shape": [1 << 28]}], "bytes of correction"),
+    ([0, "mulb", {"x": [1 << 14, 1 << 14], "y": [1 << 14, 1]}], "bytes of correction"),
+    ([0, "mulb", {"x": [4, 8], "y": [8, 1]}], "does not broadcast"),
     # a 2^31-element product output from inputs within the element bound
     ([0, "mulpriv", {"x": [1 << 16, 1 << 12], "w": [1 << 12, 1 << 15], "widx": 0}], "bytes of correction"),
 ])

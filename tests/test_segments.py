@@ -80,11 +80,11 @@ def test_shares_match_the_reference_and_the_cost_line():
     y, on = run_local(job)[0]
     assert float((y - ref).abs().max()) <= 20 * ULP
     doc = smu1_segments.__doc__
-    assert "14 rounds, 207.75 B/element" in doc
-    assert on.rounds == 14
-    want = v.numel() * 207.75
+    assert "11 rounds, 104.25 B/element" in doc
+    assert on.rounds == 11
+    want = v.numel() * 104.25
     # the two comparisons' packed rows and b2a messages round up to whole bytes
-    assert want <= on.payload_bytes <= want + tree_padding(7) + tree_padding(5) + 4
+    assert want <= on.payload_bytes <= want + tree_padding(4) + tree_padding(3) + 4
 
 
 def test_beyond_the_sign_range_the_simulation_raises_and_the_secure_path_wraps():
@@ -124,8 +124,8 @@ def test_mu_folds_into_the_ffn_weights():
 
 def test_narrow_relu_softmax_on_shares():
     """ReLU-softmax with the exact ReLU by the narrow comparison: against the float64 definition
-    (1/S by the thermometer rsqrt: 1.1e-3 relative), and its ReLU's cost: drelu_narrow at k = 28
-    (5 rounds, 13.75 B) + 1 product without truncation (1 round, 32 B)."""
+    (1/S by the thermometer rsqrt: 1.1e-3 relative), and its ReLU's cost: drelu_select at k = 28
+    (4 rounds, 18.25 B: the sign test's opening is the full masked score, its b2a opening selects it)."""
     torch.manual_seed(1)
     s_ = torch.randn(2, 3, 4, 16, dtype=torch.float64) * 4
     mask = torch.ones(2, 1, 1, 16, dtype=torch.int64)
@@ -137,15 +137,15 @@ def test_narrow_relu_softmax_on_shares():
     def job(s):
         xs = s.share(s_ if s.is_client else None, owner=Role.CLIENT, shape=s_.shape)
         ops = ShareOps(s)
-        bits, on = _online(s, lambda: ops.mask(xs, ops.sign(xs, SCORE_BITS)))
+        bits, on = _online(s, lambda: ops.sign_mask(xs, SCORE_BITS)[1])
         y = relu_softmax(ops, xs, mask, spec, relu="narrow")
         return s.reveal_float(bits, Role.CLIENT), on, s.reveal_float(y, Role.CLIENT)
 
     relu_out, on, y = run_local(job)[0]
     assert float((relu_out - torch.relu(s_)).abs().max()) <= ULP
-    assert on.rounds == 6
+    assert on.rounds == 4
     n = s_.numel()
-    assert n * (13.75 + 32) <= on.payload_bytes <= n * (13.75 + 32) + tree_padding(7) + 2
+    assert n * 18.25 <= on.payload_bytes <= n * 18.25 + tree_padding(4) + 2
     assert float((y - ref).abs().max()) <= 1.1e-3 * float(ref.abs().max()) + 64 * ULP
     with pytest.raises(ValueError, match="unknown ReLU"):
         relu_softmax(FloatOps(), s_, mask, spec, relu="bogus")
@@ -166,7 +166,7 @@ def test_the_server_view_of_the_segments_does_not_depend_on_v():
     b = server_messages(body, v)
     assert len(a) == len(b) >= 8
     assert_same_views(a, b)
-    # the check has power: |v| in the clear in place of the first product's masked difference fails it
+    # the check has power: |v| in the clear in place of the sign test's masked opening fails it
     leaky = list(b)
     i = next(j for j, t in enumerate(leaky) if t.dtype == torch.int64)
     leaky[i] = FixedPoint(16).encode(v.abs())

@@ -80,7 +80,7 @@ def test_exp_on_the_ring_and_its_cut():
 def test_activations_on_shares_match_the_ring_and_the_cost_line():
     """GeLU and SiLU on shares against torch (the secure exact truncation may drop a borrow: a grid step
     low next to a knot picks the neighbouring quadratic, which was fitted one step wider: <= 10 ulp),
-    and the documented 16 rounds, 165.75 B + 3.75 B per knot (padding of packed rows aside)."""
+    and the documented 13 rounds, 138.25 B + 1.25 B per knot (padding of packed rows aside)."""
     x = _xs()
 
     def job(s):
@@ -92,12 +92,12 @@ def test_activations_on_shares_match_the_ring_and_the_cost_line():
         return out
 
     res = run_local(job)[0]
-    assert "16 rounds, 165.75 B + 3.75 B per knot" in activation.__doc__
+    assert "13 rounds, 138.25 B + 1.25 B per knot" in " ".join(activation.__doc__.split())
     for name, table in (("gelu", TABLES["gelu"]), ("silu", TABLES["silu"])):
         y, on = res[name]
         assert float((y - TORCH[name](x)).abs().max()) <= 10 * ULP
-        assert on.rounds == 16
-        want = x.numel() * (165.75 + 3.75 * (len(table.knots) - 1))
+        assert on.rounds == 13
+        want = x.numel() * (138.25 + 1.25 * (len(table.knots) - 1))
         assert want <= on.payload_bytes <= want + 64
 
 
@@ -141,10 +141,11 @@ def test_softmax_exp_matches_torch_with_public_and_shared_masks():
 
 @pytest.mark.parametrize("arity", [2, 8, 4])
 def test_narrow_maximum_cost_and_range(arity):
-    """The max with narrow comparisons (drelu_narrow at k = 29: 5 rounds, 14.75 B) is exact whatever the
-    arity, with ties (the first maximum wins a group: one winner).  Arity 2: 6 rounds per level, 46.75 B
-    per pair.  Arity a: levels of 5 + ceil(log2(a - 1)) + 1 rounds, each group's a(a - 1)/2 sign tests
-    and a(a - 1) products of 32 B.  The simulation raises where values differ by 2^k or more."""
+    """The max with narrow comparisons (at k = 29: 4 rounds) is exact whatever the arity, with ties (the
+    first maximum wins a group: one winner).  Arity 2: ``drelu_select``, 4 rounds per level, 18.25 B per
+    pair.  Arity a: levels of 4 + ceil(log2(a - 1)) + 1 rounds, each group's a(a - 1)/2 sign tests
+    (``drelu_narrow``, 10.25 B) and a(a - 1) products of 32 B.  The simulation raises where values differ
+    by 2^k or more."""
     torch.manual_seed(3)
     v = torch.randn(6, 32, dtype=torch.float64) * 1000
     v[1, 3:9] = v[1].max()  # ties, within and across groups
@@ -157,20 +158,20 @@ def test_narrow_maximum_cost_and_range(arity):
     m, on = run_local(job)[0]
     assert torch.equal(m, (torch.round(v * 2**16) / 2**16).amax(-1, keepdim=True))
     if arity == 2:
-        assert on.rounds == 5 * 6
+        assert on.rounds == 5 * 4
         pairs = 6 * 31
-        assert pairs * 46.75 <= on.payload_bytes <= pairs * 46.75 + 5 * 16
+        assert pairs * 18.25 <= on.payload_bytes <= pairs * 18.25 + 5 * 16
     else:
         levels = _arities(32, arity)  # 8 then 4; or 4, 4, 2
-        assert on.rounds == sum(5 + math.ceil(math.log2(a - 1)) + 1 if a > 2 else 6 for a in levels)
-        pairs = products = 0
-        n = 32
-        for a in levels:
+        assert on.rounds == sum(4 + math.ceil(math.log2(a - 1)) + 1 if a > 2 else 4 for a in levels)
+        want, n = 0.0, 32
+        for a in levels:  # 6 rows; a binary level's pair is one drelu_select, an a-fold group's pairs sign tests
             g = -(-n // a)
-            pairs += 6 * g * a * (a - 1) // 2
-            products += 6 * g * (a * (a - 1) if a > 2 else 1)
+            if a > 2:
+                want += 6 * g * (a * (a - 1) // 2 * 10.25 + a * (a - 1) * 32)
+            else:
+                want += 6 * g * 18.25
             n = g
-        want = pairs * 14.75 + products * 32
         assert want <= on.payload_bytes <= want + on.msgs_sent * 16  # packed bits round up per message
     ops = RingOps()
     with pytest.raises(HeadroomError, match="narrow maximum"):

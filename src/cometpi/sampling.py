@@ -24,11 +24,10 @@ client sees only the 0/1 marks (``marks_to_indices``), never the logits.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 
-from .protocols import cmp_chunks
+from .protocols import compare_rounds
 from .ring import SEED_BYTES, AesCtrPrg, logical_rshift, uniform01
 
 #: Width of the argmax's comparisons at f = 16 (LOGIT_BITS + f - 16): logits of a row within 2^(28-16) =
@@ -65,16 +64,16 @@ def seeded_gumbel(seed: int, shape):
 
 
 def _cmp_rounds(k: int) -> int:
-    """Rounds of ``compare_many`` at width k (its docstring): 2 + ceil(log2 ceil(k / 4))."""
-    return 2 + math.ceil(math.log2(cmp_chunks(k)))
+    """Rounds of ``compare_many`` at width k (``protocols.compare_rounds``)."""
+    return compare_rounds(k)
 
 
 def choice_rounds(vocab: int, frac_bits: int = 16, top_k: bool = False) -> int:
     """Online rounds of ``choose`` for one row: the max (``protocols.compare.max_rounds``: binary levels of a
-    comparison and a product down to 4,096, then 8-fold all-pairs levels) and the sign test; with top-k
+    comparison with its select down to 4,096, then 8-fold all-pairs levels) and the sign test; with top-k
     first a max, TOPK_STEPS bisection steps (a comparison of every entry, one of the count) and the keep
-    test, and the argmax one bit wider.  SmolLM2 (V = 49,152, f = 16), online, both directions: 65 rounds
-    and 3,738,698 B greedy, 240 rounds and 15,019,918 B with top-k (11.3 MB more: a second max and 12
+    test, and the argmax one bit wider.  SmolLM2 (V = 49,152, f = 16), online, both directions: 52 rounds
+    and 2,256,486 B greedy, 192 rounds and 10,055,234 B with top-k (7.8 MB more: a second max and 12
     comparisons of every entry)."""
     from .protocols.compare import max_rounds
 
@@ -138,12 +137,12 @@ def top_marks(ops, logits, k: int = 1):
     other (``RingOps`` raises ``HeadroomError`` beyond); the first round compares at width
     w = LOGIT_BITS + f - 16, the later ones (knocked-out entries lie up to ``TOPK_BIG`` lower) at w + 1.
 
-    Cost: ``reveal_rounds(V, k)`` = k (``max_rounds(V, c)`` + c) + 1 rounds, c = 2 + ceil(log2
-    ceil(w / 4)) = 5 at f = 16 (a narrow comparison): each round a max (``protocols.maximum``: up to 8
-    entries at once, c + 1 + ceil(log2(a - 1)) rounds per level of a; ceil(log2 V) (c + 1) for binary
-    levels) and the sign test, then 1 round for the reveal of k V marks (8 B each, server -> client).
-    Online, both directions, one row: 2 labels, the label: 12 rounds, 164 B; the top 2: 23 rounds, 344 B;
-    5 labels, the top 3: 40 rounds, 2,862 B (4 rows: 10,832 B; the rounds do not depend on the rows).
+    Cost: ``reveal_rounds(V, k)`` = k (``max_rounds(V, c)`` + c) + 1 rounds, c = ``compare_rounds(w)`` = 4 at
+    f = 16 (a narrow comparison): each round a max (``protocols.maximum``: up to 8 entries at once,
+    c + 1 + ceil(log2(a - 1)) rounds per level of a; c per binary level, its select in the sign test's
+    rounds) and the sign test, then 1 round for the reveal of k V marks (8 B each, server -> client).
+    Online, both directions, one row: 2 labels, the label: 9 rounds, 84 B; the top 2: 17 rounds, 168 B;
+    5 labels, the top 3: 34 rounds, 2,562 B (4 rows: 10,032 B; the rounds do not depend on the rows).
     Revealing the logits instead: 1 round, 8 B per label and row."""
     f = getattr(ops, "frac_bits", 16)
     width = LOGIT_BITS + f - 16

@@ -26,6 +26,11 @@ from .guess import local_quarter_factor
 class _Additive:
     """Local linear operations, the same on every backend (tensors and AShares alike)."""
 
+    def sign_mask(self, a, k):
+        """(b, a b) with b = [a >= 0] for |a| < 2^k: the sign test and the select (ReLU) together."""
+        b = self.sign(a, k)
+        return b, self.mask(a, b)
+
     def thermometer(self, a, thresholds, k, weight_sets):
         """For each weight list w: sum_j w_j [a >= t_j] for public thresholds t (``compare_thresholds``
         at width k, then ``weighted_bits``: one comparison serves every weight list)."""
@@ -104,6 +109,13 @@ class FloatOps(_Additive):
     def truncate(self, a, k):
         return a * 2.0**-k
 
+    def truncate_keep(self, a, k):
+        """(a / 2^k, a handle for one later ``mul_kept`` with a): here a itself."""
+        return self.truncate(a, k), a
+
+    def mul_kept(self, a, kept, extra: int = 0):
+        return self.mul(a, kept, extra)
+
     def mul_pow2(self, a, k):
         return a * 2.0**k
 
@@ -136,7 +148,7 @@ class FloatOps(_Additive):
         """[a >= 0] (0/1) for |a| < 2^k ring units (the narrow comparison's range)."""
         return (a.detach() >= 0).to(a.dtype)
 
-    def compare_thresholds(self, a, thresholds, k):
+    def compare_thresholds(self, a, thresholds, k, table_bytes=None):
         """[a >= t] for public reals t, stacked on a new last axis (0/1)."""
         return (a.detach()[..., None] >= torch.as_tensor(thresholds, dtype=a.dtype)).to(a.dtype)
 
@@ -222,6 +234,12 @@ class RingOps(_Additive):
     def truncate(self, a, k):
         return self.shift(a, k)
 
+    def truncate_keep(self, a, k):
+        return self.truncate(a, k), a
+
+    def mul_kept(self, a, kept, extra: int = 0):
+        return self.mul(a, kept, extra)
+
     def mul_pow2(self, a, k):
         return a * (1 << k)
 
@@ -251,7 +269,7 @@ class RingOps(_Additive):
         """As ``protocols.drelu_narrow``, raising ``HeadroomError`` where |a| >= 2^k."""
         return self.compare_thresholds(a, [0.0], k)[..., 0]
 
-    def compare_thresholds(self, a, thresholds, k):
+    def compare_thresholds(self, a, thresholds, k, table_bytes=None):
         """As ``protocols.compare_many`` (integer 0/1), raising ``HeadroomError`` where some
         |a - t| >= 2^k: the secure comparison would wrap there."""
         thr = self.fp.encode(torch.as_tensor(thresholds, dtype=torch.float64))
@@ -392,6 +410,14 @@ class ShareOps(_Additive):
         """a / 2^k in the session's truncation mode."""
         return P.truncate(a, k)
 
+    def truncate_keep(self, a, k):
+        """``protocols.truncate_keep``: the truncation whose opening serves one later product with a."""
+        return P.truncate_keep(a, k)
+
+    def mul_kept(self, a, kept, extra: int = 0):
+        """``protocols.mul_kept``: a times the kept factor, opening only a's masked difference."""
+        return P.mul_kept(a, kept, extra_bits=extra)
+
     def mul_pow2(self, a, k):
         return a.mul_int(1 << k)
 
@@ -437,9 +463,15 @@ class ShareOps(_Additive):
         """``protocols.drelu_narrow``: [a >= 0] for |a| < 2^k."""
         return P.drelu_narrow(a, k)
 
-    def compare_thresholds(self, a, thresholds, k):
-        """``protocols.compare_many`` against the encoded thresholds."""
-        return P.compare_many(a, k, self.fp.encode(torch.as_tensor(thresholds, dtype=torch.float64)))
+    def sign_mask(self, a, k):
+        """``protocols.drelu_select``: (b, a b) in the sign test's rounds."""
+        return P.drelu_select(a, k)
+
+    def compare_thresholds(self, a, thresholds, k, table_bytes=None):
+        """``protocols.compare_many`` against the encoded thresholds (its tables within ``table_bytes`` per
+        element, default ``protocols.compare.TABLE_BYTES``)."""
+        return P.compare_many(a, k, self.fp.encode(torch.as_tensor(thresholds, dtype=torch.float64)),
+                              table_bytes or P.compare.TABLE_BYTES)
 
     def weighted_bits(self, bits, weights):
         """Local: integer 0/1 shares times public encoded weights, summed."""

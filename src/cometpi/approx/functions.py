@@ -80,7 +80,7 @@ def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float =
     """ReLU normalisation along the last dim: r_i / (sum_j r_j + eps), r = ReLU(s) * mask.
 
     ``relu`` (see ``RELUS``): ``narrow`` is the exact ReLU s [s >= 0] by the narrow comparison
-    (13.75 B, 5 rounds, then 1 product without truncation: 32 B, 1 round), valid for
+    with its select (``drelu_select``: 18.25 B, 4 rounds), valid for
     |s| < 2^(SCORE_BITS - 16) = 4096 (the simulation raises ``HeadroomError`` beyond); ``smooth`` is
     SMU(alpha=0, mu) (no comparison; ``relu_spec`` is its rsqrt domain, z = s^2 + mu^2, default
     ``spec`` with lo lowered to mu^2/2); ``full`` the full-ring comparison (the 2ReLU baseline).
@@ -95,7 +95,7 @@ def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float =
             monitor = getattr(ops, "monitor", None)
             if monitor is not None:  # the sign test's range (bench sites)
                 monitor.value("softmax_score", ops.output(s), 2.0 ** (SCORE_BITS - 16))
-            r = ops.mask(s, ops.sign(s, SCORE_BITS + getattr(ops, "frac_bits", 16) - 16))
+            r = ops.sign_mask(s, SCORE_BITS + getattr(ops, "frac_bits", 16) - 16)[1]
         elif relu == "full":
             r = ops.relu(s)
         else:
@@ -129,10 +129,9 @@ def softmax_exp(ops, s, mask, spec: RsqrtSpec):
     rsqrt on S in [1, T] (the row's max contributes exp(0) = 1).  ``mask`` (public or shared 0/1)
     sets masked keys to MASKED_SCORE before the max.  Domain |s| < 4096 (``RingOps`` raises
     ``HeadroomError`` beyond).
-    Cost per score: the max's ceil(log2 T) levels (each 6 rounds: drelu_narrow at k = 29, 14.75 B,
-    and one product without truncation, 32 B, per pair: about 46.75 B per score in all) + exp
-    (10 rounds, 200.75 B) + the row's reciprocal + 1 product (2 rounds, 48 B); +32 B and 1 round
-    for a shared mask."""
+    Cost per score: the max (``protocols.maximum`` at k = 29: 8-fold levels of 8 rounds for rows up to
+    4,096) + exp (9 rounds, 141.25 B) + the row's reciprocal + 1 product (2 rounds, 48 B); +32 B and
+    1 round for a shared mask."""
     from .splines import exp_neg
 
     f = getattr(ops, "frac_bits", 16)

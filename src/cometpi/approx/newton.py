@@ -34,7 +34,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ..protocols.compare import TABLE_BYTES
 from .guess import bit_trick_error, iterations_for
+from .segments import _increments
 
 _WARNED: set[str] = set()
 
@@ -82,14 +84,17 @@ class RsqrtSpec:
     #: the thermometer's thresholds per octave: 4 puts t0 within 2^(+-1/16) (2 Newton steps to 1e-3 instead of
     #: 3 from one per octave), at 4x the thresholds of one comparison opening (the same rounds)
     per_octave: int = 4
+    #: bytes of the thermometer comparison's one-time tables per element (``protocols.compare.chunk_bits``):
+    #: call sites with one value per row allow ``ROW_TABLE_BYTES`` (fewer rounds for few values)
+    table_bytes: int = TABLE_BYTES
 
     def __post_init__(self):
         object.__setattr__(self, "guess", Guess(self.guess))
         object.__setattr__(self, "form", NewtonForm(self.form))
         if not 0 < self.lo < self.hi:
             raise ValueError(f"rsqrt domain must satisfy 0 < lo < hi, got [{self.lo}, {self.hi}]")
-        if not 1 <= self.per_octave <= 16:
-            raise ValueError(f"per_octave must be 1..16 thermometer thresholds per octave, got {self.per_octave}")
+        if not 1 <= self.per_octave <= 64:
+            raise ValueError(f"per_octave must be 1..64 thermometer thresholds per octave, got {self.per_octave}")
 
     def with_(self, **kw) -> RsqrtSpec:
         return replace(self, **kw)
@@ -275,10 +280,15 @@ def initial_guess(ops, x, spec: RsqrtSpec, scale: int = 0):
     if spec.guess == Guess.CONSTANT:
         return ops.const_like(x, 2.0**scale / math.sqrt(2 * spec.hi))
     if spec.guess == Guess.THERMOMETER:
-        thresholds, weights, base, k = spec.thermometer(getattr(ops, "frac_bits", 16))
+        f = getattr(ops, "frac_bits", 16)
+        thresholds, weights, base, k = spec.thermometer(f)
+        # the buckets' guesses on the grid and their increments, so that every partial sum is exactly one
+        # bucket's encoded guess (encoding each increment alone would add up to 1/2 ulp per threshold)
+        levels = [base * 2.0**scale, *((base + float(w)) * 2.0**scale for w in np.cumsum(weights))]
+        steps = _increments(levels, f)
         with ops.span("thermometer_guess"):
-            bits = ops.compare_thresholds(x, thresholds, k)
-            return ops.add_const(ops.weighted_bits(bits, [w * 2.0**scale for w in weights]), base * 2.0**scale)
+            bits = ops.compare_thresholds(x, thresholds, k, spec.table_bytes)
+            return ops.add_const(ops.weighted_bits(bits, steps), round(levels[0] * 2**f) * 2.0**-f)
     if spec.guess == Guess.CRYPTEN:
         from .functions import crypten_exp
 
@@ -328,7 +338,8 @@ def rsqrt(ops, x, spec: RsqrtSpec):
     Cost (shares, exact truncation): guess + n steps of 3 products (6 rounds, 144 B/element each);
     guesses: comet 3 rounds, 40 B/element; constant 0; crypten 8 squarings (16 rounds, 256 B/element)
     plus 2 truncations (2 rounds, 32 B/element); thermometer one ``compare_many`` with
-    per_octave (e_max + 1 - e_min) - 1 thresholds (2 + ceil(log2 ceil(k/4)) rounds).
+    per_octave (e_max + 1 - e_min) - 1 thresholds (``protocols.compare_rounds(k, spec.table_bytes)`` rounds:
+    4 for LayerNorm's per-row variance, k = 25 + f, 3 chunks of 12 bits at ``ROW_TABLE_BYTES``).
     """
     if getattr(ops, "ideal", False):  # FloatOps(ideal=True): the exact function (fine-tuning)
         return torch.rsqrt(x)

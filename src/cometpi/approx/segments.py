@@ -10,8 +10,9 @@ shares.  g is replaced by its best line on each of 24 segments between public kn
     SMU1(v) ~ A(|v|) + (b + B(|v|)) |v|,   b = [v >= 0],
 
 where A and B are public linear combinations of the thermometer bits [|v| >= knot_j].  On shares:
-``drelu_narrow`` of v, one product b v (|v| = 2 b v - v), |v| truncated to 8 fractional bits (the
-knots lie on that grid), ``compare_many`` against the 24 knots at width 20, and one product.  The
+``drelu_select`` of v (the sign b and b v in the sign test's rounds; |v| = 2 b v - v), |v| truncated to
+8 fractional bits (the knots lie on that grid; ``truncate_keep``: that opening also masks |v| for the last
+product), ``compare_many`` against the 24 knots at width 20, and one product.  The
 float backend computes the same segments (fine-tuning trains exactly what runs privately).
 
 Precision of the fold: the down-projection's weights mu W are encoded on the 2^-f grid like every
@@ -76,14 +77,13 @@ def _increments(values, frac_bits: int) -> list[float]:
 
 
 def sign_relu_abs(ops, v, site: str, frac_bits: int):
-    """(b, ReLU(v), |v|) with b = [v >= 0] by ``drelu_narrow`` at width V_BITS + f - 16 (|v| < 4096), then
-    one product b v (no truncation) and |v| = 2 b v - v; ``site`` names the range in a DomainMonitor.
-    Cost: 6 rounds, 45.75 B/element."""
+    """(b, ReLU(v), |v|) with b = [v >= 0] and b v by ``drelu_select`` at width V_BITS + f - 16 (|v| < 4096),
+    and |v| = 2 b v - v; ``site`` names the range in a DomainMonitor.
+    Cost: 4 rounds, 18.25 B/element."""
     monitor = getattr(ops, "monitor", None)
     if monitor is not None:  # the sign test's range (bench sites)
         monitor.value(site, ops.output(v), 2.0 ** (V_BITS - 16))
-    b = ops.sign(v, V_BITS + frac_bits - 16)
-    bv = ops.mask(v, b)
+    b, bv = ops.sign_mask(v, V_BITS + frac_bits - 16)
     return b, bv, ops.sub(ops.mul_pow2(bv, 1), v)
 
 
@@ -92,9 +92,9 @@ def smu1_segments(ops, v, frac_bits: int | None = None):
     range at every f; the simulation raises ``HeadroomError`` beyond it, the secure path would wrap).
     Needs 8 <= f <= 18 (the knots' grid; the last product's 2^(2f + 12) scale below the truncation's 2^62).
 
-    Cost: drelu_narrow at k = 28 (5 rounds, 13.75 B) + 1 product without truncation (1 round, 32 B)
-    + 1 truncation (1 round, 16 B) + compare_many of 24 knots at k = 20 (5 rounds, 8 B + 24 x 3.75 B)
-    + 1 product (2 rounds, 48 B): 14 rounds, 207.75 B/element.
+    Cost: drelu_select at k = 28 (4 rounds, 18.25 B: the sign and b v) + 1 truncation (1 round, 16 B; it
+    keeps its opening of |v|) + compare_many of 24 knots at k = 20 (4 rounds, 8 B + 24 x 1.25 B) + 1 product
+    with |v| (``mul_kept``: 2 rounds, 32 B): 11 rounds, 104.25 B/element.
     """
     f = ops.frac_bits if frac_bits is None else frac_bits
     if not KNOT_FRAC_BITS <= f <= 18:
@@ -103,14 +103,14 @@ def smu1_segments(ops, v, frac_bits: int | None = None):
     e = SLOPE_EXTRA_BITS
     with ops.span("smu"):
         b, bv, av = sign_relu_abs(ops, v, "smu_ratio", f)
-        coarse = ops.truncate(av, drop)  # |v| at 8 fractional bits
+        coarse, kept = ops.truncate_keep(av, drop)  # |v| at 8 fractional bits; its opening serves the last product
         fs = f + e
         a, slope = ops.thermometer(coarse, [k * 2.0**-drop for k in KNOTS[1:]], KNOT_FRAC_BITS + V_BITS - 16,
                                    [_increments(ALPHA, f), [w * 2**e for w in _increments(BETA, fs)]])
         a = ops.add_const(a, round(ALPHA[0] * 2**f) * 2.0**-f)
         slope = ops.add(slope, ops.weighted_bits(b[..., None], [2.0**e]))
         slope = ops.add_const(slope, round(BETA[0] * 2**fs) * 2.0**-f)
-        return ops.add(a, ops.mul(slope, av, e))
+        return ops.add(a, ops.mul_kept(slope, kept, e))
 
 
 def fold_mu(w_up: torch.Tensor, b_up: torch.Tensor, w_down: torch.Tensor, mu) -> tuple:

@@ -23,6 +23,7 @@ largest value measured; an input beyond it is not corrupted (Newton undershoots)
 
 from __future__ import annotations
 
+from ..protocols.compare import ROW_TABLE_BYTES
 from .newton import RsqrtSpec
 
 SMU_MU = 0.363  # the first author's prototype's initial mu
@@ -39,6 +40,14 @@ DOMAINS = {
     "rmsnorm_ms": (1e-3, 2.0**22),
 }
 
+#: Sites with one rsqrt per row (a norm's statistic, a softmax row's sum): few values, so the thermometer
+#: guess may use bigger comparison tables for fewer rounds.
+ROW_SITES = frozenset({"softmax_sum", "layernorm_var", "softmax_exp_sum", "rmsnorm_ms"})
+#: Thermometer thresholds per octave at those sites: t0 within 2^(+-1/256), so one Newton step reaches 1.1e-5
+#: (derived), the precision two steps gave from 4 per octave (1.3e-5), for 16x the thresholds of one row value:
+#: about 2 KB online per row instead of 6 rounds.
+ROW_PER_OCTAVE = 64
+
 
 def site_spec(site: str, **kw) -> RsqrtSpec:
     """The rsqrt spec of a call site (``smu``, ``softmax_relu``, ``softmax_sum``, ``layernorm_var``); keywords override
@@ -46,4 +55,7 @@ def site_spec(site: str, **kw) -> RsqrtSpec:
     if site not in DOMAINS:
         raise ValueError(f"unknown rsqrt call site {site!r}; known: {sorted(DOMAINS)}")
     lo, hi = DOMAINS[site]
+    if site in ROW_SITES:  # few values: bigger tables, 64 thresholds per octave (t0 within 2^(+-1/256): 1 Newton step)
+        kw.setdefault("table_bytes", ROW_TABLE_BYTES)
+        kw.setdefault("per_octave", ROW_PER_OCTAVE)
     return RsqrtSpec(lo, hi, site=site, **kw)

@@ -171,7 +171,7 @@ def eval_spline(ops, u, table: SplineTable, k: int, frac_bits: int | None = None
     """g(u) for u >= 0 (a backend value at f fractional bits) with |u| < 2^(k - 8): u truncated to the
     knots' grid, ``thermometer`` against the knots at width k, Horner.
     Cost: 1 truncation (1 round, 16 B) + compare_many of len(knots) - 1 thresholds at width k
-    + 2 products with truncation (2 rounds, 48 B each): at k = 20, 10 rounds, 120 B + 3.75 B per knot."""
+    + 2 products with truncation (2 rounds, 48 B each): at k = 20, 9 rounds, 120 B + 1.25 B per knot."""
     f = ops.frac_bits if frac_bits is None else frac_bits
     if not KNOT_FRAC_BITS <= f <= 18:
         raise ValueError(f"splines need 8 <= f <= 18 fractional bits, got {f}")
@@ -191,8 +191,8 @@ def eval_spline(ops, u, table: SplineTable, k: int, frac_bits: int | None = None
 def activation(ops, x, name: str):
     """An original activation (``ACTIVATION_TABLES``: gelu, gelu_new, gelu_pytorch_tanh, silu) as
     ReLU(x) + g(|x|), for |x| < 4096.
-    Cost: drelu_narrow at k = 28 (5 rounds, 13.75 B) + 1 product without truncation (1 round, 32 B)
-    + ``eval_spline`` at k = 20: 16 rounds, 165.75 B + 3.75 B per knot (GeLU 214.5 B, SiLU 229.5 B)."""
+    Cost: drelu_select at k = 28 (4 rounds, 18.25 B) + ``eval_spline`` at k = 20: 13 rounds, 138.25 B
+    + 1.25 B per knot (GeLU 154.5 B, SiLU 159.5 B)."""
     table = table_for(name)
     f = ops.frac_bits
     with ops.span("spline_act"):
@@ -202,8 +202,8 @@ def activation(ops, x, name: str):
 
 def exp_neg(ops, u):
     """exp(-u) for 0 <= u < 2^13 (softmax's exp(s - max)); 0 for u >= 11.1.
-    Cost: ``eval_spline`` of 17 knots at k = 21 (the comparison 5 rounds, 8 B + 17 x 4.75 B):
-    10 rounds, 200.75 B/element."""
+    Cost: ``eval_spline`` of 17 knots at k = 21 (the comparison 4 rounds, 8 B + 17 x 1.25 B):
+    9 rounds, 141.25 B/element."""
     with ops.span("exp"):
         return eval_spline(ops, u, TABLES["exp"], KNOT_FRAC_BITS + EXP_U_BITS)
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from . import arith, compare, linear
 from .arith import (
-    _broadcast as _broadcast,
-)
-from .arith import (
+    Kept,
     matmul,
     matmul_public,
     mul,
+    mul_kept,
     mul_many,
     mul_private_pair,
     mul_public,
@@ -29,18 +28,27 @@ from .arith import (
     trunc_exact,
     trunc_local,
     truncate,
+    truncate_keep,
     truncate_many,
+)
+from .arith import (
+    _broadcast as _broadcast,
 )
 from .compare import (
     and_packed,
     argmax_onehot,
     b2a,
+    chunk_bits,
     cmp_chunks,
+    compare_bytes,
     compare_many,
+    compare_rounds,
     drelu,
     drelu_narrow,
+    drelu_select,
     maximum,
     relu,
+    tree_ands,
 )
 from .linear import PrivateWeight, embedding_lookup, lift, matmul_private, prepare_weight
 from .material import DealerError
@@ -49,8 +57,9 @@ from .material import DealerError
 KINDS = {**arith.KINDS, **linear.KINDS, **compare.KINDS}
 
 __all__ = [
-    "KINDS", "DealerError", "PrivateWeight", "and_packed", "argmax_onehot", "b2a", "cmp_chunks", "compare_many",
-    "drelu", "drelu_narrow", "embedding_lookup", "lift", "matmul", "matmul_private", "matmul_public", "maximum",
-    "mul", "mul_many", "mul_private_pair", "mul_public", "prepare_weight", "relu", "reshare", "square",
-    "trunc_exact", "trunc_local", "truncate", "truncate_many",
+    "KINDS", "DealerError", "Kept", "PrivateWeight", "and_packed", "argmax_onehot", "b2a", "chunk_bits", "cmp_chunks",
+    "compare_bytes", "compare_many", "compare_rounds", "tree_ands", "drelu", "drelu_narrow", "drelu_select",
+    "embedding_lookup", "lift", "matmul", "matmul_private", "matmul_public", "maximum",
+    "mul", "mul_kept", "mul_many", "mul_private_pair", "mul_public", "prepare_weight", "relu", "reshare", "square",
+    "trunc_exact", "trunc_local", "truncate", "truncate_keep", "truncate_many",
 ]

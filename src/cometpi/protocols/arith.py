@@ -10,7 +10,7 @@ import torch
 
 from ..core import AShare, Role, Session, TruncMode
 from ..ring import DTYPE, HEADROOM_BITS, RING_BITS, limbs_needed, logical_rshift, lshift, msb, random_ring, ring_matmul
-from .material import Cost, _mm_shape, _shape, elementwise_cost
+from .material import Cost, DealerError, _mm_shape, _shape, elementwise_cost
 
 _OFFSET = 1 << HEADROOM_BITS  # shifts |x| < 2^62 into [0, 2^63) for the wrap-corrected truncation
 
@@ -113,6 +113,83 @@ def truncate_many(items: list[tuple[AShare, int]], mode: TruncMode | str | None 
     return out
 
 
+class Kept:
+    """The opening of a ``truncate_keep``: one later product with its input costs only the other factor's
+    masked difference (``mul_kept``).  Used once: a second product with the same mask would open the
+    difference of the two other factors."""
+
+    def __init__(self, x: AShare, opened: torch.Tensor, b: torch.Tensor, a: torch.Tensor, ab: torch.Tensor):
+        self.x, self.opened, self.b, self.a, self.ab, self.used = x, opened, b, a, ab, False
+
+
+def truncate_keep(x: AShare, bits: int) -> tuple[AShare, Kept | AShare]:
+    """``trunc_exact(x, bits)`` whose opening c = x + 2^62 + r also serves one later product with x: the
+    dealer's material (``truncmul``) adds a Beaver half-triple whose x-mask is b = -(r + 2^62), so that
+    x - b = c is already public.  In local truncation mode: the local shift, and x itself (a plain product
+    later).
+    Cost: as ``trunc_exact`` (1 round, 16 B/element).  Offline: 24 B/element dealer -> server (the
+    truncation's 16 B and the product's c = a b)."""
+    s = x.session
+    if TruncMode(s.config.trunc) == TruncMode.LOCAL:
+        return trunc_local(x, bits), x
+    with s.span("trunc"):
+        r, r_shift, r_msb, a, ab = s.provider.get("truncmul", shape=list(x.shape), f=bits)
+        client = s.role == Role.CLIENT
+        mine = x.data + r + (_OFFSET if client else 0)
+        c = mine + s.peer.exchange([mine], "trunc-open")[0]
+        y = -r_shift + lshift((1 - msb(c)) * r_msb, RING_BITS - bits)
+        if client:
+            y = y + logical_rshift(c, bits) - (_OFFSET >> bits)
+        return x._wrap(y), Kept(x, c, -r - (_OFFSET if client else 0), a, ab)
+
+
+def mul_kept(y: AShare, kept: Kept | AShare, *, truncate_result: bool = True, extra_bits: int = 0) -> AShare:
+    """y x for the x whose ``truncate_keep`` gave ``kept`` (y of x's shape): Beaver with x - b already open,
+    so only e = y - a travels.
+    Cost: 1 round, 16 B/element (plus truncation: exact +1 round, +16 B/element), against ``mul``'s 32 B."""
+    if isinstance(kept, AShare):
+        return mul(y, kept, truncate_result=truncate_result, extra_bits=extra_bits)
+    if kept.used:
+        raise ValueError("a kept opening serves one product only")
+    if tuple(y.shape) != tuple(kept.x.shape):
+        raise ValueError(f"mul_kept: shapes {tuple(y.shape)} and {tuple(kept.x.shape)} differ")
+    kept.used = True
+    s = _same_session(y, kept.x)
+    with s.span("mul"):
+        mine = y.data - kept.a
+        e = mine + s.peer.exchange([mine], "beaver-mul")[0]
+        z = kept.ab + e * kept.b + kept.opened * kept.a
+        if s.role == Role.CLIENT:
+            z = z + e * kept.opened
+        out = AShare(s, z)
+        return truncate(out, s.fp.frac_bits + extra_bits) if truncate_result else out
+
+
+class _TruncMul(_Trunc):
+    """``truncate_keep``'s material: the exact truncation's r, [r >>> f], [msb r] and a Beaver half-triple
+    a, c = a b with b = -(r + 2^62); correction 3n ring elements."""
+
+    def own(self, role, prg, stream, p):
+        s = _shape(p["shape"], "truncmul")
+        return prg.ring(stream, s, s, s, s, s) if role == Role.CLIENT else prg.ring(stream, s, s)
+
+    def cost(self, p) -> Cost:
+        return elementwise_cost(math.prod(_shape(p["shape"], "truncmul")), 5, 2, 3)
+
+    def correct(self, own0, own1, p):
+        (r0, s0, m0, a0, c0), (r1, a1) = own0, own1
+        trunc = super().correct((r0, s0, m0), (r1,), p)
+        ab = (a0 + a1) * (-(r0 + r1) - _OFFSET) - c0
+        return torch.cat([trunc, ab.reshape(-1)])
+
+    def finish(self, role, own, corr, p):
+        if role == Role.CLIENT:
+            return tuple(own)
+        r, a = own
+        sh, m, c = corr.chunk(3)
+        return r, sh.reshape(r.shape), m.reshape(r.shape), a, c.reshape(r.shape)
+
+
 def mul(x: AShare, y: AShare, *, truncate_result: bool = True, extra_bits: int = 0) -> AShare:
     """Element-wise product with a Beaver triple (a, b, c = ab); shapes broadcast like torch.
 
@@ -120,7 +197,8 @@ def mul(x: AShare, y: AShare, *, truncate_result: bool = True, extra_bits: int =
     2. Open e = x - a and d = y - b together (one message each way).
     3. [z] = [c] + e[b] + d[a] + e d (the last term by party 0 only).
     4. Truncate by f + extra_bits (session's mode).
-    Cost: 1 round, 32 B/element (plus truncation: exact +1 round, +16 B/element; local 0).
+    Cost: 1 round, 32 B/element (plus truncation: exact +1 round, +16 B/element; local 0); where y
+    broadcasts to x (a row's statistic), 16 B per element of x and 16 B per element of y (``mul_many``).
     Offline: 8 B/element dealer -> server.
     Ref: Beaver (CRYPTO 1991); CrypTen mpc/primitives/beaver.py.
     """
@@ -130,24 +208,83 @@ def mul(x: AShare, y: AShare, *, truncate_result: bool = True, extra_bits: int =
 def mul_many(pairs: list[tuple[AShare, AShare]], *, truncate_result: bool = True,
              extra_bits: int = 0) -> list[AShare]:
     """Several independent element-wise products in one round: all openings travel in one message
-    each way and all truncations in one more (same Cost per element as ``mul``)."""
+    each way and all truncations in one more (same Cost per element as ``mul``).  A pair whose one
+    factor broadcasts to the other's shape (a row's statistic times the row) takes a broadcast triple
+    (``mulb``): only the small factor's masked difference is opened at its own size, 16 B per element
+    of the large one plus 16 B per element of the small one."""
     s = _same_session(*[t for p in pairs for t in p])
     with s.span("mul"):
-        xs, ys = zip(*[_broadcast(x, y) for x, y in pairs], strict=True)
-        shapes = [x.shape for x in xs]
-        flat = [t.numel() for t in (x.data for x in xs)]
-        x = torch.cat([t.data.reshape(-1) for t in xs])
-        y = torch.cat([t.data.reshape(-1) for t in ys])
-        a, b, c = s.provider.get("mul", shape=[x.numel()])
-        e, d = s.peer.exchange([x - a, y - b], "beaver-mul")
-        e, d = e + x - a, d + y - b
-        z = c + e * b + d * a
-        if s.role == Role.CLIENT:
-            z = z + e * d
-        out = AShare(s, z)
-        if truncate_result:
-            out = truncate(out, s.fp.frac_bits + extra_bits)
-        return [AShare(s, part.reshape(shape)) for part, shape in zip(out.data.split(flat), shapes, strict=True)]
+        full, bcast = [], []  # (position, x, y) with equal shapes; (position, big, small) broadcasting
+        for i, (x, y) in enumerate(pairs):
+            shape = torch.broadcast_shapes(x.shape, y.shape)
+            if x.shape == y.shape:
+                full.append((i, x, y))
+            elif tuple(x.shape) == tuple(shape) and y.data.numel() < x.data.numel():
+                bcast.append((i, x, y))
+            elif tuple(y.shape) == tuple(shape) and x.data.numel() < y.data.numel():
+                bcast.append((i, y, x))
+            else:
+                full.append((i, *_broadcast(x, y)))
+        mats, opens = [], []
+        if full:
+            x = torch.cat([t.data.reshape(-1) for _, t, _ in full])
+            y = torch.cat([t.data.reshape(-1) for _, _, t in full])
+            a, b, c = s.provider.get("mul", shape=[x.numel()])
+            mats.append((x, y, a, b, c))
+            opens += [x - a, y - b]
+        for _, big, small in bcast:
+            a, b, c = s.provider.get("mulb", x=list(big.shape), y=list(small.shape))
+            mats.append((big.data, small.data, a, b, c))
+            opens += [big.data - a, small.data - b]
+        theirs = s.peer.exchange(opens, "beaver-mul")
+        products = []
+        for j, (_, _, a, b, c) in enumerate(mats):
+            e, d = theirs[2 * j] + opens[2 * j], theirs[2 * j + 1] + opens[2 * j + 1]
+            z = c + e * b + d * a
+            products.append(z + e * d if s.role == Role.CLIENT else z)
+        flat = torch.cat([z.reshape(-1) for z in products])
+        if truncate_result:  # every product in one truncation request
+            flat = truncate(AShare(s, flat), s.fp.frac_bits + extra_bits).data
+        shapes = [t.shape for _, t, _ in full] + [t.shape for _, t, _ in bcast]
+        out: list[AShare | None] = [None] * len(pairs)
+        order = [i for i, _, _ in full] + [i for i, _, _ in bcast]
+        for i, part, shape in zip(order, flat.split([math.prod(sh) for sh in shapes]), shapes, strict=True):
+            out[i] = AShare(s, part.reshape(shape))
+        return out
+
+
+class _BroadcastMul:
+    """Beaver triples for x * y where y broadcasts to x's shape: a (x's shape), b (y's), c = a b
+    (x's shape); correction c's server share."""
+
+    receiver = Role.SERVER
+
+    @staticmethod
+    def _shapes(p):
+        x, y = _shape(p["x"], "mulb x"), _shape(p["y"], "mulb y")
+        try:
+            ok = torch.broadcast_shapes(x, y) == torch.Size(x)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise DealerError(f"mulb: shape {list(y)} does not broadcast to {list(x)}")
+        return x, y
+
+    def own(self, role, prg, stream, p):
+        x, y = self._shapes(p)
+        return prg.ring(stream, x, y, x) if role == Role.CLIENT else prg.ring(stream, x, y)
+
+    def cost(self, p) -> Cost:
+        x, y = self._shapes(p)
+        nx, ny = math.prod(x), math.prod(y)
+        return Cost(8 * nx, 8 * (4 * nx + 2 * ny))
+
+    def correct(self, own0, own1, p):
+        (a0, b0, c0), (a1, b1) = own0, own1
+        return (a0 + a1) * (b0 + b1) - c0
+
+    def finish(self, role, own, corr, p):
+        return tuple(own) if role == Role.CLIENT else (*own, corr)
 
 
 class _Mul:
@@ -344,4 +481,5 @@ def reshare(x: AShare, new_share0: torch.Tensor | None = None) -> AShare:
         return x._wrap(x.data + d)
 
 
-KINDS = {"mul": _Mul(), "pmul": _PrivateMul(), "square": _Square(), "matmul": _Matmul(), "trunc": _Trunc()}
+KINDS = {"mul": _Mul(), "mulb": _BroadcastMul(), "pmul": _PrivateMul(), "square": _Square(), "matmul": _Matmul(),
+         "trunc": _Trunc(), "truncmul": _TruncMul()}

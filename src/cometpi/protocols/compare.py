@@ -144,11 +144,11 @@ def drelu(x: AShare) -> AShare:
     2. x' = x + 2^62 in [0, 2^63) and bit 62 of x' = c_62 ^ r_62 ^ [c mod 2^62 < r mod 2^62].
     3. The borrow [c_low < r_low] (public c, bit-shared r) by a comparison tree over 64 padded bit
        positions: leaves lt = !c_i & r_i, eq = !(c_i ^ r_i); a level combines (hi, lo) pairs as
-       lt = lt_hi ^ (eq_hi & lt_lo), eq = eq_hi & eq_lo with two ANDs (one at the top): 6 rounds,
-       125 ANDs per element.
+       lt = lt_hi ^ (eq_hi & lt_lo), eq = eq_hi & eq_lo with two ANDs (one for the lowest pair of a
+       level, whose eq is never needed): 6 rounds, 120 ANDs per element.
     4. b2a of bit 62 of x' (which is [x >= 0]).
-    Cost: 8 rounds, 16 B + 500 bits + 2 bits = 78.75 B/element (bits packed per row of the tree,
-    each row rounding up to whole bytes).  Offline: 8 B (r bits) + 125 bits (AND triples) + 8 B (b2a) per
+    Cost: 8 rounds, 16 B + 480 bits + 2 bits = 76.25 B/element (bits packed per row of the tree,
+    each row rounding up to whole bytes).  Offline: 8 B (r bits) + 120 bits (AND triples) + 8 B (b2a) per
     element, dealer -> server.
     Ref: comparison via a masked opening and a bitwise less-than circuit (e.g. Damgard et al.,
     TCC 2006; ABY's Yao-free GMW comparator), with a dealer instead of OT.
@@ -168,7 +168,7 @@ def drelu(x: AShare) -> AShare:
         pad = 64 - _LOW_BITS  # padded positions: lt = 0, eq = 1 (party 0 holds the 1)
         lt = torch.cat([lt, torch.zeros(n, pad, dtype=torch.uint8)], 1)
         eq = torch.cat([eq, torch.full((n, pad), 1 if is0 else 0, dtype=torch.uint8)], 1)
-        # 64 positions: 6 levels, 125 ANDs (bits packed along the elements)
+        # 64 positions: 6 levels, 120 ANDs (bits packed along the elements)
         borrow = _unpack_rows(_combine_chunks(s, _pack_rows(lt.T.contiguous()), _pack_rows(eq.T.contiguous())), n)
         bit = borrow ^ rb[:, _LOW_BITS] ^ (cb[:, _LOW_BITS] if is0 else 0)
         return b2a(s, bit).reshape(*shape)
@@ -205,19 +205,20 @@ def relu(x: AShare) -> AShare:
 
 def max_arity(n: int) -> int:
     """How many values ``maximum`` compares at once per group, by row length: 8 for short rows (softmax rows:
-    an 8-fold level in 9 rounds where three binary levels take 18, for about 7x the bytes per element,
+    an 8-fold level in 8 rounds where three binary levels take 12, for several times the bytes per element,
     which short rows make small), 2 while a row is long: a vocabulary of 49,152 halves to 3,072 in 4
-    binary levels, then 4 levels of 8 (65 rounds and 3.7 MB against 101 and 2.9 MB; all-pairs from the
-    start would take 57 rounds but 8.8 MB)."""
+    binary levels, then 4 levels of 8 (with the argmax's sign test 52 rounds and 2.3 MB online,
+    ``sampling.choice_rounds``)."""
     return 8 if n <= 4096 else 2
 
 
 def max_rounds(n: int, cmp_rounds: int, arity: int | None = None) -> int:
-    """Online rounds of ``maximum`` over a row of n whose sign test takes ``cmp_rounds``."""
+    """Online rounds of ``maximum`` with a narrow k over a row of n whose sign test takes ``cmp_rounds``:
+    a binary level is its ``drelu_select``, an a-fold level the sign tests, a product tree and the products."""
     r = 0
     while n > 1:
         a = min(max_arity(n) if arity is None else arity, n)
-        r += cmp_rounds + 1 + (math.ceil(math.log2(a - 1)) if a > 2 else 0)
+        r += cmp_rounds + (1 + math.ceil(math.log2(a - 1)) if a > 2 else 0)
         n = -(-n // a)
     return r
 
@@ -259,10 +260,11 @@ def maximum(x: AShare, dim: int = -1, k: int | None = None, arity: int | None = 
     every earlier one (c_ij = [x_i >= x_j] for i < j, 1 - c_ji for i > j: exactly one winner, the first
     maximum), by a product tree of its a - 1 factors; the max is the sum of winner x value products.
 
-    Cost per level: arity 2: the sign test + 1 product without truncation (1 round, 32 B per pair): full
-    ring 9 rounds, 110.75 B per pair; at k = 29, 6 rounds, 46.75 B.  Arity a: the sign tests of a(a-1)/2
-    pairs + ceil(log2(a - 1)) + 1 rounds of a (a - 1) products (32 B each) per group: at k = 29, a = 8:
-    9 rounds (against 18 for the three binary levels it replaces), a = 4: 8 rounds (12).
+    Cost per level: arity 2: full ring, the sign test + 1 product without truncation (1 round, 32 B per
+    pair): 9 rounds, 108.25 B per pair; at k = 29 ``drelu_select`` (the select in the sign test's rounds):
+    4 rounds, 18.25 B per pair.  Arity a: the sign tests of a(a-1)/2 pairs (``drelu_narrow``: at k = 29
+    4 rounds, 10.25 B) + ceil(log2(a - 1)) + 1 rounds of a (a - 1) products (32 B each) per group: at
+    k = 29, a = 8: 8 rounds (against 12 for the three binary levels it replaces), a = 4: 7 rounds (8).
     """
     s = x.session
     with s.span("max"):
@@ -274,7 +276,7 @@ def maximum(x: AShare, dim: int = -1, k: int | None = None, arity: int | None = 
                 h = n // 2
                 lo, hi = x[..., :h], x[..., h : 2 * h]
                 diff = lo - hi
-                m = hi + (relu(diff) if k is None else mul(diff, drelu_narrow(diff, k), truncate_result=False))
+                m = hi + (relu(diff) if k is None else drelu_select(diff, k)[1])
                 x = m if n % 2 == 0 else x._wrap(torch.cat([m.data, x.data[..., 2 * h :]], -1))
                 continue
             g = -(-n // a)
@@ -303,17 +305,16 @@ def argmax_onehot(x: AShare, dim: int = -1) -> AShare:
 def _combine_chunks(s: Session, lt: torch.Tensor, eq: torch.Tensor) -> torch.Tensor:
     """[a < b] from per-chunk (lt, eq) XOR shares, packed: (C, nbytes) uint8, chunk 0 the least
     significant.  Pairs (lo, hi) combine as lt = lt_hi ^ (eq_hi & lt_lo), eq = eq_hi & eq_lo; an odd
-    top chunk passes through; the last level computes lt only.  ceil(log2 C) rounds, one message
-    each (``and_packed`` on whole packed rows).  Returns the packed (nbytes,) result."""
+    top chunk passes through.  Only lt is asked of the root, and a node's lo child then needs only its
+    lt: the lowest node of every level never computes eq (its row of ``eq`` is not read), so a level
+    of h pairs takes 2h - 1 ANDs (``tree_ands``).  ceil(log2 C) rounds, one message each
+    (``and_packed`` on whole packed rows).  Returns the packed (nbytes,) result."""
     while lt.shape[0] > 1:
         c = lt.shape[0]
         h = c // 2
         lo_lt, hi_lt, lo_eq, hi_eq = lt[0:2 * h:2], lt[1:2 * h:2], eq[0:2 * h:2], eq[1:2 * h:2]
-        if c > 2:
-            both = and_packed(s, torch.cat([hi_eq, hi_eq]), torch.cat([lo_lt, lo_eq]))
-            new_lt, new_eq = hi_lt ^ both[:h], both[h:]
-        else:
-            new_lt, new_eq = hi_lt ^ and_packed(s, hi_eq, lo_lt), None
+        both = and_packed(s, torch.cat([hi_eq, hi_eq[1:]]), torch.cat([lo_lt, lo_eq[1:]]))
+        new_lt, new_eq = hi_lt ^ both[:h], torch.cat([both[:1], both[h:]])  # row 0 of new_eq: never read
         if c % 2:
             new_lt = torch.cat([new_lt, lt[-1:]])
             new_eq = torch.cat([new_eq, eq[-1:]])
@@ -321,34 +322,116 @@ def _combine_chunks(s: Session, lt: torch.Tensor, eq: torch.Tensor) -> torch.Ten
     return lt[0]
 
 
-#: Chunk width of the narrow comparison's one-time truth tables (2^CMP_CHUNK entries per chunk).
-CMP_CHUNK = 4
+def tree_ands(chunks: int) -> int:
+    """ANDs of ``_combine_chunks`` over C chunks: 2h - 1 per level of h pairs (C - 1 + one per level
+    with more than two nodes); 0, 1, 2, 4, 5 for C = 1..5, 9 for 7, 120 for 64."""
+    ands, c = 0, chunks
+    while c > 1:
+        ands += 2 * (c // 2) - 1
+        c = c // 2 + c % 2
+    return ands
 
 
-def cmp_chunks(k: int, m: int = CMP_CHUNK) -> int:
+#: Bytes of the narrow comparison's one-time truth tables per compared element, by default (a caller
+#: comparing few values, as the rsqrt guess's one per row, may allow more: ``ROW_TABLE_BYTES``).
+TABLE_BYTES = 256
+ROW_TABLE_BYTES = 4096
+#: Chunk widths (bits) the dealer makes truth tables for: 2^m entries of lt and of eq per chunk.
+MIN_CHUNK, MAX_CHUNK = 3, 12
+
+
+def table_bytes(m: int) -> int:
+    """Bytes of one chunk's truth tables at width m: 2^m bits of lt, then 2^m of eq."""
+    return 1 << (m - 2)
+
+
+def cmp_chunks(k: int, m: int) -> int:
     return -(-k // m)
 
 
-def compare_many(x: AShare, k: int, thresholds) -> AShare:
+@functools.cache
+def chunk_bits(k: int, budget: int = TABLE_BYTES) -> int:
+    """The chunk width of ``compare_many`` at width k: the fewest chunks (the fewest rounds and ANDs) whose
+    tables fit ``budget`` bytes per element.  At the default budget: k = 20 -> 3 chunks of 7 bits (96 B
+    of tables per element), k = 24 -> 3 of 8 (192 B), k = 28 -> 4 of 7 (128 B), k = 29 -> 4 of 8 (256 B),
+    k = 12 -> 2 of 6 (32 B); at ``ROW_TABLE_BYTES``, k = 33 -> 3 of 11 (1.5 KB)."""
+    for c in range(1, k + 1):
+        m = max(MIN_CHUNK, -(-k // c))
+        if m <= MAX_CHUNK and cmp_chunks(k, m) * table_bytes(m) <= budget:
+            return m
+    return MIN_CHUNK
+
+
+def compare_rounds(k: int, budget: int = TABLE_BYTES) -> int:
+    """Online rounds of ``compare_many`` at width k: 2 + ceil(log2 C)."""
+    return 2 + math.ceil(math.log2(cmp_chunks(k, chunk_bits(k, budget))))
+
+
+def compare_bytes(k: int, thresholds: int, budget: int = TABLE_BYTES) -> float:
+    """Online bytes per element of ``compare_many`` (both directions, before the packed rows round up
+    to whole bytes): 2 x 4 B opening (2 x 8 B above 32 bits) + per threshold 4 bits per AND and 2 bits of b2a."""
+    ands = tree_ands(cmp_chunks(k, chunk_bits(k, budget)))
+    return (8 if k + 1 <= 32 else 16) + thresholds * (4 * ands + 2) / 8
+
+
+def _bit_at(rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Bit ``pos`` (b, t) of each row of bytes (b, B), least significant bit first, as uint8 0/1."""
+    return (np.take_along_axis(rows, pos >> 3, 1) >> (pos & 7).astype(np.uint8)) & np.uint8(1)
+
+
+def _narrow_bits(s: Session, c: torch.Tensor, k: int, m: int, tables, r_top, thr: torch.Tensor) -> torch.Tensor:
+    """XOR shares (n, t) uint8 of bit k of c - t - r mod 2^(k+1) for the opened c (n,) and each threshold
+    t (reduced mod 2^(k+1)), from the dealer's truth tables of r's m-bit chunks and r's bit k: the local
+    lookups, then the AND tree (``compare_many``'s steps 2 and 3, before b2a)."""
+    n, t = c.numel(), thr.numel()
+    mask = (1 << (k + 1)) - 1
+    chunks, half = cmp_chunks(k, m), 1 << m
+    lt = np.empty((chunks, n, t), dtype=np.uint8)
+    eq = np.zeros((chunks, n, t), dtype=np.uint8)
+    top = np.empty((n, t), dtype=np.uint8)
+    dt = np.int32 if k + 1 <= 31 else np.int64  # the lookups in int32 (half the memory traffic) where values fit
+    cn, tn, tab = c.numpy().astype(dt), thr.numpy().astype(dt), tables.numpy()
+    block = max(1, (1 << 20) // t)  # the local lookups in blocks of elements (temporaries stay small)
+    for a in range(0, n, block):
+        sl = slice(a, min(n, a + block))
+        ct = (cn[sl, None] - tn[None, :]) & dt(mask)  # (b, t): x' + r mod 2^n for each threshold
+        top[sl] = ct >> k
+        low = ct & dt((1 << k) - 1)
+        for j in range(chunks):  # row j of the table: bit v is lt[v], bit 2^m + v is eq[v]
+            row = tab[sl, j]
+            v = (low >> (m * j)) & dt(half - 1)
+            lt[j, sl] = _bit_at(row, v)
+            if j:  # chunk 0's eq is never read (``_combine_chunks``)
+                eq[j, sl] = _bit_at(row, v + dt(half))
+    lt, eq, top = torch.from_numpy(lt), torch.from_numpy(eq), torch.from_numpy(top)
+    packed = _combine_chunks(s, _pack_rows(lt.reshape(chunks, n * t)), _pack_rows(eq.reshape(chunks, n * t)))
+    del lt, eq
+    bit = _unpack_rows(packed, n * t).reshape(n, t) ^ _unpack_rows(r_top, n)[:, None]
+    return bit ^ top if s.role == Role.CLIENT else bit
+
+
+def compare_many(x: AShare, k: int, thresholds, budget: int = TABLE_BYTES) -> AShare:
     """[x >= t] for each public ring integer t (a 1-D list or tensor of them), as arithmetic 0/1
     shares of shape (*x.shape, len(thresholds)); valid while every |x - t| < 2^k.
 
     1. x' = x - t + 2^k lies in [0, 2^(k+1)) for every t.  Dealer (``cmpn``): r uniform mod 2^n,
-       n = k + 1, XOR shares of r's bit k and one-time truth tables of r's 4-bit chunks.  Each
+       n = k + 1, XOR shares of r's bit k and one-time truth tables of r's m-bit chunks (m from
+       ``chunk_bits``: the fewest chunks whose tables fit ``budget`` bytes per element).  Each
        party sends its share of x + 2^k + r reduced mod 2^n: c is uniform mod 2^n, so nothing leaks
        however small x is (the full-ring trap of Curl/SHAFT is avoided by reducing first).
     2. For each t, c_t = c - t mod 2^n = x' + r mod 2^n, and bit k of x' is
        c_t[k] ^ r[k] ^ [c_t mod 2^k < r mod 2^k].  The borrow's per-chunk (lt, eq) bits are table
-       lookups at the public chunks of c_t (local: a shift of the chunk's 32-bit table word); one r
-       serves every threshold.
-    3. Chunks combine in an AND tree on bits packed 8 per byte (``_combine_chunks``), then b2a.
+       lookups at the public chunks of c_t (local: one bit of the chunk's table row); one r serves every
+       threshold.
+    3. Chunks combine in an AND tree on bits packed 8 per byte (``_combine_chunks``: only lt at the
+       root, so the lowest node of each level skips its eq), then b2a.
     Outside the domain (some |x - t| >= 2^k) the opened value wraps modulo 2^n and the bit is that of
     x - t + 2^k reduced mod 2^(k+1): wrong, never a leak; ``RingOps`` raises ``HeadroomError`` there.
-    Cost: 2 + ceil(log2 C) rounds (C = ceil(k/4) chunks); online per element 2 x 4 B for the
-    opening (n <= 32; 2 x 8 B above), plus per threshold 4 bits per AND (2C - 3 ANDs for C >= 2,
-    from the tree) and 2 bits of b2a (each packed chunk row of a tree level rounds up to whole bytes:
-    at most 2 (4 floor(C/2)) B more per level).  Offline: (1 + 32 C) bits + 1 bit per AND + 8 B per threshold
-    (b2a), dealer -> server.
+    Cost (``compare_rounds``, ``compare_bytes``): 2 + ceil(log2 C) rounds (C chunks); online per element
+    2 x 4 B for the opening (n <= 32; 2 x 8 B above), plus per threshold 4 bits per AND (``tree_ands``:
+    2 for C = 3, 4 for C = 4) and 2 bits of b2a (each packed row of a tree level rounds up to whole bytes).
+    At k = 20: 4 rounds, 8 B + 1.25 B per threshold; at k = 28: 4 rounds, 8 B + 2.25 B per threshold.
+    Offline: C 2^(m+1) bits of tables + 1 bit + 1 bit per AND + 8 B per threshold (b2a), dealer -> server.
     Ref: small-ring opening with a known-range input (../shared/FAST-PROTOCOLS.md); one-time truth
     tables (Ishai et al., TCC 2013); comparison tree as in ``drelu``.
     """
@@ -360,93 +443,178 @@ def compare_many(x: AShare, k: int, thresholds) -> AShare:
     mask = (1 << n_bits) - 1
     with s.span("compare"):
         shape, n, t = x.shape, math.prod(x.shape), thr.numel()
-        r, words, r_top = s.provider.get("cmpn", shape=[n], k=k)
+        m = chunk_bits(k, budget)
+        r, tables, r_top = s.provider.get("cmpn", shape=[n], k=k, m=m)
         mine = (x.data.reshape(-1) + r + ((1 << k) if s.role == Role.CLIENT else 0)) & mask
         wire = mine.to(torch.int32) if n_bits <= 32 else mine
         c = (mine + s.peer.exchange_wire(wire, "cmp-open").to(DTYPE)) & mask
-        chunks = -(-k // 4)
-        lt = torch.empty((chunks, n, t), dtype=torch.uint8)
-        eq = torch.empty((chunks, n, t), dtype=torch.uint8)
-        top = torch.empty((n, t), dtype=torch.uint8)
-        small = n_bits <= 31  # the lookups in int32 (half the memory traffic) where values fit
-        cw, tw = (c.to(torch.int32), (thr & mask).to(torch.int32)) if small else (c, thr)  # mod 2^n: both < 2^31
-        block = max(1, (1 << 20) // t)  # the local lookups in blocks of elements (temporaries stay small)
-        for a in range(0, n, block):
-            sl = slice(a, min(n, a + block))
-            ct = (cw[sl, None] - tw[None, :]) & mask  # (b, t): x' + r mod 2^n for each threshold
-            top[sl] = ct >> k
-            low = ct & ((1 << k) - 1)
-            ws = words[sl] if small else words[sl].to(DTYPE)
-            for j in range(chunks):  # the table word's bit v is lt[v], bit 16 + v is eq[v]
-                w = ws[:, j, None] >> ((low >> (4 * j)) & 15)
-                lt[j, sl] = w & 1
-                eq[j, sl] = (w >> 16) & 1
-        packed = _combine_chunks(s, _pack_rows(lt.reshape(chunks, n * t)), _pack_rows(eq.reshape(chunks, n * t)))
-        del lt, eq
-        bit = _unpack_rows(packed, n * t).reshape(n, t) ^ _unpack_rows(r_top, n)[:, None]
-        if s.role == Role.CLIENT:
-            bit = bit ^ top
+        bit = _narrow_bits(s, c, k, m, tables, r_top, thr & mask)
         return b2a(s, bit).reshape(*shape, t)
+
+
+@functools.cache
+def _table_of_tables(m: int) -> np.ndarray:
+    """(2^m, 2^(m-2)) bytes: row c holds the truth tables of chunk value c, lt[v] = [v < c] for v < 2^m
+    then eq[v] = [v == c], bits least significant first."""
+    v, c = np.arange(1 << m)[None, :], np.arange(1 << m)[:, None]
+    return np.packbits(np.concatenate([v < c, v == c], 1), axis=1, bitorder="little")
+
+
+def _truth_tables(chunk: torch.Tensor, m: int) -> torch.Tensor:
+    """The one-time truth tables of chunk values (any shape, in [0, 2^m)) as (..., 2^(m-2)) bytes
+    (``_table_of_tables``)."""
+    return torch.from_numpy(_table_of_tables(m)[chunk.numpy()])
 
 
 class _NarrowCompare:
     """For comparisons of |x| < 2^k opened modulo 2^n, n = k + 1: r mod 2^n (additive shares, no
     correction), XOR shares of r's bit k (packed 8 per byte), and for each m-bit chunk of r's low k
     bits the one-time truth tables lt[v] = [v < chunk] and eq[v] = [v == chunk] for all v < 2^m,
-    XOR-shared as one int32 word per chunk (bit v: lt[v], bit 16 + v: eq[v]), so a lookup is a shift.
-    Correction to the server: 2 C 2^m + 1 bits per element (C = ceil(k/m) chunks): the words, then
+    XOR-shared as 2^(m-2) bytes per chunk (``_truth_tables``).
+    Correction to the server: C 2^(m+1) + 1 bits per element (C = ceil(k/m) chunks): the tables, then
     the packed bits of r's bit k, as bytes."""
 
     receiver = Role.SERVER
 
     @staticmethod
-    def _k(p) -> int:
-        k = int(p.get("k", 0))
+    def _km(p) -> tuple[int, int]:
+        k, m = int(p.get("k", 0)), int(p.get("m", 0))
         if not 1 <= k <= 61:
             raise DealerError(f"narrow comparison width k must be in 1..61, got {k}")
-        return k
+        if not MIN_CHUNK <= m <= MAX_CHUNK:
+            raise DealerError(f"narrow comparison chunk width m must be in {MIN_CHUNK}..{MAX_CHUNK}, got {m}")
+        return k, m
+
+    @classmethod
+    def _table_bytes(cls, p) -> int:
+        k, m = cls._km(p)
+        return cmp_chunks(k, m) * table_bytes(m)
 
     def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "cmpn")
         (r,) = prg.ring(stream, s)
         if role == Role.SERVER:
             return [r]
-        n, c = math.prod(s), cmp_chunks(self._k(p))
-        raw = torch.frombuffer(bytearray(prg.bytes(substream(stream, 1), 4 * n * c + (n + 7) // 8)), dtype=torch.uint8)
-        return [r, raw[: 4 * n * c].view(torch.int32).reshape(n, c), raw[4 * n * c:]]
+        n, tb = math.prod(s), self._table_bytes(p)
+        raw = torch.frombuffer(bytearray(prg.bytes(substream(stream, 1), n * tb + (n + 7) // 8)), dtype=torch.uint8)
+        return [r, raw[: n * tb].reshape(n, tb), raw[n * tb:]]
 
     def cost(self, p) -> Cost:
-        n, c = math.prod(_shape(p["shape"], "cmpn")), cmp_chunks(self._k(p))
-        corr = 4 * n * c + (n + 7) // 8
+        n, tb = math.prod(_shape(p["shape"], "cmpn")), self._table_bytes(p)
+        corr = n * tb + (n + 7) // 8
         return Cost(corr, 16 * n + 6 * corr)
 
     def correct(self, own0, own1, p):
-        (r0, words0, top0), (r1,) = own0, own1
-        k = self._k(p)
+        (r0, tables0, top0), (r1,) = own0, own1
+        k, m = self._km(p)
         r = ((r0 + r1) & ((1 << (k + 1)) - 1)).reshape(-1)
         low = r & ((1 << k) - 1)
-        chunk = torch.stack([((low >> (CMP_CHUNK * ch)) & ((1 << CMP_CHUNK) - 1)) for ch in range(cmp_chunks(k))], 1)
-        one = torch.ones_like(chunk)
-        truth = ((one << chunk) - 1) | (one << (chunk + 16))  # lt: bits below the chunk; eq: its own bit
-        truth = torch.where(truth >= 1 << 31, truth - (1 << 32), truth).to(torch.int32)
+        chunk = torch.stack([(low >> (m * ch)) & ((1 << m) - 1) for ch in range(cmp_chunks(k, m))], 1)
+        truth = _truth_tables(chunk, m).reshape(r.numel(), -1)
         top = torch.from_numpy(np.packbits(((r >> k) & 1).to(torch.uint8).numpy())) ^ top0
-        return torch.cat([(truth ^ words0).reshape(-1).view(torch.uint8), top])
+        return torch.cat([(truth ^ tables0).reshape(-1), top])
 
     def finish(self, role, own, corr, p):
         if role == Role.CLIENT:
-            return own[0], own[1], own[2]
-        n, c = own[0].numel(), cmp_chunks(self._k(p))
-        return own[0], corr[: 4 * n * c].contiguous().view(torch.int32).reshape(n, c), corr[4 * n * c:]
+            return own[0], own[1].reshape(own[0].numel(), cmp_chunks(*self._km(p)), -1), own[2]
+        n, tb = own[0].numel(), self._table_bytes(p)
+        return own[0], corr[: n * tb].reshape(n, cmp_chunks(*self._km(p)), -1), corr[n * tb:]
+
+
+def drelu_select(x: AShare, k: int) -> tuple[AShare, AShare]:
+    """([x >= 0], x [x >= 0]) for |x| < 2^k (ring integers): the narrow sign test whose opening is x's
+    full masked value, so that its b2a opening also selects x (ReLU, or |x| = 2 x b - x, in the sign
+    test's rounds, where ``drelu_narrow`` then a product take one round and 32 B more).
+
+    1. Dealer (``cmpsel``): s uniform in the ring; the narrow comparison's tables and bit k for
+       r = s mod 2^(k+1); a bit beta, XOR-shared and arithmetically shared; and [beta s].
+    2. Open D = x + s (8 B each way: uniform); c = D + 2^k mod 2^(k+1) = x + 2^k + r mod 2^(k+1) is
+       the narrow comparison's opening, and its tree gives XOR shares of b = [x >= 0].
+    3. Open z = b ^ beta (packed): [b] = z + (1 - 2z)[beta], and since x = D - s,
+       [b x] = D [b] - z [s] - (1 - 2z)[beta s] (local: D and z are public).
+    Outside |x| < 2^k the bit is that of the wrapped value (as ``compare_many``) and the select returns
+    x or 0 accordingly: wrong, never a leak.
+    Cost: ``compare_rounds(k)`` rounds (4 at k = 28); per element 2 x 8 B opening + the tree's ANDs
+    (4 bits each) + 2 bits: at k = 28, 16 B + 4 ANDs + 2 bits = 18.25 B.  Offline, dealer -> server: the
+    tables and bit k as ``cmpn``, 16 B (beta's and beta s's shares) and 1 bit per AND.
+    Ref: a multiplexer from one masked opening and a dealer's beta s (as the "bit injection" of
+    ABY2.0, Patra et al., USENIX Security 2021), on the narrow comparison.
+    """
+    s = x.session
+    if not 1 <= k <= 61:
+        raise ValueError(f"comparison width k must be in 1..61, got {k}")
+    with s.span("drelu"):
+        shape, n = x.shape, math.prod(x.shape)
+        m = chunk_bits(k)
+        sh, tables, r_top, beta, v, w = s.provider.get("cmpsel", shape=[n], k=k, m=m)
+        mine = x.data.reshape(-1) + sh
+        d = mine + s.peer.exchange([mine], "cmpsel-open")[0]
+        c = (d + (1 << k)) & ((1 << (k + 1)) - 1)
+        bit = _narrow_bits(s, c, k, m, tables, r_top, torch.zeros(1, dtype=DTYPE))[:, 0]
+        mine_z = _pack(bit ^ beta)
+        s.peer.send(mine_z, "b2a-open")
+        z = _unpack(mine_z, n) ^ _unpack(s.peer.recv("b2a-open", shape=tuple(mine_z.shape), dtype=torch.uint8), n)
+        z = z.to(DTYPE)
+        one_minus = 1 - 2 * z
+        b = one_minus * v + (z if s.role == Role.CLIENT else 0)
+        bx = d * b - z * sh - one_minus * w
+        return AShare(s, b.reshape(shape)), AShare(s, bx.reshape(shape))
+
+
+class _NarrowSelect(_NarrowCompare):
+    """``drelu_select``'s material: s (additive ring shares, no correction), the narrow comparison's tables
+    and bit k for r = s mod 2^(k+1) (as ``cmpn``), a bit beta (XOR shares, no correction) with arithmetic
+    shares of beta and of beta s.  Correction to the server: beta's and beta s's shares (16 B per
+    element), then the tables and bit k's packed shares, as bytes."""
+
+    def own(self, role, prg, stream, p):
+        s = _shape(p["shape"], "cmpsel")
+        (sh,) = prg.ring(stream, s)
+        (beta,) = _bits(prg, substream(stream, 2), [math.prod(s)])
+        if role == Role.SERVER:
+            return [sh, beta]
+        n, tb = math.prod(s), self._table_bytes(p)
+        raw = torch.frombuffer(bytearray(prg.bytes(substream(stream, 1), n * tb + (n + 7) // 8)), dtype=torch.uint8)
+        v, w = prg.ring(substream(stream, 3), s, s)
+        return [sh, raw[: n * tb].reshape(n, tb), raw[n * tb:], beta, v, w]
+
+    def cost(self, p) -> Cost:
+        n, tb = math.prod(_shape(p["shape"], "cmpsel")), self._table_bytes(p)
+        corr = 16 * n + n * tb + (n + 7) // 8
+        return Cost(corr, 48 * n + 6 * corr)
+
+    def correct(self, own0, own1, p):
+        (s0, tables0, top0, beta0, v0, w0), (s1, beta1) = own0, own1
+        sh = (s0 + s1).reshape(-1)
+        beta = (beta0 ^ beta1).to(DTYPE)
+        tables = super().correct((sh, tables0, top0), (torch.zeros_like(sh),), p)
+        ints = torch.cat([beta - v0.reshape(-1), beta * sh - w0.reshape(-1)])
+        return torch.cat([ints.view(torch.uint8), tables])
+
+    def finish(self, role, own, corr, p):
+        k, m = self._km(p)
+        if role == Role.CLIENT:
+            sh, tables, top, beta, v, w = own
+            return sh.reshape(-1), tables.reshape(sh.numel(), cmp_chunks(k, m), -1), top, beta, v.reshape(-1), \
+                w.reshape(-1)
+        sh, beta = own
+        n, tb = sh.numel(), self._table_bytes(p)
+        ints = corr[: 16 * n].contiguous().view(DTYPE)
+        rest = corr[16 * n:]
+        return (sh.reshape(-1), rest[: n * tb].reshape(n, cmp_chunks(k, m), -1), rest[n * tb:], beta, ints[:n],
+                ints[n:])
 
 
 def drelu_narrow(x: AShare, k: int) -> AShare:
     """[x >= 0] for |x| < 2^k (ring integers) by ``compare_many`` with the single threshold 0.
 
-    Cost: as ``compare_many`` with one threshold; at k = 24: 5 rounds, 8 B + 9 ANDs (36 bits) +
-    2 bits = 12.75 B/element (against ``drelu``'s 78.75 B and 8 rounds over the full ring).
+    Cost: as ``compare_many`` with one threshold; at k = 24 (3 chunks of 8 bits): 4 rounds, 8 B + 2 ANDs
+    (8 bits) + 2 bits = 9.25 B/element (against ``drelu``'s 76.25 B and 8 rounds over the full ring);
+    at k = 28 and 29 (4 chunks): 4 rounds, 8 B + 4 ANDs (16 bits) + 2 bits = 10.25 B/element.
     """
     with x.session.span("drelu"):
         return compare_many(x, k, [0])[..., 0]
 
 
-KINDS = {"bandp": _PackedAndTriple(), "b2a": _BitToArith(), "cmp": _Compare(), "cmpn": _NarrowCompare()}
+KINDS = {"bandp": _PackedAndTriple(), "b2a": _BitToArith(), "cmp": _Compare(), "cmpn": _NarrowCompare(),
+         "cmpsel": _NarrowSelect()}
