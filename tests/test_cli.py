@@ -31,8 +31,8 @@ def test_help_states_the_defaults(cmd, max_length, capsys):
 def test_eval_passes_its_approximation_overrides_to_serve_as_flags():
     """`cometpi eval --smu-form segments` failed to start its server (it passed --smu_form)."""
     from cometpi.cli import build_parser
-    from cometpi.evaluate import serve_args
+    from cometpi.evaluate import serve_flags
 
-    args = serve_args("runs/x", "127.0.0.1:1", 600.0, {"smu_form": "segments", "relu": "narrow", "guess": "constant"})
-    parsed = build_parser().parse_args(args)
+    flags = serve_flags(600.0, {"smu_form": "segments", "relu": "narrow", "guess": "constant"})
+    parsed = build_parser().parse_args(["serve", "--model", "runs/x", "--dealer", "127.0.0.1:1", *flags])
     assert (parsed.smu_form, parsed.relu, parsed.guess) == ("segments", "narrow", "constant")

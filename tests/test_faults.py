@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cometpi.serve import spawn, stop
+from cometpi.serve import spawn_roles
 from cometpi.transport import FAULT_EXIT_CODE
 
 from .test_generate import tiny_llama_dir  # noqa: F401  (fixture)
@@ -30,15 +30,11 @@ def _env(after: int | None) -> dict:
     return env
 
 
-def _services(model_dir, server_after=None, dealer_after=None):
-    dealer, daddr = spawn(["dealer", "--port", "0", "--pairing-timeout", str(TIMEOUT)], env=_env(dealer_after))
-    try:
-        server, saddr = spawn(["serve", "--model", str(model_dir), "--port", "0", "--dealer", daddr, "--guess",
-                               "constant", "--timeout", str(TIMEOUT)], timeout=60, env=_env(server_after))
-    except BaseException:
-        stop(dealer)
-        raise
-    return dealer, daddr, server, saddr
+def _services(model_dir, *serve_args, server_after=None, dealer_after=None):
+    """A dealer and a model server, each with its own crash point (``_env``), stopped when the block ends."""
+    return spawn_roles(model_dir, *serve_args, "--timeout", str(TIMEOUT), timeout=60,
+                       dealer_args=("--pairing-timeout", str(TIMEOUT)), server_env=_env(server_after),
+                       dealer_env=_env(dealer_after))
 
 
 def _infer(saddr, daddr, out: Path, after=None):
@@ -65,32 +61,24 @@ def _zombies() -> list[int]:
 @pytest.fixture(scope="module")
 def frames(tiny_bert_dir, tmp_path_factory):  # noqa: F811
     """Frames a client sends in one inference (online + to the dealer), from a clean run."""
-    dealer, daddr, server, saddr = _services(tiny_bert_dir)
-    try:
+    with _services(tiny_bert_dir, "--guess", "constant") as roles:
         out = tmp_path_factory.mktemp("clean") / "out.json"
-        r, _ = _infer(saddr, daddr, out)
+        r, _ = _infer(roles.saddr, roles.daddr, out)
         assert r.returncode == 0, r.stderr[-2000:]
         st = json.loads(out.read_text())["stats"]
         return st["online"]["msgs_sent"] + st["offline"]["msgs_sent"]
-    finally:
-        stop(server)
-        stop(dealer)
 
 
 @pytest.mark.parametrize("point", [pytest.param(0.01, marks=pytest.mark.slow), 0.5,
                                    pytest.param(0.95, marks=pytest.mark.slow)])
 def test_client_dies_and_the_server_serves_the_next(tiny_bert_dir, frames, tmp_path, point):  # noqa: F811
-    dealer, daddr, server, saddr = _services(tiny_bert_dir)
-    try:
-        r, _ = _infer(saddr, daddr, tmp_path / "dead.json", after=max(1, int(point * frames)))
+    with _services(tiny_bert_dir, "--guess", "constant") as roles:
+        r, _ = _infer(roles.saddr, roles.daddr, tmp_path / "dead.json", after=max(1, int(point * frames)))
         assert r.returncode == FAULT_EXIT_CODE and not (tmp_path / "dead.json").exists()
-        r, seconds = _infer(saddr, daddr, tmp_path / "next.json")  # the server recovered
+        r, seconds = _infer(roles.saddr, roles.daddr, tmp_path / "next.json")  # the server recovered
         assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads((tmp_path / "next.json").read_text())["results"][0]["label"] in ("rotten", "fresh")
-        assert server.poll() is None
-    finally:
-        stop(server)
-        stop(dealer)
+        assert roles.server.poll() is None
     assert not _zombies()
 
 
@@ -100,32 +88,25 @@ def test_server_or_dealer_dies_and_the_client_fails_cleanly(tiny_bert_dir, frame
                                                             point):
     # the server and the dealer send about as many frames as the client; they start counting at launch
     after = max(1, int(point * frames))
-    dealer, daddr, server, saddr = _services(tiny_bert_dir, **{f"{victim}_after": after})
-    try:
-        r, seconds = _infer(saddr, daddr, tmp_path / "out.json")
+    with _services(tiny_bert_dir, "--guess", "constant", **{f"{victim}_after": after}) as roles:
+        r, seconds = _infer(roles.saddr, roles.daddr, tmp_path / "out.json")
         assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
         assert "error" in r.stderr and "Traceback" not in r.stderr
         assert seconds < 2 * TIMEOUT + 30  # noticed within the timeout (plus process start-up)
         assert not (tmp_path / "out.json").exists()  # no partial result
-        dead = server if victim == "server" else dealer
+        dead = roles.server if victim == "server" else roles.dealer
         assert dead.wait(10) == FAULT_EXIT_CODE
         if victim == "dealer":  # the server notices too, logs it and keeps accepting
             time.sleep(1)
-            assert server.poll() is None
-    finally:
-        stop(server)
-        stop(dealer)
+            assert roles.server.poll() is None
     assert not _zombies()
 
 
 def test_server_killed_mid_generation_and_the_client_fails_cleanly(tiny_llama_dir, tmp_path):  # noqa: F811
-    """Issue 13: the server is killed (SIGKILL) while it generates; `cometpi generate` exits with a clean
-    error within the timeout, leaves no JSON, and the dealer keeps running."""
-    dealer, daddr = spawn(["dealer", "--port", "0", "--pairing-timeout", str(TIMEOUT)], env=_env(None))
-    server = None
-    try:
-        server, saddr = spawn(["serve", "--model", str(tiny_llama_dir), "--port", "0", "--dealer", daddr,
-                               "--timeout", str(TIMEOUT)], timeout=60, env=_env(None))
+    """The server is killed (SIGKILL) while it generates; `cometpi generate` exits with a clean error
+    within the timeout, leaves no JSON, and the dealer keeps running."""
+    with _services(tiny_llama_dir) as roles:
+        saddr, daddr = roles.saddr, roles.daddr
         out = tmp_path / "gen.json"
         client = subprocess.Popen([sys.executable, "-m", "cometpi", "generate", "--server", saddr, "--dealer", daddr,
                                    "--timeout", str(TIMEOUT), "--max-new-tokens", "40", "--fixed-length", "--json",
@@ -134,16 +115,12 @@ def test_server_killed_mid_generation_and_the_client_fails_cleanly(tiny_llama_di
         line = client.stderr.readline()  # "connected: ..." once the weights are masked: generation starts
         assert line.startswith("connected"), line
         time.sleep(1.0)
-        server.kill()
+        roles.server.kill()
         t0 = time.perf_counter()
         _, err = client.communicate(timeout=120)
         seconds = time.perf_counter() - t0
         assert client.returncode == 2, (client.returncode, err[-2000:])
         assert "error" in err and "Traceback" not in err
         assert seconds < 2 * TIMEOUT + 10 and not out.exists()
-        assert dealer.poll() is None
-    finally:
-        if server is not None:
-            stop(server)
-        stop(dealer)
+        assert roles.dealer.poll() is None
     assert not _zombies()

@@ -14,7 +14,7 @@ import pytest
 from cometpi.core import Role
 from cometpi.dealer import MAX_HALF_OPEN, DealerCore
 from cometpi.protocols.material import DealerError
-from cometpi.serve import spawn, stop
+from cometpi.serve import spawn, spawn_roles, stop
 from cometpi.tls import TlsConfig, TlsError, check_plaintext, keygen
 from cometpi.transport import TcpChannel, listen
 
@@ -92,13 +92,11 @@ def test_links_authenticate_both_ways_and_refusals_name_the_reason(keys):
 def test_private_inference_over_tls_and_impostors_are_refused(keys, tiny_bert_dir, tmp_path):  # noqa: F811
     d, _ = keys
     k = str(d)
-    dealer, daddr = spawn(["dealer", "--port", "0", "--tls", f"{k}/dealer", "--allow-servers", f"{k}/server.crt",
-                           "--allow-clients", f"{k}/alice.crt", "--allow-clients", f"{k}/mallory.crt"])
-    server = None
-    try:
-        server, saddr = spawn(["serve", "--model", str(tiny_bert_dir), "--port", "0", "--dealer", daddr, "--tls",
-                               f"{k}/server", "--dealer-cert", f"{k}/dealer.crt", "--allow-clients",
-                               f"{k}/alice.crt"], timeout=60)
+    dealer_tls = ("--tls", f"{k}/dealer", "--allow-servers", f"{k}/server.crt", "--allow-clients", f"{k}/alice.crt",
+                  "--allow-clients", f"{k}/mallory.crt")
+    with spawn_roles(tiny_bert_dir, "--tls", f"{k}/server", "--dealer-cert", f"{k}/dealer.crt", "--allow-clients",
+                     f"{k}/alice.crt", timeout=60, dealer_args=dealer_tls) as roles:
+        saddr, daddr = roles.saddr, roles.daddr
 
         def infer(*extra, out=None):
             return subprocess.run([sys.executable, "-m", "cometpi", "infer", "--server", saddr, "--dealer", daddr,
@@ -113,11 +111,7 @@ def test_private_inference_over_tls_and_impostors_are_refused(keys, tiny_bert_di
         assert r.returncode == 2 and "does not trust our certificate" in r.stderr  # the server admits alice only
         r = infer()  # no TLS: the client's plaintext hello never becomes a session
         assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert server.poll() is None  # and the server goes on serving
-    finally:
-        if server is not None:
-            stop(server)
-        stop(dealer)
+        assert roles.server.poll() is None  # and the server goes on serving
 
 
 def test_dealer_admission_policy_and_session_binding():

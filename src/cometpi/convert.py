@@ -6,9 +6,10 @@ This is the only module of cometpi that imports ``transformers`` (lazily, inside
   by explicit key tables (nanoGPT's ``from_pretrained``): every key of the HF state dict must be consumed, except
   known buffers, else :class:`UnsupportedModel` names the key.  Config features cometpi does not implement are
   refused the same way, naming the config field.
-* :func:`reference_forward` -- a plain float64 torch forward pass that reads ``params`` only (no
-  ``transformers``), with exact GeLU, softmax and LayerNorm: the plaintext oracle for the secure layers.
-* :func:`params_hash` and :meth:`Arch.hash` -- short fingerprints both parties can compare.
+* :func:`reference_forward` (``reference``) -- a plain float64 torch forward pass that reads ``params`` only
+  (no ``transformers``), with exact GeLU, softmax and LayerNorm: the plaintext oracle for the secure layers.
+* :class:`Arch`, :func:`arch_from_config`, :func:`params_hash` and :meth:`Arch.hash` (``arch``) -- the
+  architecture read from an HF config, short fingerprints both parties can compare.  Both are re-exported here.
 
 Parameter names (float64; every linear weight is stored ``(in, out)`` so that ``y = x @ W + b``)::
 
@@ -31,19 +32,28 @@ Llama (RMSNorm, SwiGLU, rotary positions, grouped-query attention; no biases, no
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
-HEADS = ("classifier", "lm", "none")
+from .arch import (  # noqa: F401 - re-exported (convert.Arch, convert.params_hash, ...)
+    BASE_PREFIX,
+    HEADS,
+    SUPPORTED_ACTIVATIONS,
+    Arch,
+    UnsupportedModel,
+    arch_from_config,
+    params_hash,
+)
+from .reference import (  # noqa: F401 - re-exported (convert.reference_forward, convert.rotary_tables, ...)
+    ACTIVATIONS,
+    reference_forward,
+    rotary_tables,
+    rotate_half_index,
+)
 
 # HF class name -> (model_type, head); a directory's config.architectures[0] is looked up here too
 ARCHITECTURES = {
@@ -57,174 +67,12 @@ ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", "lm"),
 }
 AUTO_CLASS = {"none": "AutoModel", "classifier": "AutoModelForSequenceClassification", "lm": "AutoModelForCausalLM"}
-BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": "model."}
 
 # Keys of HF state dicts that hold no weights cometpi needs: position/token-type id buffers, GPT-2's causal-mask
 # buffers (persistent in checkpoints written by older transformers versions).
 BUFFER_KEYS = re.compile(r"(^|\.)(embeddings\.(position_ids|token_type_ids)|h\.\d+\.attn\.(bias|masked_bias)|"
                          r"rotary_emb\.inv_freq)$")
 POOLER_KEYS = re.compile(r"(^|\.)pooler\.dense\.(weight|bias)$")  # a bare BertModel's unused pooler
-
-
-class UnsupportedModel(ValueError):
-    """The model uses an architecture, config feature or weight that cometpi does not implement."""
-
-
-@dataclass(frozen=True)
-class Arch:
-    """Everything about a model's shape and math that is not a weight."""
-
-    kind: str  # "bert" | "roberta" | "gpt2"
-    hidden: int
-    heads: int
-    layers: int
-    ffn: int  # intermediate size
-    vocab: int
-    max_positions: int
-    type_vocab: int  # 0 for gpt2
-    ln_eps: float
-    pre_ln: bool  # False: post-LN (bert/roberta); True: pre-LN with a final LayerNorm (gpt2)
-    causal: bool
-    activation: str  # HF name: "gelu" (erf), "gelu_new"/"gelu_pytorch_tanh" (tanh), "relu"
-    head: str  # "classifier" | "lm" | "none" (output = last hidden state)
-    num_labels: int  # 0 unless head == "classifier"
-    position_offset: int  # roberta: padding_idx + 1; else 0
-    pad_token_id: int | None
-    # Llama (defaults: the BERT/GPT-2 families)
-    norm: str = "layer"  # "layer" (LayerNorm with bias) | "rms" (RMSNorm, weight only)
-    kv_heads: int = 0  # grouped-query attention's key/value heads (0: as many as heads)
-    rope_theta: float = 0.0  # rotary position embeddings' base (0: a learned position table instead)
-    gated: bool = False  # SwiGLU: down(act(gate(x)) * up(x)), gate|up stored as one (hidden, 2 ffn) weight
-    bias: bool = True  # linear layers have biases
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def n_kv(self) -> int:
-        return self.kv_heads or self.heads
-
-    @property
-    def qkv_width(self) -> int:
-        return (self.heads + 2 * self.n_kv) * self.head_dim
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Arch:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        required = {n for n, f in fields.items() if f.default is dataclasses.MISSING}
-        if not required <= set(d) <= set(fields):
-            raise ValueError(f"Arch fields: missing {sorted(required - set(d))}, "
-                             f"unknown {sorted(set(d) - set(fields))}")
-        return cls(**d)
-
-    def hash(self) -> str:
-        """First 16 hex digits of the sha256 of the canonical JSON of :meth:`to_dict`."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def params_hash(params: dict[str, torch.Tensor]) -> str:
-    """First 16 hex digits of a sha256 over the sorted names, shapes and little-endian float64 bytes."""
-    h = hashlib.sha256()
-    for name in sorted(params):
-        t = params[name].detach().to(device="cpu", dtype=torch.float64).contiguous()
-        h.update(f"{name}:{list(t.shape)};".encode())
-        h.update(t.numpy().astype("<f8", copy=False).tobytes())
-    return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------- config -> Arch
-
-
-def _require(config: Any, field: str, ok: bool, want: str) -> None:
-    if not ok:
-        raise UnsupportedModel(f"config.{field}={getattr(config, field, None)!r} is not supported (need {want})")
-
-
-def _check_common(config: Any, act_field: str, head: str) -> None:
-    _require(config, "add_cross_attention", not getattr(config, "add_cross_attention", False), "False")
-    act = getattr(config, act_field)
-    _require(config, act_field, isinstance(act, str) and act in SUPPORTED_ACTIVATIONS,
-             f"one of {SUPPORTED_ACTIVATIONS}")
-    if head == "classifier":
-        problem = getattr(config, "problem_type", None)
-        _require(config, "problem_type", problem in (None, "single_label_classification"),
-                 "None or 'single_label_classification'")
-
-
-def _arch_bert(config: Any, head: str) -> Arch:
-    _check_common(config, "hidden_act", head)
-    pos = getattr(config, "position_embedding_type", "absolute")
-    _require(config, "position_embedding_type", pos == "absolute", "'absolute'")
-    _require(config, "is_decoder", not getattr(config, "is_decoder", False), "False")
-    roberta = config.model_type == "roberta"
-    return Arch(
-        kind=config.model_type, hidden=config.hidden_size, heads=config.num_attention_heads,
-        layers=config.num_hidden_layers, ffn=config.intermediate_size, vocab=config.vocab_size,
-        max_positions=config.max_position_embeddings, type_vocab=config.type_vocab_size,
-        ln_eps=float(config.layer_norm_eps), pre_ln=False, causal=False, activation=config.hidden_act, head=head,
-        num_labels=config.num_labels if head == "classifier" else 0,
-        position_offset=config.pad_token_id + 1 if roberta else 0, pad_token_id=config.pad_token_id)
-
-
-def _arch_gpt2(config: Any, head: str) -> Arch:
-    _check_common(config, "activation_function", head)
-    _require(config, "scale_attn_weights", getattr(config, "scale_attn_weights", True), "True")
-    for field in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        _require(config, field, not getattr(config, field, False), "False")
-    return Arch(
-        kind="gpt2", hidden=config.n_embd, heads=config.n_head, layers=config.n_layer,
-        ffn=config.n_inner if config.n_inner is not None else 4 * config.n_embd, vocab=config.vocab_size,
-        max_positions=config.n_positions, type_vocab=0, ln_eps=float(config.layer_norm_epsilon), pre_ln=True,
-        causal=True, activation=config.activation_function, head=head, num_labels=0, position_offset=0,
-        pad_token_id=config.pad_token_id)
-
-
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}  # transformers >= 5
-    scaling = getattr(config, "rope_scaling", None) or {}  # 4.x
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
-        raise UnsupportedModel(f"config.rope_parameters rope_type={kind!r} is not supported (need 'default')")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is None:
-        raise UnsupportedModel("config has no rope_theta")
-    return float(theta)
-
-
-def _arch_llama(config: Any, head: str) -> Arch:
-    _check_common(config, "hidden_act", head)
-    _require(config, "hidden_act", config.hidden_act == "silu", "'silu'")
-    for field in ("attention_bias", "mlp_bias"):
-        _require(config, field, not getattr(config, field, False), "False")
-    hd = getattr(config, "head_dim", None)
-    _require(config, "head_dim", hd in (None, config.hidden_size // config.num_attention_heads),
-             "hidden_size / num_attention_heads")
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    _require(config, "num_key_value_heads", config.num_attention_heads % kv == 0, "a divisor of the heads")
-    return Arch(
-        kind="llama", hidden=config.hidden_size, heads=config.num_attention_heads, layers=config.num_hidden_layers,
-        ffn=config.intermediate_size, vocab=config.vocab_size, max_positions=config.max_position_embeddings,
-        type_vocab=0, ln_eps=float(config.rms_norm_eps), pre_ln=True, causal=True, activation="silu", head=head,
-        num_labels=0, position_offset=0, pad_token_id=getattr(config, "pad_token_id", None), norm="rms",
-        kv_heads=kv, rope_theta=_rope_theta(config), gated=True, bias=False)
-
-
-def arch_from_config(config: Any, head: str) -> Arch:
-    """The :class:`Arch` of an HF config with the given head; raises UnsupportedModel naming the field."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in BASE_PREFIX:
-        raise UnsupportedModel(f"config.model_type={model_type!r} is not supported (need one of {list(BASE_PREFIX)})")
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    arch = {"gpt2": _arch_gpt2, "llama": _arch_llama}.get(model_type, _arch_bert)(config, head)
-    if arch.hidden % arch.heads:
-        raise UnsupportedModel(f"hidden size {arch.hidden} is not a multiple of the {arch.heads} attention heads")
-    return arch
 
 
 # ------------------------------------------------------------------------------------------------- key tables
@@ -424,149 +272,3 @@ def _load_dir(path: Path) -> Any:
                                "dir, safe_serialization=True)` in a sandbox")
     return auto.from_pretrained(path, config=config, attn_implementation="eager", local_files_only=True,
                                 use_safetensors=True, **{dtype_kw: "auto"})
-
-
-# ---------------------------------------------------------------------------------------- reference forward
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-
-
-ACTIVATIONS = {
-    "gelu": lambda x: 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0))),
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "relu": torch.relu,
-    "silu": torch.nn.functional.silu,
-}
-
-
-def _lin(p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
-    y = x @ p[f"{name}.weight"]
-    return y + p[f"{name}.bias"] if f"{name}.bias" in p else y
-
-
-def rotary_tables(arch: Arch, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF Llama's rotary cos and sin (T, head_dim) for the given positions (float64, public)."""
-    hs = arch.head_dim
-    inv = 1.0 / arch.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)
-    ang = positions.to(torch.float64)[:, None] * inv[None, :]  # (T, hs/2)
-    ang = torch.cat([ang, ang], -1)
-    return ang.cos(), ang.sin()
-
-
-def rotate_half_index(hs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """rotate_half(x) = x[..., idx] * sign: (-x2, x1) of the two halves."""
-    h = hs // 2
-    idx = torch.cat([torch.arange(h, hs), torch.arange(0, h)])
-    sign = torch.cat([-torch.ones(h, dtype=torch.float64), torch.ones(h, dtype=torch.float64)])
-    return idx, sign
-
-
-def _rope(arch: Arch, t: torch.Tensor) -> torch.Tensor:  # t (B, h, T, hs)
-    cos, sin = rotary_tables(arch, torch.arange(t.shape[2]))
-    idx, sign = rotate_half_index(arch.head_dim)
-    return t * cos + t[..., idx] * sign * sin
-
-
-def _layer_norm(p: dict, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
-    if f"{name}.bias" not in p:  # RMSNorm (Llama)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * p[f"{name}.weight"]
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).pow(2).mean(-1, keepdim=True)  # biased, as torch's LayerNorm
-    return (x - mu) / torch.sqrt(var + eps) * p[f"{name}.weight"] + p[f"{name}.bias"]
-
-
-def _positions(arch: Arch, ids: torch.Tensor) -> torch.Tensor:
-    """Position ids (B, T); RoBERTa counts non-pad tokens from padding_idx + 1 (HF's
-    ``create_position_ids_from_input_ids``), pad tokens get padding_idx."""
-    if arch.kind != "roberta":
-        return torch.arange(ids.shape[1]).expand_as(ids)
-    not_pad = ids.ne(arch.pad_token_id).long()
-    return torch.cumsum(not_pad, dim=1) * not_pad + (arch.position_offset - 1)
-
-
-def _embed(arch: Arch, p: dict, ids: torch.Tensor) -> torch.Tensor:
-    pos = _positions(arch, ids)
-    if int(pos.max()) >= arch.max_positions:
-        raise ValueError(f"sequence needs position {int(pos.max())}, the model has {arch.max_positions}")
-    if arch.rope_theta:
-        return p["embeddings.word"][ids]  # (B, T, C): positions enter by rotation
-    x = p["embeddings.word"][ids] + p["embeddings.position"][pos]  # (B, T, C)
-    if arch.kind == "gpt2":
-        return x
-    x = x + p["embeddings.token_type"][0]  # token_type_ids are all 0
-    return _layer_norm(p, "embeddings.ln", x, arch.ln_eps)
-
-
-def _attention_bias(arch: Arch, mask: torch.Tensor) -> torch.Tensor:
-    """Additive (B, 1, T, T) bias: 0 where a query may see a key, float64 min (HF's value) elsewhere."""
-    T = mask.shape[1]
-    keep = mask.bool()[:, None, None, :]  # (B, 1, 1, T) padded keys
-    if arch.causal:
-        keep = keep & torch.ones(T, T, dtype=torch.bool).tril()
-    zeros = torch.zeros(keep.shape, dtype=torch.float64)
-    return zeros.masked_fill(~keep, torch.finfo(torch.float64).min)
-
-
-def _attention(arch: Arch, p: dict, name: str, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    B, T, C = x.shape
-    nh, hs, nkv = arch.heads, arch.head_dim, arch.n_kv
-    q, k, v = _lin(p, f"{name}.qkv", x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
-    q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-    k, v = (t.view(B, T, nkv, hs).transpose(1, 2).repeat_interleave(nh // nkv, 1) for t in (k, v))
-    if arch.rope_theta:
-        q, k = _rope(arch, q), _rope(arch, k)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(hs) + bias  # (B, nh, T, T)
-    y = torch.softmax(scores, dim=-1) @ v  # (B, nh, T, hs)
-    y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-    return _lin(p, f"{name}.out", y)
-
-
-def _ffn(arch: Arch, p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
-    up = _lin(p, f"{name}.up", x)
-    if arch.gated:  # SwiGLU
-        gate, up = up.split(arch.ffn, dim=-1)
-        return _lin(p, f"{name}.down", ACTIVATIONS[arch.activation](gate) * up)
-    return _lin(p, f"{name}.down", ACTIVATIONS[arch.activation](up))
-
-
-def _block(arch: Arch, p: dict, i: int, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    pre, eps = f"layers.{i}", arch.ln_eps
-    if arch.pre_ln:  # GPT-2, Llama
-        x = x + _attention(arch, p, f"{pre}.attn", _layer_norm(p, f"{pre}.ln1", x, eps), bias)
-        return x + _ffn(arch, p, f"{pre}.ffn", _layer_norm(p, f"{pre}.ln2", x, eps))
-    x = _layer_norm(p, f"{pre}.ln1", x + _attention(arch, p, f"{pre}.attn", x, bias), eps)  # BERT / RoBERTa
-    return _layer_norm(p, f"{pre}.ln2", x + _ffn(arch, p, f"{pre}.ffn", x), eps)
-
-
-def _head(arch: Arch, p: dict, x: torch.Tensor) -> torch.Tensor:
-    if arch.pre_ln:
-        x = _layer_norm(p, "final_ln", x, arch.ln_eps)
-    if arch.head == "none":
-        return x  # (B, T, C)
-    if arch.head == "lm":
-        return x @ p["lm_head.weight"]  # (B, T, vocab)
-    if arch.kind == "bert":
-        return _lin(p, "classifier", torch.tanh(_lin(p, "pooler", x[:, 0])))  # (B, num_labels)
-    return _lin(p, "head.out", torch.tanh(_lin(p, "head.dense", x[:, 0])))  # RoBERTa: (B, num_labels)
-
-
-def reference_forward(arch: Arch, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Plaintext float64 forward pass from ``params`` only, following the HF model exactly (eval mode).
-
-    Returns logits (B, num_labels) for head "classifier", (B, T, vocab) for "lm", the last hidden state
-    (B, T, hidden) for "none".  ``attention_mask`` (B, T) is 1 for real tokens, 0 for padding (default all 1).
-    """
-    p = {k: v.to(torch.float64) for k, v in params.items()}
-    ids = input_ids.long()
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
-    x = _embed(arch, p, ids)  # (B, T, C)
-    bias = _attention_bias(arch, mask)
-    for i in range(arch.layers):
-        x = _block(arch, p, i, x, bias)
-    return _head(arch, p, x)

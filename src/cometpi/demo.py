@@ -89,19 +89,15 @@ def _chat(args, logs, note) -> int:
     from .convert import from_hf
     from .data import smollm2_path
     from .nn import first_divergence, plaintext_greedy
-    from .serve import spawn, stop
+    from .serve import spawn_roles
 
     t_start = time.perf_counter()
     model = smollm2_path()
-    dealer, daddr = spawn(["dealer", "--port", "0"], stderr=logs)
-    print(f"[demo] dealer process pid {dealer.pid} on {daddr}")
-    server = None
-    try:
-        server, saddr = spawn(["serve", "--model", model, "--port", "0", "--dealer", daddr, "--once",
-                               "--timeout", "600"], timeout=300, stderr=logs)
-        print(f"[demo] model server process pid {server.pid} on {saddr} holds SmolLM2-135M-Instruct's weights; this "
-              f"process (the client, pid {os.getpid()}) holds the message and sees the answer")
-        with PrivateClient(saddr, daddr, tokenizer=model, timeout=600) as client:
+    with spawn_roles(model, "--once", "--timeout", "600", timeout=300, stderr=logs) as roles:
+        print(f"[demo] dealer process pid {roles.dealer.pid} on {roles.daddr}")
+        print(f"[demo] model server process pid {roles.server.pid} on {roles.saddr} holds SmolLM2-135M-Instruct's "
+              f"weights; this process (the client, pid {os.getpid()}) holds the message and sees the answer")
+        with PrivateClient(roles.saddr, roles.daddr, tokenizer=model, timeout=600) as client:
             ids = client.encode_prompt(args.chat, chat=True)
             print(f"[demo] weights masked in {client.setup_seconds:.1f} s; user: {args.chat!r} ({ids.shape[1]} "
                   f"tokens through the chat template)\n[demo] private answer, token by token: ", end="", flush=True)
@@ -109,11 +105,7 @@ def _chat(args, logs, note) -> int:
                 print(piece["text"], end="", flush=True)
             g = client.last_generation
             print()
-        server.wait(60)
-    finally:
-        if server is not None:
-            stop(server)
-        stop(dealer)
+        roles.server.wait(60)
     arch, params = from_hf(model)
     plain, margins = plaintext_greedy(arch, params, ids, args.max_new_tokens, client.tokenizer.eos_token_id)
     print(f"[demo] plaintext model's answer: {client.tokenizer.decode(plain, skip_special_tokens=True)!r}")
@@ -141,22 +133,18 @@ def _classify(args, logs, note) -> int:
     from . import checkpoint
     from .client import PrivateClient, format_bytes
     from .nn import plaintext_forward
-    from .serve import spawn, stop
+    from .serve import spawn_roles
 
     t_start = time.perf_counter()
     model = Path(args.model) if args.model else demo_model(args.train_rows)
     arch, params, _ = checkpoint.load(model)
     rows = [(s, None) for s in args.sentences] if args.sentences else example_sentences(args.n)
-    dealer, daddr = spawn(["dealer", "--port", "0"], stderr=logs)
-    print(f"[demo] dealer process pid {dealer.pid} on {daddr}")
-    server = None
-    try:
-        extra = ["--guess", args.guess] if args.guess else []
-        server, saddr = spawn(["serve", "--model", str(model), "--port", "0", "--dealer", daddr, "--once",
-                               "--timeout", "600", *extra], timeout=300, stderr=logs)
-        print(f"[demo] model server process pid {server.pid} on {saddr} holds the weights; this process (the "
-              f"client, pid {os.getpid()}) holds the text")
-        with PrivateClient(saddr, daddr, timeout=600) as client:
+    extra = ["--guess", args.guess] if args.guess else []
+    with spawn_roles(model, "--once", "--timeout", "600", *extra, timeout=300, stderr=logs) as roles:
+        print(f"[demo] dealer process pid {roles.dealer.pid} on {roles.daddr}")
+        print(f"[demo] model server process pid {roles.server.pid} on {roles.saddr} holds the weights; this process "
+              f"(the client, pid {os.getpid()}) holds the text")
+        with PrivateClient(roles.saddr, roles.daddr, timeout=600) as client:
             ap = client.approx
             gelu = ap.gelu + (f" ({ap.smu_form})" if ap.gelu == "smu" else "")
             softmax = ap.softmax + (f" ({ap.relu} ReLU)" if ap.softmax == "relu" else "")
@@ -181,10 +169,6 @@ def _classify(args, logs, note) -> int:
                   f"{format_bytes(online)} ({format_bytes(online / n)} per sentence) in {on['rounds']:,} rounds, "
                   f"client-dealer traffic {format_bytes(off['bytes_sent'] + off['bytes_recv'])}, {st['seconds']:.1f} s",
                   flush=True)
-        server.wait(60)
-    finally:
-        if server is not None:
-            stop(server)
-        stop(dealer)
+        roles.server.wait(60)
     print(f"[demo] done in {time.perf_counter() - t_start:.0f} s; dealer and server stopped{note}")
     return 0

@@ -109,10 +109,10 @@ def _read_records(path: Path, header: dict) -> dict[int, dict]:
     return done
 
 
-def serve_args(model_dir: str, dealer: str, timeout: float, approx_overrides: dict) -> list[str]:
-    """The ``cometpi serve`` command line of the private run (ApproxConfig field names become flags:
-    smu_form -> --smu-form)."""
-    args = ["serve", "--model", model_dir, "--port", "0", "--dealer", dealer, "--once", "--timeout", str(timeout)]
+def serve_flags(timeout: float, approx_overrides: dict) -> list[str]:
+    """The ``cometpi serve`` options of the private run, after its model and dealer (ApproxConfig field
+    names become flags: smu_form -> --smu-form)."""
+    args = ["--once", "--timeout", str(timeout)]
     for k, v in approx_overrides.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -122,7 +122,7 @@ def run_private(model_dir: str, approx_overrides: dict, enc, y, subset: list[int
                 records: Path, header: dict, timeout: float = 600.0) -> list[dict]:
     """Classify ``subset`` privately (3 processes) and return one record per example."""
     from .client import PrivateClient
-    from .serve import spawn, stop
+    from .serve import spawn_roles
 
     done = _read_records(records, header)
     # longest first: the progress bar's ETA then errs long rather than short
@@ -131,12 +131,8 @@ def run_private(model_dir: str, approx_overrides: dict, enc, y, subset: list[int
         records.parent.mkdir(parents=True, exist_ok=True)
         if not done:
             records.write_text(json.dumps(header) + "\n")
-        dealer, daddr = spawn(["dealer", "--port", "0"])
-        args = serve_args(model_dir, daddr, timeout, approx_overrides)
-        server = None
-        try:
-            server, saddr = spawn(args, timeout=300)
-            with PrivateClient(saddr, daddr, timeout=timeout) as client, records.open("a") as f:
+        with spawn_roles(model_dir, *serve_flags(timeout, approx_overrides), timeout=300) as roles:
+            with PrivateClient(roles.saddr, roles.daddr, timeout=timeout) as client, records.open("a") as f:
                 bar = tqdm(total=len(subset), initial=len(subset) - len(todo), desc="private", unit="example")
                 for s in range(0, len(todo), batch):
                     idx = todo[s : s + batch]
@@ -155,11 +151,7 @@ def run_private(model_dir: str, approx_overrides: dict, enc, y, subset: list[int
                     f.flush()
                     bar.update(len(idx))
                 bar.close()
-            server.wait(60)
-        finally:
-            if server is not None:
-                stop(server)
-            stop(dealer)
+            roles.server.wait(60)
     return [done[i] for i in subset]
 
 

@@ -246,14 +246,17 @@ class Roles:
 
 
 @contextlib.contextmanager
-def spawn_roles(model: str, *serve_args: str, timeout: float = 300.0, stderr=None):
-    """Start ``cometpi dealer`` and ``cometpi serve --model MODEL SERVE_ARGS`` (on free ports, the server
-    using that dealer) and stop both when the block ends, whatever happens in it.  Yields ``Roles``."""
-    dealer, daddr = spawn(["dealer", "--port", "0"], stderr=stderr)
+def spawn_roles(model: str, *serve_args: str, timeout: float = 300.0, stderr=None, dealer_args=(),
+                server_env=None, dealer_env=None):
+    """Start ``cometpi dealer DEALER_ARGS`` and ``cometpi serve --model MODEL SERVE_ARGS`` (on free ports, the
+    server using that dealer) and stop both when the block ends, whatever happens in it.  Yields ``Roles``.
+    ``timeout``: the seconds the server may take to start; ``stderr``: both processes' (``spawn``);
+    ``server_env``/``dealer_env``: each process's environment (default: this one's, unbuffered)."""
+    dealer, daddr = spawn(["dealer", "--port", "0", *dealer_args], stderr=stderr, env=dealer_env)
     roles = Roles(dealer, daddr)
     try:
         roles.server, roles.saddr = spawn(["serve", "--model", str(model), "--port", "0", "--dealer", daddr,
-                                           *serve_args], timeout=timeout, stderr=stderr)
+                                           *serve_args], timeout=timeout, stderr=stderr, env=server_env)
         yield roles
     finally:
         if roles.server is not None:

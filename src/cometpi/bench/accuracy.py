@@ -14,7 +14,7 @@ VARIANTS = [  # (name, variant, kd)
     ("exact", "exact", False),
     ("comet", "comet", False),
     ("comet-kd", "comet", True),
-    ("comet-kd-rsqrt", "comet-rsqrt", True),  # Comet's own SMU/ReLU in the loop (the recipe of session 3)
+    ("comet-kd-rsqrt", "comet-rsqrt", True),  # Comet's own SMU/ReLU in the loop (the 2026-11-25 recipe)
     ("mpcformer", "mpcformer", False),
     ("mpcformer-kd", "mpcformer", True),
 ]
@@ -32,7 +32,7 @@ RECIPE = {"exact": (2, 5e-5), "comet-kd": (2, 5e-5), "comet": (2, 5e-5), "comet-
 EVALS = [
     ("exact", "exact", 0, None),
     ("comet-kd", "comet-kd", 500, "thermometer"),
-    # issue 11's check: a model trained with Comet's own functions, privately through today's default path
+    # a model trained with Comet's own functions, privately through the default path (segments SMU, narrow ReLU)
     ("comet-kd-rsqrt-through-segments", "comet-kd-rsqrt", 500, "thermometer",
      {"smu_form": "segments", "relu": "narrow"}),
     ("comet", "comet", 32, "thermometer"),
@@ -41,8 +41,9 @@ EVALS = [
     ("comet-kd-64-comet-guess", "comet-kd", 64, "comet"),
     ("comet-kd-64-constant-guess", "comet-kd", 64, "constant"),
 ]
-# Rows kept from session 3 (Comet's own constructions, SMU by rsqrt and the smooth ReLU, trained in the loop
-# then): comet-rsqrt, comet-kd-rsqrt (the 83.40% reference of issue 11) and its two 64-row guess runs.
+# Rows kept from the runs of commit b8b7eac (2026-11-25: Comet's own constructions, SMU by rsqrt and the smooth ReLU,
+# trained in the loop): comet-rsqrt, comet-kd-rsqrt (the 83.40% reference of the segments SMU and narrow ReLU) and
+# its two 64-row guess runs.
 HISTORIC = ("comet-rsqrt", "comet-kd-rsqrt", "comet-kd-rsqrt-64-comet-guess", "comet-kd-rsqrt-64-constant-guess")
 
 

@@ -28,15 +28,13 @@ def run(model: str, clients: int, workers: int, guess: str, texts: list[str]) ->
     from .. import checkpoint
     from ..client import PrivateClient
     from ..nn import ApproxConfig, plaintext_forward
-    from ..serve import spawn, stop
+    from ..serve import spawn_roles
     from ..service import peak_rss_mb, reset_peak_rss, resolve_model_dir
 
     reset_peak_rss()
-    dealer, daddr = spawn(["dealer", "--port", "0"])
-    server = None
-    try:
-        server, saddr = spawn(["serve", "--model", model, "--port", "0", "--dealer", daddr, "--guess", guess,
-                               "--workers", str(workers), "--timeout", "600", "--allow-stats"], timeout=300)
+    with spawn_roles(model, "--guess", guess, "--workers", str(workers), "--timeout", "600", "--allow-stats",
+                     timeout=300) as roles:
+        saddr, daddr = roles.saddr, roles.daddr
         out: dict[int, dict] = {}
         errors: list = []
 
@@ -60,10 +58,6 @@ def run(model: str, clients: int, workers: int, guess: str, texts: list[str]) ->
         wall = time.perf_counter() - t0
         with PrivateClient(saddr, daddr, timeout=600) as c:
             server_peak = c.server_stats()["peak_rss_mb"]
-    finally:
-        if server is not None:
-            stop(server)
-        stop(dealer)
     resolved = resolve_model_dir(model)
     arch, params, meta = checkpoint.load(resolved)
     approx = dataclasses.replace(checkpoint.approx_of(meta) or ApproxConfig(), guess=guess)

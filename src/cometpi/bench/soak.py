@@ -81,7 +81,7 @@ def main(args) -> int:
     from ..demo import DEMO_MODEL, cache_dir
     from ..finetune import load_dataset
     from ..nn import prepare_params
-    from ..serve import spawn, stop
+    from ..serve import spawn_roles
     from .ops import git_sha, write_results
 
     model = Path(args.model or cache_dir() / DEMO_MODEL)
@@ -97,16 +97,13 @@ def main(args) -> int:
     prepared = prepare_params(arch, params, approx)  # once: the plaintext references of every batch reuse it
     _, _, test, _, _ = load_dataset("rt")
     sentences = [t for t, _ in test]
-    dealer, daddr = spawn(["dealer", "--port", "0"])
-    server, rows, sha = None, [], git_sha()
+    rows, sha = [], git_sha()
     base = {"model": model.name, "guess": approx.guess, "sigma": approx.sigma if "comet" in approx.guess else None,
             "git_sha": sha, "command": f"cometpi bench soak --n {args.n} --batch {args.batch} --length {args.length}"
                                        + (f" --guess {args.guess}" if args.guess else "")}
-    try:
-        extra = ["--guess", args.guess] if args.guess else []
-        server, saddr = spawn(["serve", "--model", str(model), "--port", "0", "--dealer", daddr, "--timeout", "900",
-                               *extra], timeout=300)
-        with PrivateClient(saddr, daddr, timeout=900) as client:
+    extra = ["--guess", args.guess] if args.guess else []
+    with spawn_roles(model, "--timeout", "900", *extra, timeout=300) as roles:
+        with PrivateClient(roles.saddr, roles.daddr, timeout=900) as client:
             per_kind = -(-args.n // len(KINDS))
             items = texts(per_kind, args.length * 2, sentences, client.tokenizer)[: args.n]
             for i in tqdm(range(0, len(items), args.batch), desc="private inferences", unit="batch"):
@@ -130,10 +127,6 @@ def main(args) -> int:
                                  "online_bytes_per_inference": online / len(chunk)})
                 done = rows + [{**base, **summary(rows, args.tol)}]
                 write_results(Path(args.out), done, markdown(done))
-    finally:
-        if server is not None:
-            stop(server)
-        stop(dealer)
     done = rows + [{**base, **summary(rows, args.tol)}]
     print(markdown(done))
     return 0 if done[-1]["disagreements"] == 0 else 1

@@ -21,11 +21,11 @@ import torch
 
 def _run(tls_dir: Path | None, seq: int, reps: int) -> dict:
     from ..client import PrivateClient
-    from ..serve import spawn, stop
+    from ..serve import spawn_roles
     from ..tls import PartyTls, TlsConfig
 
-    dealer_args = ["dealer", "--port", "0"]
-    serve_args = ["serve", "--model", "minilm", "--port", "0", "--timeout", "600"]
+    dealer_args = []
+    serve_args = ["--timeout", "600"]
     tls = None
     if tls_dir is not None:
         k = str(tls_dir)
@@ -33,11 +33,8 @@ def _run(tls_dir: Path | None, seq: int, reps: int) -> dict:
                         f"{k}/alice.crt"]
         serve_args += ["--tls", f"{k}/server", "--dealer-cert", f"{k}/dealer.crt", "--allow-clients", f"{k}/alice.crt"]
         tls = PartyTls(TlsConfig(f"{k}/alice", [f"{k}/server.crt"]), TlsConfig(f"{k}/alice", [f"{k}/dealer.crt"]))
-    dealer, daddr = spawn(dealer_args)
-    server = None
-    try:
-        server, saddr = spawn([*serve_args, "--dealer", daddr], timeout=300)
-        with PrivateClient(saddr, daddr, timeout=600, tls=tls) as client:
+    with spawn_roles("minilm", *serve_args, timeout=300, dealer_args=dealer_args) as roles:
+        with PrivateClient(roles.saddr, roles.daddr, timeout=600, tls=tls) as client:
             g = torch.Generator().manual_seed(1)  # benchmark token ids, not protocol randomness
             ids = torch.randint(1000, client.arch.vocab, (1, seq), generator=g)
             seconds, payload = [], 0
@@ -48,10 +45,6 @@ def _run(tls_dir: Path | None, seq: int, reps: int) -> dict:
                 payload += sum(st[p]["bytes_sent"] + st[p]["bytes_recv"] + st[p]["header_bytes_sent"]
                                + st[p]["header_bytes_recv"] for p in ("online", "offline"))
             after = _wire(client)
-    finally:
-        if server is not None:
-            stop(server)
-        stop(dealer)
     out = {"seconds_median": statistics.median(seconds), "seconds": seconds,
            "payload_and_headers_bytes_per_inference": payload / reps}
     if after is not None:
