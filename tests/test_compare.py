@@ -343,3 +343,42 @@ def test_drelu_select_beyond_its_range_wraps_and_the_server_view_is_uniform():
                         encoded=True)
     assert len(a) == len(v) >= 3
     assert_same_views(a, v)
+
+
+@pytest.mark.parametrize("bits,k", [(16, 28), (24, 20)])
+def test_trunc_select_truncates_tests_and_selects_in_one_opening(bits, k):
+    """(y, [y >= 0], y [y >= 0]) for y = z / 2^bits (the exact truncation: floor or one more) over |y| < 2^k - 1;
+    rounds ``compare_rounds(k)``: the truncation's opening is the sign test's (18.25 B at k = 28, against
+    16 B and one round more for ``truncate`` then ``drelu_select``)."""
+    top = (1 << k) - 2
+    y0 = torch.cat([torch.tensor([0, 1, -1, top, -top]),
+                    torch.linspace(-top, top, 999, dtype=torch.float64).round().long()])
+    z = y0 * (1 << bits) + torch.randint(0, 1 << bits, y0.shape)
+
+    def job(s):
+        zs = s.share(z if s.is_client else None, owner=Role.CLIENT, shape=z.shape, encoded=True)
+        (y, b, by), on = _online(s, lambda: P.trunc_select(zs, bits, k))
+        return s.open(y), s.open(b), s.open(by), on
+
+    y, b, by, on = run_local(job)[0]
+    assert ((y - torch.div(z, 1 << bits, rounding_mode="floor")).abs() <= 1).all()
+    assert torch.equal(b, (y >= 0).to(torch.int64)) and torch.equal(by, torch.relu(y))
+    assert on.rounds == P.compare_rounds(k)
+    c = _chunks(k)
+    want = y0.numel() * (16 + (4 * P.tree_ands(c) + 2) / 8)
+    assert want <= on.payload_bytes <= want + tree_padding(c) + 2
+    if k == 28:
+        assert "at k = 28, 18.25 B" in " ".join(P.trunc_select.__doc__.split())
+        assert want == 18.25 * y0.numel()
+    with pytest.raises(ValueError, match="k \\+ 1 <= 64 - bits"):
+        run_local(lambda s: P.trunc_select(s.zeros((2,)), 40, 28))
+
+
+def test_trunc_select_server_view_is_uniform():
+    n = 20_000
+    z0 = torch.zeros(n, dtype=torch.int64)
+    z1 = torch.linspace(-(2**43), 2**43, n, dtype=torch.float64).long()
+    a = server_messages(lambda s, xs: P.trunc_select(xs, 16, 28), z0, encoded=True)
+    b = server_messages(lambda s, xs: P.trunc_select(xs, 16, 28), z1, encoded=True)
+    assert len(a) == len(b) >= 3
+    assert_same_views(a, b)

@@ -83,6 +83,7 @@ def honest_run(s):
     P.drelu(y)  # cmp, bandp, b2a
     P.drelu_narrow(e, 24)  # cmpn, bandp, b2a
     P.drelu_select(e, 24)  # cmpsel, bandp
+    P.trunc_select(P.matmul_private(x, pw, truncate_result=False), 16, 24)  # trsel, bandp
     s.test_weights = {pw.index: pw, pv.index: pv, table.index: table}
     return s.reveal_float(z, Role.CLIENT)
 
@@ -250,6 +251,8 @@ def test_dealer_index_bookkeeping_is_bounded():
     ([0, "cmpsel", {"shape": [1 << 25], "k": 28, "m": 7}], "bytes of correction"),
     ([0, "cmpn", {"shape": [8], "k": 24, "m": 13}], "chunk width"),
     ([0, "cmpsel", {"shape": [8], "k": 24, "m": 2}], "chunk width"),
+    ([0, "trsel", {"shape": [8], "k": 28, "m": 7, "f": 40}], "k \\+ 1 <= 64 - f"),
+    ([0, "trsel", {"shape": [1 << 23], "k": 28, "m": 7, "f": 16}], "bytes of correction"),
     ([0, "mul", {"shape": [1 << 28]}], "bytes of correction"),
     ([0, "mulb", {"x": [1 << 14, 1 << 14], "y": [1 << 14, 1]}], "bytes of correction"),
     ([0, "mulb", {"x": [4, 8], "y": [8, 1]}], "does not broadcast"),

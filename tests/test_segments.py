@@ -137,7 +137,7 @@ def test_narrow_relu_softmax_on_shares():
     def job(s):
         xs = s.share(s_ if s.is_client else None, owner=Role.CLIENT, shape=s_.shape)
         ops = ShareOps(s)
-        bits, on = _online(s, lambda: ops.sign_mask(xs, SCORE_BITS)[1])
+        bits, on = _online(s, lambda: ops.sign_mask(xs, SCORE_BITS)[2])
         y = relu_softmax(ops, xs, mask, spec, relu="narrow")
         return s.reveal_float(bits, Role.CLIENT), on, s.reveal_float(y, Role.CLIENT)
 

@@ -113,7 +113,8 @@ def _attention(ops, h, i, arch, B, T, mask, cfg, cache=None):
         S = start + T  # keys
         # grouped-query attention: the rep query heads of a KV head share its keys (no copies of k, v)
         qg = q.reshape(B, nkv, rep * T, hs)
-        scores = ops.matmul(qg, k.transpose(-2, -1)).reshape(B, nh, T, S)  # 1/sqrt(hs) is folded into W_q
+        # 1/sqrt(hs) is folded into W_q; a softmax that starts with the scores' sign test truncates them in it
+        scores = ops.matmul(qg, k.transpose(-2, -1), pending=cfg.softmax_tests_sign_first).reshape(B, nh, T, S)
         probs = _softmax(ops, scores, mask, cfg)
         ctx = ops.matmul(probs.reshape(B, nkv, rep * T, S), v).reshape(B, nh, T, hs)
         ctx = ctx.transpose(1, 2).reshape(B * T, d)  # (B*T, d)
@@ -122,7 +123,9 @@ def _attention(ops, h, i, arch, B, T, mask, cfg, cache=None):
 
 def _ffn(ops, h, i, arch, cfg):
     with ops.span("ffn"):
-        up = ops.linear(h, f"layers.{i}.ffn.up", bias=arch.bias)  # (B*T, ffn), or (B*T, 2 ffn) gate|up
+        # (B*T, ffn), or (B*T, 2 ffn) gate|up; an activation that starts with its sign test truncates up in it
+        pending = cfg.gelu_tests_sign_first and not arch.gated
+        up = ops.linear(h, f"layers.{i}.ffn.up", bias=arch.bias, pending=pending)
         if arch.gated:  # SwiGLU: down(act(gate) * up), one product
             act = _activation(ops, up[:, :arch.ffn], cfg, arch, i)
             with ops.span("gate"):

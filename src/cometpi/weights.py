@@ -14,7 +14,7 @@ from .approx.backends import checked_matmul, checked_product
 from .approx.config import PER_CHANNEL, ApproxConfig
 from .approx.functions import rms_fold
 from .approx.segments import fold_mu
-from .core import ConfigError, Role, Session
+from .core import ConfigError, Role, Session, TruncMode
 from .lookahead import DealerLookahead
 from .ring import FixedPoint
 
@@ -95,14 +95,15 @@ class FloatModel(_LocalParams, FloatOps):
         super().__init__(dtype, ideal)
         self.p = {k: v.to(dtype) for k, v in params.items()}
 
-    def linear(self, x, name, bias=True):
+    def linear(self, x, name, bias=True, pending=False):
+        """x W + b (``pending``: the secure backend may hand over its product before truncation)."""
         y = x @ self.p[name + ".weight"]
         return y + self.p[name + ".bias"] if bias else y
 
     def scale_param(self, x, name):
         return x * self.p[name]
 
-    def matmul(self, a, b):
+    def matmul(self, a, b, pending=False):
         return a @ b
 
     def mul_const_sum(self, pairs):
@@ -119,14 +120,14 @@ class RingModel(_LocalParams, RingOps):
         super().__init__(fp, count_local_odds)
         self.p = {k: self.fp.encode(v) for k, v in params.items()}
 
-    def linear(self, x, name, bias=True):
+    def linear(self, x, name, bias=True, pending=False):
         y = self.shift(checked_matmul(x, self.p[name + ".weight"]), self.fp.frac_bits)
         return y + self.p[name + ".bias"] if bias else y
 
     def scale_param(self, x, name):
         return self.shift(checked_product(x, self.p[name]), self.fp.frac_bits)
 
-    def matmul(self, a, b):
+    def matmul(self, a, b, pending=False):
         return self.shift(checked_matmul(a, b), self.fp.frac_bits)
 
     def mul_const_sum(self, pairs):
@@ -153,9 +154,16 @@ class ShareModel(ShareOps):
         # the dealer material of coming layers, guessed and fetched ahead (Config.lookahead)
         self.lookahead = DealerLookahead(session.provider if session.config.lookahead else None)
 
-    def linear(self, x, name, bias=True):
-        y = P.matmul_private(x, self.w[name + ".weight"])
-        return self.add_param(y, name + ".bias") if bias else y
+    def linear(self, x, name, bias=True, pending=False):
+        """x W + b with the server's W and b; ``pending``: a ``protocols.Pending`` product (the bias added
+        before the truncation, as b 2^f) whose truncation the next step opens with its own."""
+        if not pending or TruncMode(self.s.config.trunc) == TruncMode.LOCAL:
+            y = P.matmul_private(x, self.w[name + ".weight"])
+            return self.add_param(y, name + ".bias") if bias else y
+        z = P.matmul_private(x, self.w[name + ".weight"], truncate_result=False)
+        if bias and self.server:
+            z = z._wrap(z.data + (self.enc[name + ".bias"] << self.fp.frac_bits).to(z.data.device))
+        return P.Pending(z, self.fp.frac_bits)
 
     def scale_param(self, x, name):
         return P.matmul_private(x, self.w[name])
@@ -170,7 +178,9 @@ class ShareModel(ShareOps):
         return P.embedding_lookup(None if ids is None else ids.reshape(-1), self.w["embeddings.word"],
                                   n_tokens=n_tokens)
 
-    def matmul(self, a, b):
+    def matmul(self, a, b, pending=False):
+        if pending and TruncMode(self.s.config.trunc) != TruncMode.LOCAL:
+            return P.Pending(P.matmul(a, b, truncate_result=False), self.fp.frac_bits)
         return P.matmul(a, b)
 
     def mul_const_sum(self, pairs):

@@ -27,9 +27,10 @@ class _Additive:
     """Local linear operations, the same on every backend (tensors and AShares alike)."""
 
     def sign_mask(self, a, k):
-        """(b, a b) with b = [a >= 0] for |a| < 2^k: the sign test and the select (ReLU) together."""
+        """(a, b, a b) with b = [a >= 0] for |a| < 2^k: the sign test and the select (ReLU) together (a is
+        returned for the secure backend, which may receive a not yet truncated product)."""
         b = self.sign(a, k)
-        return b, self.mask(a, b)
+        return a, b, self.mask(a, b)
 
     def thermometer(self, a, thresholds, k, weight_sets):
         """For each weight list w: sum_j w_j [a >= t_j] for public thresholds t (``compare_thresholds``
@@ -464,8 +465,11 @@ class ShareOps(_Additive):
         return P.drelu_narrow(a, k)
 
     def sign_mask(self, a, k):
-        """``protocols.drelu_select``: (b, a b) in the sign test's rounds."""
-        return P.drelu_select(a, k)
+        """``protocols.drelu_select``: (a, b, a b) in the sign test's rounds; for a ``protocols.Pending``
+        product, ``protocols.trunc_select``: its truncation's opening is the sign test's."""
+        if isinstance(a, P.Pending):
+            return P.trunc_select(a.z, a.bits, k)
+        return (a, *P.drelu_select(a, k))
 
     def compare_thresholds(self, a, thresholds, k, table_bytes=None):
         """``protocols.compare_many`` against the encoded thresholds (its tables within ``table_bytes`` per

@@ -139,6 +139,18 @@ class ApproxConfig:
         return self.gelu == "smu" and self.smu_form == "segments"
 
     @property
+    def gelu_tests_sign_first(self) -> bool:
+        """Whether the activation's first step on shares is the narrow sign test of its input (SMU by
+        segments, the splines, ReLU): the FFN's up-projection then hands it its product before truncation
+        (``protocols.trunc_select``: one opening for both)."""
+        return self.folds_mu or self.gelu == "spline"
+
+    @property
+    def softmax_tests_sign_first(self) -> bool:
+        """Whether the softmax's first step is the narrow sign test of the scores (ReLU-softmax, narrow)."""
+        return self.softmax == "relu" and self.relu == "narrow"
+
+    @property
     def is_exact(self) -> bool:
         return self.gelu == "exact" and self.softmax == "exact"
 
@@ -218,7 +230,7 @@ def _gelu_exact(ops, x, cfg, arch, i):
 def _gelu_spline(ops, x, cfg, arch, i):
     """The model's own activation: ReLU exactly, GeLU/SiLU by splines."""
     if arch.activation == "relu":
-        return ops.mask(x, ops.sign(x, 28 + ops.frac_bits - 16))
+        return ops.sign_mask(x, 28 + ops.frac_bits - 16)[2]
     return spline_activation(ops, x, arch.activation)
 
 

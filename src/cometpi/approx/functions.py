@@ -95,7 +95,7 @@ def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float =
             monitor = getattr(ops, "monitor", None)
             if monitor is not None:  # the sign test's range (bench sites)
                 monitor.value("softmax_score", ops.output(s), 2.0 ** (SCORE_BITS - 16))
-            r = ops.sign_mask(s, SCORE_BITS + getattr(ops, "frac_bits", 16) - 16)[1]
+            r = ops.sign_mask(s, SCORE_BITS + getattr(ops, "frac_bits", 16) - 16)[2]
         elif relu == "full":
             r = ops.relu(s)
         else:

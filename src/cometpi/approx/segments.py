@@ -83,7 +83,7 @@ def sign_relu_abs(ops, v, site: str, frac_bits: int):
     monitor = getattr(ops, "monitor", None)
     if monitor is not None:  # the sign test's range (bench sites)
         monitor.value(site, ops.output(v), 2.0 ** (V_BITS - 16))
-    b, bv = ops.sign_mask(v, V_BITS + frac_bits - 16)
+    v, b, bv = ops.sign_mask(v, V_BITS + frac_bits - 16)  # v: truncated here if it came as a pending product
     return b, bv, ops.sub(ops.mul_pow2(bv, 1), v)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from . import arith, compare, linear
 from .arith import (
     Kept,
+    Pending,
     matmul,
     matmul_public,
     mul,
@@ -49,6 +50,7 @@ from .compare import (
     maximum,
     relu,
     tree_ands,
+    trunc_select,
 )
 from .linear import PrivateWeight, embedding_lookup, lift, matmul_private, prepare_weight
 from .material import DealerError
@@ -57,9 +59,9 @@ from .material import DealerError
 KINDS = {**arith.KINDS, **linear.KINDS, **compare.KINDS}
 
 __all__ = [
-    "KINDS", "DealerError", "Kept", "PrivateWeight", "and_packed", "argmax_onehot", "b2a", "chunk_bits", "cmp_chunks",
-    "compare_bytes", "compare_many", "compare_rounds", "tree_ands", "drelu", "drelu_narrow", "drelu_select",
-    "embedding_lookup", "lift", "matmul", "matmul_private", "matmul_public", "maximum",
+    "KINDS", "DealerError", "Kept", "Pending", "PrivateWeight", "and_packed", "argmax_onehot", "b2a", "chunk_bits",
+    "cmp_chunks", "compare_bytes", "compare_many", "compare_rounds", "tree_ands", "drelu", "drelu_narrow",
+    "drelu_select", "embedding_lookup", "lift", "matmul", "matmul_private", "matmul_public", "maximum",
     "mul", "mul_kept", "mul_many", "mul_private_pair", "mul_public", "prepare_weight", "relu", "reshare", "square",
-    "trunc_exact", "trunc_local", "truncate", "truncate_keep", "truncate_many",
+    "trunc_exact", "trunc_local", "trunc_select", "truncate", "truncate_keep", "truncate_many",
 ]

@@ -113,6 +113,25 @@ def truncate_many(items: list[tuple[AShare, int]], mode: TruncMode | str | None 
     return out
 
 
+class Pending:
+    """A product not yet truncated: z = y 2^bits for the y a caller wants, kept so that the truncation can
+    share its opening with what comes next (``compare.trunc_select``: a linear layer's output and its
+    activation's sign test).  Reshapes like its value; ``value()`` truncates it as usual."""
+
+    def __init__(self, z: AShare, bits: int):
+        self.z, self.bits = z, bits
+
+    @property
+    def shape(self):
+        return self.z.shape
+
+    def reshape(self, *shape) -> Pending:
+        return Pending(self.z.reshape(*shape), self.bits)
+
+    def value(self) -> AShare:
+        return truncate(self.z, self.bits)
+
+
 class Kept:
     """The opening of a ``truncate_keep``: one later product with its input costs only the other factor's
     masked difference (``mul_kept``).  Used once: a second product with the same mask would open the
