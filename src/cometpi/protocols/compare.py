@@ -203,21 +203,27 @@ def relu(x: AShare) -> AShare:
         return mul(x, drelu(x), truncate_result=False)
 
 
-def max_arity(n: int) -> int:
-    """How many values ``maximum`` compares at once per group, by row length: 8 for short rows (softmax rows:
-    an 8-fold level in 8 rounds where three binary levels take 12, for several times the bytes per element,
-    which short rows make small), 2 while a row is long: a vocabulary of 49,152 halves to 3,072 in 4
+#: Most values an all-pairs level compares at once (all rows together): beyond, binary levels (its bytes per value
+#: are about 14x a binary level's, 260 B against 18.25 B at k = 29, for 4 rounds less over three levels).
+ALL_PAIRS_MAX_VALUES = 1 << 14
+
+
+def max_arity(n: int, values: int | None = None) -> int:
+    """How many values ``maximum`` compares at once per group at a level of rows of n (``values`` in all rows,
+    default n): 8 for short rows with few values in all (an 8-fold level in 8 rounds where three binary levels
+    take 12, for about 14x the bytes per value), 2 otherwise: a vocabulary of 49,152 halves to 3,072 in 4
     binary levels, then 4 levels of 8 (with the argmax's sign test 52 rounds and 2.3 MB online,
-    ``sampling.choice_rounds``)."""
-    return 8 if n <= 4096 else 2
+    ``sampling.choice_rounds``); BERT-base's 12 x 128 rows of 128 scores halve to 8 in 4 binary levels, then
+    one of 8 (24 rounds, 33 B per score, against 20 rounds and 292 B with levels of 8 throughout)."""
+    return 8 if n <= 4096 and (n if values is None else values) <= ALL_PAIRS_MAX_VALUES else 2
 
 
-def max_rounds(n: int, cmp_rounds: int, arity: int | None = None) -> int:
+def max_rounds(n: int, cmp_rounds: int, arity: int | None = None, rows: int = 1) -> int:
     """Online rounds of ``maximum`` with a narrow k over a row of n whose sign test takes ``cmp_rounds``:
     a binary level is its ``drelu_select``, an a-fold level the sign tests, a product tree and the products."""
     r = 0
     while n > 1:
-        a = min(max_arity(n) if arity is None else arity, n)
+        a = min(max_arity(n, n * rows) if arity is None else arity, n)
         r += cmp_rounds + (1 + math.ceil(math.log2(a - 1)) if a > 2 else 0)
         n = -(-n // a)
     return r
@@ -254,7 +260,8 @@ def maximum(x: AShare, dim: int = -1, k: int | None = None, arity: int | None = 
     """Max along ``dim``; keeps the dimension (size 1).  The sign test is ``drelu`` over the full ring, or
     with ``k`` ``drelu_narrow`` at width k (valid while the values of a row differ by less than 2^k).
 
-    ``arity`` 2: a tree of max(a, b) = b + (a - b)[a - b >= 0].  ``arity`` a > 2 (default ``max_arity(n)``):
+    ``arity`` 2: a tree of max(a, b) = b + (a - b)[a - b >= 0].  ``arity`` a > 2 (default ``max_arity`` of the
+    level's row length and values):
     each level splits the row into groups of a (the last padded with copies of its last value) and
     compares all a (a - 1)/2 pairs of a group at once; value i wins where it is >= every later value and >
     every earlier one (c_ij = [x_i >= x_j] for i < j, 1 - c_ji for i > j: exactly one winner, the first
@@ -271,7 +278,7 @@ def maximum(x: AShare, dim: int = -1, k: int | None = None, arity: int | None = 
         x = x._wrap(x.data.movedim(dim, -1))
         while x.shape[-1] > 1:
             n = x.shape[-1]
-            a = min(max_arity(n) if arity is None else arity, n)
+            a = min(max_arity(n, x.data.numel()) if arity is None else arity, n)
             if a <= 2:
                 h = n // 2
                 lo, hi = x[..., :h], x[..., h : 2 * h]
