@@ -207,7 +207,7 @@ def forward(ops, arch, cfg: ApproxConfig, *, batch: int, length: int, input_ids=
         if not arch.pre_ln:
             h = ops.add_param(h, "embeddings.token_type", torch.zeros(B * T, dtype=torch.int64))
             h = _layernorm(ops, h, "embeddings.ln", cfg, arch.ln_eps)
-    lookahead = getattr(ops, "lookahead", None) or DealerLookahead()
+    lookahead = ops.lookahead or DealerLookahead()
     lookahead.forward_begin(arch.layers)
     for i in range(arch.layers):
         lookahead.layer_begin()
@@ -342,7 +342,7 @@ def greedy_decode(ops, arch, cfg: ApproxConfig, *, prompt_ids=None, prompt_lengt
     cache = KVCache() if cache is None else cache
     ids, T = prompt_ids, prompt_length
     owns_text = not isinstance(ops, ShareModel) or ops.s.is_client
-    lookahead = getattr(ops, "lookahead", None) or DealerLookahead()
+    lookahead = ops.lookahead or DealerLookahead()
     for step in range(max_new):
         lookahead.decoding = True
         try:

@@ -89,7 +89,7 @@ def top_k_filter(ops, logits, k, *, owns_text: bool = True):
     """``logits`` (B, V) with every entry outside the top k (up to ties within ``TOPK_RES``; module
     docstring) lowered by ``TOPK_BIG``.  ``k``: the client's (ignored elsewhere); the server runs the
     same steps for any k.  Domain: each row's logits within 2^(LOGIT_BITS - 16) of each other."""
-    f = getattr(ops, "frac_bits", 16)
+    f = ops.frac_bits
     width = LOGIT_BITS + f - 16
     B, V = logits.shape
     with ops.span("top_k"):
@@ -113,7 +113,7 @@ def choose(ops, logits, *, temperature: float = 0.0, top_k=None, noise=None, own
     ``temperature`` > 0 a sample (Gumbel-max, ``noise``: the client's Gumbel(0, 1) draws, default
     ``gumbel_noise``), restricted with ``top_k`` to the k largest logits.  The server (``owns_text``
     False) passes ``top_k`` truthy or not; its steps do not depend on k or the temperature."""
-    f = getattr(ops, "frac_bits", 16)
+    f = ops.frac_bits
     width = LOGIT_BITS + f - 16
     if top_k:
         logits = top_k_filter(ops, logits, top_k, owns_text=owns_text)
@@ -144,7 +144,7 @@ def top_marks(ops, logits, k: int = 1):
     Online, both directions, one row: 2 labels, the label: 9 rounds, 84 B; the top 2: 17 rounds, 168 B;
     5 labels, the top 3: 34 rounds, 2,562 B (4 rows: 10,032 B; the rounds do not depend on the rows).
     Revealing the logits instead: 1 round, 8 B per label and row."""
-    f = getattr(ops, "frac_bits", 16)
+    f = ops.frac_bits
     width = LOGIT_BITS + f - 16
     B, V = logits.shape
     if not 1 <= k <= V:

@@ -91,6 +91,8 @@ class _LocalParams:
 class FloatModel(_LocalParams, FloatOps):
     """Floats with the parameters in the clear (plaintext reference; ``ideal`` for fine-tuning)."""
 
+    lookahead = None
+
     def __init__(self, params: dict, dtype=torch.float64, ideal: bool = False):
         super().__init__(dtype, ideal)
         self.p = {k: v.to(dtype) for k, v in params.items()}
@@ -116,6 +118,8 @@ class FloatModel(_LocalParams, FloatOps):
 class RingModel(_LocalParams, RingOps):
     """The fixed-point simulation with parameters encoded (no network)."""
 
+    lookahead = None
+
     def __init__(self, params: dict, fp: FixedPoint | None = None, count_local_odds: bool = False):
         super().__init__(fp, count_local_odds)
         self.p = {k: self.fp.encode(v) for k, v in params.items()}
@@ -140,6 +144,8 @@ class RingModel(_LocalParams, RingOps):
 
 class ShareModel(ShareOps):
     """The secure path: private weights masked once per session, biases added by the server."""
+
+    lookahead = None  # set per session (the dealer material of coming layers)
 
     def __init__(self, session: Session, arch, params: dict | None, *, encoded: dict | None = None):
         """``encoded``: the server's ``encode_params(params, session.fp)`` made once for many sessions

@@ -26,6 +26,13 @@ from .guess import local_quarter_factor
 class _Additive:
     """Local linear operations, the same on every backend (tensors and AShares alike)."""
 
+    #: fractional bits of the backend's grid (floats: the grid the protocols would use, for their thresholds)
+    frac_bits = 16
+    #: a ``newton.DomainMonitor`` recording each call site's range (``bench sites``), or None
+    monitor = None
+    #: floats only: rsqrt and the reciprocals exact (fine-tuning trains the functions the protocols approximate)
+    ideal = False
+
     def sign_mask(self, a, k):
         """(a, b, a b) with b = [a >= 0] for |a| < 2^k: the sign test and the select (ReLU) together (a is
         returned for the secure backend, which may receive a not yet truncated product)."""

@@ -92,10 +92,10 @@ def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float =
         raise ValueError(f"unknown ReLU {relu!r} for ReLU-softmax; choose from {RELUS}")
     with ops.span("relu_softmax"):
         if relu == "narrow":
-            monitor = getattr(ops, "monitor", None)
+            monitor = ops.monitor
             if monitor is not None:  # the sign test's range (bench sites)
                 monitor.value("softmax_score", ops.output(s), 2.0 ** (SCORE_BITS - 16))
-            r = ops.sign_mask(s, SCORE_BITS + getattr(ops, "frac_bits", 16) - 16)[2]
+            r = ops.sign_mask(s, SCORE_BITS + ops.frac_bits - 16)[2]
         elif relu == "full":
             r = ops.relu(s)
         else:
@@ -135,9 +135,9 @@ def softmax_exp(ops, s, mask, spec: RsqrtSpec):
     shared mask."""
     from .splines import exp_neg
 
-    f = getattr(ops, "frac_bits", 16)
+    f = ops.frac_bits
     with ops.span("softmax_exp"):
-        monitor = getattr(ops, "monitor", None)
+        monitor = ops.monitor
         if monitor is not None:
             monitor.value("softmax_score", ops.output(s), 2.0 ** (SCORE_BITS - 16))
         if mask is not None:  # s where the key is kept, MASKED_SCORE where it is not
@@ -180,12 +180,12 @@ def rmsnorm(ops, x, spec: RsqrtSpec, eps: float = 1e-6, scaled: bool = True):
     ``scaled=False`` leaves out the public per-row factor ``rms_fold(d)`` (the result is y / rms_fold(d)):
     a model that folds it into the next weights saves that truncation's round.
     Cost: 1 square + 2 truncations of one value per row (1 with ``scaled=False``) + rsqrt + 1 product."""
-    f = getattr(ops, "frac_bits", 16)
+    f = ops.frac_bits
     e2 = MS_EXTRA_BITS
     with ops.span("rmsnorm"):
         d = _shape(x)[-1]
         c = max(0, math.ceil(math.log2(d)))
-        monitor = getattr(ops, "monitor", None)
+        monitor = ops.monitor
         if monitor is not None:
             monitor.value("rmsnorm_input", ops.output(x), 2.0 ** (31 - f))
         total = ops.truncate(ops.sum(ops.square(x, -e2), -1, keepdim=True), c)  # mean(x^2) (d / 2^c) 2^e2
@@ -194,7 +194,7 @@ def rmsnorm(ops, x, spec: RsqrtSpec, eps: float = 1e-6, scaled: bool = True):
                                                                 out_bits=RMS_OUT_BITS))
         if scaled:
             r = ops.mul_const(r, rms_fold(d))
-        ideal = getattr(ops, "ideal", False)  # there rsqrt is exact, without the 2^RMS_OUT_BITS
+        ideal = ops.ideal  # there rsqrt is exact, without the 2^RMS_OUT_BITS
         return ops.mul(x, r, (0 if ideal else RMS_OUT_BITS) - e2 // 2)
 
 
@@ -211,10 +211,10 @@ def layernorm(ops, x, spec: RsqrtSpec, gamma=None, beta=None, eps: float = 1e-12
         d = _shape(x)[-1]
         mean = ops.mul_const(ops.sum(x, -1, keepdim=True), 1.0 / d)
         c = ops.mul_pow2(ops.sub(x, mean), var_bits)
-        monitor = getattr(ops, "monitor", None)
+        monitor = ops.monitor
         if monitor is not None:  # squaring c needs |c| 2^f < 2^31 (the exact truncation's 2^62)
             monitor.value("layernorm_centred", ops.output(ops.sub(x, mean)),
-                          2.0 ** (31 - var_bits - getattr(ops, "frac_bits", 16)))
+                          2.0 ** (31 - var_bits - ops.frac_bits))
         var = ops.mul_const(ops.sum(ops.square(c), -1, keepdim=True), 1.0 / d)
         k = 4.0**var_bits
         y = ops.mul(c, rsqrt(ops, ops.add_const(var, eps * k), spec.with_(lo=spec.lo * k, hi=spec.hi * k,
@@ -289,7 +289,7 @@ def quad2_softmax(ops, s, mask=None, c: float = 5.0, recip_iterations: int = 10)
         if mask is not None:
             q = ops.mask(q, mask)
         total = ops.truncate(ops.sum(q, -1, keepdim=True), 6)
-        inv = 1.0 / total if getattr(ops, "ideal", False) else crypten_reciprocal(ops, total, recip_iterations)
+        inv = 1.0 / total if ops.ideal else crypten_reciprocal(ops, total, recip_iterations)
         return ops.mul(q, inv, 6)
 
 

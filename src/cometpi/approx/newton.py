@@ -280,7 +280,7 @@ def initial_guess(ops, x, spec: RsqrtSpec, scale: int = 0):
     if spec.guess == Guess.CONSTANT:
         return ops.const_like(x, 2.0**scale / math.sqrt(2 * spec.hi))
     if spec.guess == Guess.THERMOMETER:
-        f = getattr(ops, "frac_bits", 16)
+        f = ops.frac_bits
         thresholds, weights, base, k = spec.thermometer(f)
         # the buckets' guesses on the grid and their increments, so that every partial sum is exactly one
         # bucket's encoded guess (encoding each increment alone would add up to 1/2 ulp per threshold)
@@ -297,7 +297,7 @@ def initial_guess(ops, x, spec: RsqrtSpec, scale: int = 0):
     if spec.insecure:
         warn_insecure_once(spec.guess.value, f"flood F = {spec.flood_size():g} gives sigma = "
                            f"{spec.security_bits():.1f} bits: the guess leaks the magnitude of x")
-    k = spec.prescale_bits(getattr(ops, "frac_bits", 16))
+    k = spec.prescale_bits(ops.frac_bits)
     if k:
         x = ops.truncate(x, k)
     return ops.flood_guess(x, spec.flood_size() / 2**k, spec.bit_trick, scale - k // 2)
@@ -318,7 +318,7 @@ def newton_step(ops, x, y, form: NewtonForm, scale: int = 0, out_shift: int = 0)
     if form == NewtonForm.THREE_MUL:
         h = ops.mul(ops.mul(x, y, scale), y, scale + 1)
         return ops.mul(y, ops.add_const(ops.neg(h), 1.5), out_shift)
-    f = getattr(ops, "frac_bits", 16)
+    f = ops.frac_bits
     xy, yy = ops.mul_many([(x, y), (y, y)], scale)
     b_raw = ops.mul(xy, yy, -f)  # t^2 Y 2^f, untruncated
     three_y = ops.add(y, ops.mul_pow2(y, 1))
@@ -341,15 +341,15 @@ def rsqrt(ops, x, spec: RsqrtSpec):
     per_octave (e_max + 1 - e_min) - 1 thresholds (``protocols.compare_rounds(k, spec.table_bytes)`` rounds:
     4 for LayerNorm's per-row variance, k = 25 + f, 3 chunks of 12 bits at ``ROW_TABLE_BYTES``).
     """
-    if getattr(ops, "ideal", False):  # FloatOps(ideal=True): the exact function (fine-tuning)
+    if ops.ideal:  # FloatOps(ideal=True): the exact function (fine-tuning)
         return torch.rsqrt(x)
     with ops.span("rsqrt"):
-        monitor = getattr(ops, "monitor", None)
+        monitor = ops.monitor
         if monitor is not None:
             monitor(spec, ops.output(x))
-        m = spec.newton_scale(getattr(ops, "frac_bits", 16))
+        m = spec.newton_scale(ops.frac_bits)
         y = initial_guess(ops, x, spec, m)
-        n = spec.n_iterations(getattr(ops, "frac_bits", 16))
+        n = spec.n_iterations(ops.frac_bits)
         out = m - spec.out_bits
         for i in range(n):
             y = newton_step(ops, x, y, spec.form, m, out if i == n - 1 else 0)

@@ -80,7 +80,7 @@ def sign_relu_abs(ops, v, site: str, frac_bits: int):
     """(b, ReLU(v), |v|) with b = [v >= 0] and b v by ``drelu_select`` at width V_BITS + f - 16 (|v| < 4096),
     and |v| = 2 b v - v; ``site`` names the range in a DomainMonitor.
     Cost: 4 rounds, 18.25 B/element."""
-    monitor = getattr(ops, "monitor", None)
+    monitor = ops.monitor
     if monitor is not None:  # the sign test's range (bench sites)
         monitor.value(site, ops.output(v), 2.0 ** (V_BITS - 16))
     v, b, bv = ops.sign_mask(v, V_BITS + frac_bits - 16)  # v: truncated here if it came as a pending product
