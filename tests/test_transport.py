@@ -1,3 +1,5 @@
+import os
+import select
 import socket
 import struct
 import threading
@@ -8,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cometpi.channel import Channel
 from cometpi.transport import (
     HEADER,
     MAGIC,
@@ -31,6 +34,46 @@ def pair(**kw):
     return MemoryChannel.pair((Meter(), Meter()), **kw)
 
 
+class PipeChannel(Channel):
+    """docs/architecture.md's recipe for a transport, followed once: a channel over two OS pipes
+    (``_write``, ``_read`` with the base class's deadline, ``_close``); the frames, counters and checks
+    are the base class's."""
+
+    def __init__(self, rfd: int, wfd: int, **kw):
+        super().__init__(**kw)
+        self._r, self._w = rfd, wfd
+
+    def _write(self, data) -> None:
+        view = memoryview(bytes(data))
+        while view:
+            view = view[os.write(self._w, view):]
+
+    def _read(self, n: int) -> bytearray:
+        out = bytearray()
+        while len(out) < n:
+            wait = self._wait()
+            if not select.select([self._r], [], [], wait)[0]:
+                raise self._timed_out(wait)
+            chunk = os.read(self._r, n - len(out))
+            if not chunk:
+                raise PeerDisconnected(f"{self.peer_name} closed the connection")
+            out += chunk
+        return out
+
+    def _close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def pipe_pair(**kw):
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    return PipeChannel(r1, w2, meter=Meter(), **kw), PipeChannel(r2, w1, meter=Meter(), **kw)
+
+
 def tcp_pair(**kw):
     srv = listen()
     port = srv.getsockname()[1]
@@ -43,7 +86,7 @@ def tcp_pair(**kw):
     return a, TcpChannel(out["s"], meter=Meter(), **kw)
 
 
-@pytest.mark.parametrize("make", [pair, tcp_pair])
+@pytest.mark.parametrize("make", [pair, tcp_pair, pipe_pair])
 def test_roundtrip_and_exact_counters(make):
     a, b = make(timeout=5)
     x = torch.arange(12, dtype=torch.int64).reshape(3, 4) - 6
@@ -180,7 +223,7 @@ def test_cannot_connect_names_the_address_once():
     assert str(e.value).startswith(f"cannot connect to server at {where}: ") and str(e.value).count(where) == 1
 
 
-@pytest.mark.parametrize("make", [pair, tcp_pair])
+@pytest.mark.parametrize("make", [pair, tcp_pair, pipe_pair])
 def test_silent_peer_times_out(make):
     a, b = make(timeout=0.5)
     t0 = time.perf_counter()
