@@ -6,7 +6,8 @@ elements of output unless stated) and a ``Ref:`` line.  ``tests/test_protocols.p
 Cost line against the transport counters.  Dealer traffic is offline and listed separately.
 
 The package by family: ``arith`` (truncation, products, shared matmul, re-sharing), ``linear`` (private
-weights, lift, embedding), ``compare`` (AND, b2a, DReLU, max, the narrow comparison); ``material`` holds
+weights, lift, embedding), ``boolean`` (AND, the comparison tree, b2a), ``narrow`` (the narrow comparison,
+its select, a truncation's sign test), ``compare`` (full-ring DReLU, ReLU, max, argmax); ``material`` holds
 the interface of the dealer material kinds, each defined beside the protocol that consumes it and
 collected in ``KINDS`` below (adding a protocol touches its family module only).
 """
