@@ -28,6 +28,7 @@ import hashlib
 import torch
 
 from .protocols import compare_rounds
+from .protocols.compare import max_rounds
 from .ring import SEED_BYTES, AesCtrPrg, logical_rshift, uniform01
 
 #: Width of the argmax's comparisons at f = 16 (LOGIT_BITS + f - 16): logits of a row within 2^(28-16) =
@@ -75,8 +76,6 @@ def choice_rounds(vocab: int, frac_bits: int = 16, top_k: bool = False) -> int:
     test, and the argmax one bit wider.  SmolLM2 (V = 49,152, f = 16), online, both directions: 52 rounds
     and 2,256,486 B greedy, 192 rounds and 10,055,234 B with top-k (7.8 MB more: a second max and 12
     comparisons of every entry)."""
-    from .protocols.compare import max_rounds
-
     k = LOGIT_BITS + frac_bits - 16
     if not top_k:
         return max_rounds(vocab, _cmp_rounds(k)) + _cmp_rounds(k)
@@ -161,8 +160,6 @@ def top_marks(ops, logits, k: int = 1):
 
 def reveal_rounds(vocab: int, k: int = 1, frac_bits: int = 16) -> int:
     """Online rounds of ``top_marks`` over ``vocab`` entries plus the reveal of its marks (its Cost line)."""
-    from .protocols.compare import max_rounds
-
     w = LOGIT_BITS + frac_bits - 16
     first = max_rounds(vocab, _cmp_rounds(w)) + _cmp_rounds(w)
     later = max_rounds(vocab, _cmp_rounds(w + 1)) + _cmp_rounds(w + 1)

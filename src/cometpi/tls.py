@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .insecure import warn_insecure_once
 from .transport import DeadlineExceeded, PeerDisconnected, TcpChannel, TransportError
 
 
@@ -309,8 +310,6 @@ def check_plaintext(host: str, insecure: bool, what: str) -> None:
         raise TlsError(f"{what} at {host} is not on loopback (an IP literal such as 127.0.0.1, or localhost): use "
                        "--tls (TLS with pinned certificates), or --insecure-plaintext to send seeds, shares and "
                        "model cards in the clear")
-    from .approx.newton import warn_insecure_once
-
     warn_insecure_once(f"insecure_plaintext ({what})", f"{what} at {host} runs without TLS: anyone on the path "
                        "can read the dealer's seeds and with them the text and the weights")
 

@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .newton import RsqrtSpec, rsqrt
+from .newton import RsqrtSpec, crypten_exp, rsqrt
+from .splines import exp_neg
 
 # ---------------------------------------------------------------------------------------------
 # Built from rsqrt
@@ -133,8 +134,6 @@ def softmax_exp(ops, s, mask, spec: RsqrtSpec):
     remain, then 8-fold levels of 8; BERT-base's 12 x 128 x 128 scores: 24 rounds, 33 B per score) + exp
     (9 rounds, 141.25 B) + the row's reciprocal + 1 product by it (2 rounds, 32 B); +32 B and 1 round for a
     shared mask."""
-    from .splines import exp_neg
-
     f = ops.frac_bits
     with ops.span("softmax_exp"):
         monitor = ops.monitor
@@ -233,16 +232,6 @@ def _shape(v):
 # ---------------------------------------------------------------------------------------------
 # Baselines
 # ---------------------------------------------------------------------------------------------
-
-
-def crypten_exp(ops, x, n: int = 8):
-    """CrypTen's exp: (1 + x/2^n)^(2^n).  Accurate for x in about [-8, 2] (error grows with |x|).
-    Cost: 1 truncation + n squarings (exact truncation: 2n + 1 rounds, 32n + 16 B/element)."""
-    with ops.span("exp"):
-        y = ops.add_const(ops.truncate(x, n), 1.0)
-        for _ in range(n):
-            y = ops.square(y)
-        return y
 
 
 def crypten_reciprocal(ops, x, iterations: int = 10):

@@ -28,24 +28,26 @@ from __future__ import annotations
 
 import enum
 import math
-import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from ..insecure import _WARNED, warn_insecure_once  # noqa: F401 - re-exported (nn, tests)
 from ..protocols.compare import TABLE_BYTES
 from .guess import bit_trick_error, iterations_for
 from .segments import _increments
 
-_WARNED: set[str] = set()
 
-
-def warn_insecure_once(name: str, message: str) -> None:
-    """Warn once per process about an insecure option (its name carries 'insecure')."""
-    if name not in _WARNED:
-        _WARNED.add(name)
-        warnings.warn(f"{name}: {message}", UserWarning, stacklevel=3)
+def crypten_exp(ops, x, n: int = 8):
+    """CrypTen's exp: (1 + x/2^n)^(2^n).  Accurate for x in about [-8, 2] (error grows with |x|); here for
+    the crypten guess, and re-exported by ``functions`` for the baselines.
+    Cost: 1 truncation + n squarings (exact truncation: 2n + 1 rounds, 32n + 16 B/element)."""
+    with ops.span("exp"):
+        y = ops.add_const(ops.truncate(x, n), 1.0)
+        for _ in range(n):
+            y = ops.square(y)
+        return y
 
 
 class Guess(enum.StrEnum):
@@ -290,8 +292,6 @@ def initial_guess(ops, x, spec: RsqrtSpec, scale: int = 0):
             bits = ops.compare_thresholds(x, thresholds, k, spec.table_bytes)
             return ops.add_const(ops.weighted_bits(bits, steps), round(levels[0] * 2**f) * 2.0**-f)
     if spec.guess == Guess.CRYPTEN:
-        from .functions import crypten_exp
-
         e = crypten_exp(ops, ops.neg(ops.add_const(ops.scale_pow2(x, 1), 0.2)))
         return ops.add_const(ops.sub(ops.mul_const(e, 2.2), ops.scale_pow2(x, 10)), 0.2)
     if spec.insecure:
