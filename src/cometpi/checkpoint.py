@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .approx.config import ApproxConfig
 from .convert import Arch, from_hf
 
 META_FILE = "cometpi.json"
@@ -64,8 +65,6 @@ def read_meta(model_dir: str | Path) -> dict:
 
 def approx_of(meta: dict):
     """The ApproxConfig a checkpoint was trained for, or None."""
-    from .approx.config import ApproxConfig
-
     cfg = meta.get("approx")
     if cfg is None:
         return None

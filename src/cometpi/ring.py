@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from . import kernels
+
 RING_BITS = 64
 DTYPE = torch.int64
 #: Plaintext fixed-point values must satisfy |v| < 2^HEADROOM_BITS after encoding, so that the
@@ -164,8 +166,6 @@ def ring_matmul(a: torch.Tensor, b: torch.Tensor, *, b_limbs: int = _N_LIMBS, me
     product that takes the limb split) only when the limb split runs.
     """
     if method == "auto":
-        from . import kernels
-
         def probe(m, dims=None):  # a kept stack is built only once the limbs have won
             if dims is None:
                 return ring_matmul(a, b, b_limbs=b_limbs, method=m, diagonals=diagonals,
