@@ -299,6 +299,16 @@ def test_compare_many_far_from_zero():
     assert torch.equal(got[sel], (x[keep][:, None] >= thr[None]).to(torch.int64)[sel])
 
 
+def _assert_select_cost(on, n: int, k: int) -> float:
+    """A select's (``drelu_select``, ``trunc_select``) rounds and bytes: ``compare_rounds(k)``; 2 x 8 B opening,
+    the tree's ANDs (4 bits each) and 2 bits of b2a per element (packed rows round up to bytes)."""
+    assert on.rounds == P.compare_rounds(k)
+    c = _chunks(k)
+    want = n * (16 + (4 * P.tree_ands(c) + 2) / 8)
+    assert want <= on.payload_bytes <= want + tree_padding(c) + 2
+    return want
+
+
 @pytest.mark.parametrize("k", [8, 20, 28, 40])
 def test_drelu_select_is_the_sign_and_the_relu_with_its_cost_line(k):
     """([x >= 0], x [x >= 0]) exactly over |x| < 2^k, edges included; rounds ``compare_rounds(k)``; online
@@ -314,10 +324,7 @@ def test_drelu_select_is_the_sign_and_the_relu_with_its_cost_line(k):
 
     b, bx, on = run_local(job)[0]
     assert torch.equal(b, (x >= 0).to(torch.int64)) and torch.equal(bx, torch.relu(x))
-    assert on.rounds == P.compare_rounds(k)
-    c = _chunks(k)
-    want = x.numel() * (16 + (4 * P.tree_ands(c) + 2) / 8)
-    assert want <= on.payload_bytes <= want + tree_padding(c) + 2
+    want = _assert_select_cost(on, x.numel(), k)
     if k == 28:
         assert "at k = 28, 16 B + 4 ANDs + 2 bits = 18.25 B" in " ".join(P.drelu_select.__doc__.split())
         assert want == 18.25 * x.numel()
@@ -363,10 +370,7 @@ def test_trunc_select_truncates_tests_and_selects_in_one_opening(bits, k):
     y, b, by, on = run_local(job)[0]
     assert ((y - torch.div(z, 1 << bits, rounding_mode="floor")).abs() <= 1).all()
     assert torch.equal(b, (y >= 0).to(torch.int64)) and torch.equal(by, torch.relu(y))
-    assert on.rounds == P.compare_rounds(k)
-    c = _chunks(k)
-    want = y0.numel() * (16 + (4 * P.tree_ands(c) + 2) / 8)
-    assert want <= on.payload_bytes <= want + tree_padding(c) + 2
+    want = _assert_select_cost(on, y0.numel(), k)
     if k == 28:
         assert "at k = 28, 18.25 B" in " ".join(P.trunc_select.__doc__.split())
         assert want == 18.25 * y0.numel()

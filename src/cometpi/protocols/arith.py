@@ -116,7 +116,7 @@ def truncate_many(items: list[tuple[AShare, int]], mode: TruncMode | str | None 
 class Pending:
     """A product not yet truncated: z = y 2^bits for the y a caller wants, kept so that the truncation can
     share its opening with what comes next (``compare.trunc_select``: a linear layer's output and its
-    activation's sign test).  Reshapes like its value; ``value()`` truncates it as usual."""
+    activation's sign test).  Reshapes like its value."""
 
     def __init__(self, z: AShare, bits: int):
         self.z, self.bits = z, bits
@@ -127,9 +127,6 @@ class Pending:
 
     def reshape(self, *shape) -> Pending:
         return Pending(self.z.reshape(*shape), self.bits)
-
-    def value(self) -> AShare:
-        return truncate(self.z, self.bits)
 
 
 class Kept:

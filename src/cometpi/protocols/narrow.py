@@ -175,14 +175,19 @@ class _NarrowCompare:
         k, m = cls._km(p)
         return cmp_chunks(k, m) * table_bytes(m)
 
+    def _client_tables(self, prg, stream, p, n: int) -> list[torch.Tensor]:
+        """The client's XOR shares of the tables, (n, table bytes), and of bit k, packed: keystream 1 of
+        the request (every narrow kind draws them alike)."""
+        tb = self._table_bytes(p)
+        raw = torch.frombuffer(bytearray(prg.bytes(substream(stream, 1), n * tb + (n + 7) // 8)), dtype=torch.uint8)
+        return [raw[: n * tb].reshape(n, tb), raw[n * tb:]]
+
     def own(self, role, prg, stream, p):
         s = _shape(p["shape"], "cmpn")
         (r,) = prg.ring(stream, s)
         if role == Role.SERVER:
             return [r]
-        n, tb = math.prod(s), self._table_bytes(p)
-        raw = torch.frombuffer(bytearray(prg.bytes(substream(stream, 1), n * tb + (n + 7) // 8)), dtype=torch.uint8)
-        return [r, raw[: n * tb].reshape(n, tb), raw[n * tb:]]
+        return [r, *self._client_tables(prg, stream, p, math.prod(s))]
 
     def cost(self, p) -> Cost:
         n, tb = math.prod(_shape(p["shape"], "cmpn")), self._table_bytes(p)
@@ -258,10 +263,8 @@ class _NarrowSelect(_NarrowCompare):
         (beta,) = _bits(prg, substream(stream, 2), [math.prod(s)])
         if role == Role.SERVER:
             return [sh, beta]
-        n, tb = math.prod(s), self._table_bytes(p)
-        raw = torch.frombuffer(bytearray(prg.bytes(substream(stream, 1), n * tb + (n + 7) // 8)), dtype=torch.uint8)
         v, w = prg.ring(substream(stream, 3), s, s)
-        return [sh, raw[: n * tb].reshape(n, tb), raw[n * tb:], beta, v, w]
+        return [sh, *self._client_tables(prg, stream, p, math.prod(s)), beta, v, w]
 
     def cost(self, p) -> Cost:
         n, tb = math.prod(_shape(p["shape"], "cmpsel")), self._table_bytes(p)
@@ -363,10 +366,8 @@ class _TruncSelect(_NarrowCompare):
         (beta,) = _bits(prg, substream(stream, 2), [n])
         if role == Role.SERVER:
             return [r, beta]
-        tb = self._table_bytes(p)
-        raw = torch.frombuffer(bytearray(prg.bytes(substream(stream, 1), n * tb + (n + 7) // 8)), dtype=torch.uint8)
         ints = prg.ring(substream(stream, 3), [n], [n], [n], [n], [n])
-        return [r, raw[: n * tb].reshape(n, tb), raw[n * tb:], beta, *ints]
+        return [r, *self._client_tables(prg, stream, p, n), beta, *ints]
 
     def cost(self, p) -> Cost:
         n, tb = math.prod(_shape(p["shape"], "trsel")), self._table_bytes(p)
