@@ -84,6 +84,8 @@ def honest_run(s):
     P.drelu_narrow(e, 24)  # cmpn, bandp, b2a
     P.drelu_select(e, 24)  # cmpsel, bandp
     P.trunc_select(P.matmul_private(x, pw, truncate_result=False), 16, 24)  # trsel, bandp
+    rows = P.MaskedRows(s, 4).append(y.reshape(1, 1, 3, 5))  # kvmask
+    P.matmul_rows(y.reshape(1, 1, 3, 5), rows, transpose=True)  # kvmm
     s.test_weights = {pw.index: pw, pv.index: pv, table.index: table}
     return s.reveal_float(z, Role.CLIENT)
 
@@ -132,6 +134,14 @@ def _forgeries(plan, kind, top):
     if "k" in p0:
         out.append(("another width", i0, {**p0, "k": p0["k"] - 1}))
     out += [("far ahead", top + 17, p0), ("far ahead, other parameters", top + 4096, changed)]
+    if kind == "kvmm":
+        blocks = [(i, p) for i, k, p in plan if k == "kvmask"]
+        for i, pb in blocks:
+            rows = pb["shape"][0]
+            out.append(("parts at the cache's mask block, a fresh index", top + 50, {**p0, "parts": [[i, rows]]}))
+            out.append(("the block's rows beyond those used", top + 51, {**p0, "parts": [[i, rows]], "rows": rows}))
+        for i, k in others[:4] + [(i, "wmask") for i, _ in masks]:
+            out.append((f"parts at a {k}'s index", top + 60 + i, {**p0, "parts": [[i, 4]]}))
     if kind == "mulpriv":
         for i, pm in masks:
             n = pm["shape"][0] * (pm["shape"][1] if len(pm["shape"]) > 1 else 1)
@@ -191,6 +201,16 @@ def _assert_independent(got, kind, idx, params, prgs, world_b, forger_role, used
     onto the other's, so the two have the same distribution."""
     other = compute_correction(kind, idx, params, *world_b)
     if torch.equal(got, other):
+        return
+    if kind == "kvmm":  # parts naming a real cache's mask block M: C1 = A @ M - C0, padded by the fresh C0
+        label = request_label(idx, kind, params)
+        assert label not in used, what
+        k = KINDS["kvmm"]
+        a0, _, m0 = k.own(Role.CLIENT, prgs[0], label, params)
+        _, m0b = k.own(Role.CLIENT, world_b[0], label, params)[1:]
+        a1, _ = k.own(Role.SERVER, prgs[1], label, params)
+        d = m0 - m0b
+        assert torch.equal(got - other, ring_matmul(a0 + a1, d.transpose(-2, -1) if params["t"] else d)), what
         return
     assert kind == "mulpriv" and forger_role == Role.CLIENT, what
     label = request_label(idx, kind, params)
@@ -256,6 +276,15 @@ def test_dealer_index_bookkeeping_is_bounded():
     ([0, "mul", {"shape": [1 << 28]}], "bytes of correction"),
     ([0, "mulb", {"x": [1 << 14, 1 << 14], "y": [1 << 14, 1]}], "bytes of correction"),
     ([0, "mulb", {"x": [4, 8], "y": [8, 1]}], "does not broadcast"),
+    ([0, "kvmm", {"a": [1, 2, 1, 8], "row": [1, 2, 8], "parts": [[0, 4]], "rows": 5, "t": 1}], "rows must be 1..4"),
+    ([0, "kvmm", {"a": [1, 2, 1, 8], "row": [1, 2, 8], "parts": [[0, 0]], "rows": 1, "t": 1}], "parts must be"),
+    ([0, "kvmm", {"a": [1, 2, 1, 8], "row": [1, 2, 8], "parts": [[0, 4]] * 65, "rows": 1, "t": 1}], "parts must be"),
+    ([0, "kvmm", {"a": [1, 2, 1, 8], "row": [1, 2, 8], "parts": [[-1, 4]], "rows": 1, "t": 1}], "parts must be"),
+    ([0, "kvmm", {"a": [1, 2, 1, 8], "row": [1, 2, 8], "parts": [[0, 4]], "rows": 1, "t": 2}], "t 0 or 1"),
+    ([0, "kvmm", {"a": [1, 2, 1, 7], "row": [1, 2, 8], "parts": [[0, 4]], "rows": 1, "t": 1}], "do not match"),
+    ([0, "kvmm", {"a": [1, 2, 1], "row": [1, 2, 8], "parts": [[0, 4]], "rows": 1, "t": 1}], "needs a \\(B, h"),
+    ([0, "kvmm", {"a": [1, 64, 2048, 64], "row": [1, 64, 64], "parts": [[0, 2048]], "rows": 2048, "t": 1}],
+     "bytes of correction"),
     # a 2^31-element product output from inputs within the element bound
     ([0, "mulpriv", {"x": [1 << 16, 1 << 12], "w": [1 << 12, 1 << 15], "widx": 0}], "bytes of correction"),
 ])

@@ -121,8 +121,9 @@ def test_generate_over_three_processes(tmp_path, tiny_llama_dir):
     eos = 2 if 2 in want else None
     assert g["ids"] == (want[: want.index(eos) + 1] if eos else want)
     assert g["prompt_tokens"] == ids.shape[1] and g["steps"] == 4 and len(g["per_token"]) == 3
-    # keys and values of the prompt and the 3 tokens fed back, 8 B per ring element, in each of 2 layers
-    assert g["kv_cache_bytes_per_party"] == 2 * 2 * (ids.shape[1] + 3) * arch.n_kv * arch.head_dim * 8
+    # keys and values of the prompt and the 3 tokens fed back, 8 B per ring element, in each of 2 layers, opened
+    # once each, and this party's share of their masks
+    assert g["kv_cache_bytes_per_party"] == 2 * 2 * 2 * (ids.shape[1] + 3) * arch.n_kv * arch.head_dim * 8
     assert g["prefill"]["online_bytes"] > g["per_token"][0]["online_bytes"] > 0
     assert "per token" in r.stderr and "KV cache" in r.stderr
 

@@ -103,20 +103,23 @@ def _attention(ops, h, i, arch, B, T, mask, cfg, cache=None):
         if arch.rope_theta:
             pos = torch.arange(start, start + T)
             q, k = _rope(ops, q, arch, pos), _rope(ops, k, arch, pos)
-        if cache is not None:  # keys and values of the earlier positions, kept as shares between steps
-            if i < len(cache.k):
-                k, v = ops.cat([cache.k[i], k], 2), ops.cat([cache.v[i], v], 2)
-                cache.k[i], cache.v[i] = k, v
-            else:
-                cache.k.append(k)
-                cache.v.append(v)
         S = start + T  # keys
         # grouped-query attention: the rep query heads of a KV head share its keys (no copies of k, v)
         qg = q.reshape(B, nkv, rep * T, hs)
         # 1/sqrt(hs) is folded into W_q; a softmax that starts with the scores' sign test truncates them in it
-        scores = ops.matmul(qg, k.transpose(-2, -1), pending=cfg.softmax_tests_sign_first).reshape(B, nh, T, S)
-        probs = _softmax(ops, scores, mask, cfg)
-        ctx = ops.matmul(probs.reshape(B, nkv, rep * T, S), v).reshape(B, nh, T, hs)
+        pending = cfg.softmax_tests_sign_first
+        if cache is None:
+            scores = ops.matmul(qg, k.transpose(-2, -1), pending=pending)
+        else:  # keys and values of the earlier positions, kept between steps (shares: each row opened once)
+            if i == len(cache.k):
+                cache.k.append(None)
+                cache.v.append(None)
+            cache.k[i] = ops.cache_rows(cache.k[i], k, cache.capacity)
+            cache.v[i] = ops.cache_rows(cache.v[i], v, cache.capacity)
+            scores = ops.matmul_rows(qg, cache.k[i], transpose=True, pending=pending)
+        probs = _softmax(ops, scores.reshape(B, nh, T, S), mask, cfg).reshape(B, nkv, rep * T, S)
+        ctx = ops.matmul(probs, v) if cache is None else ops.matmul_rows(probs, cache.v[i])
+        ctx = ctx.reshape(B, nh, T, hs)
         ctx = ctx.transpose(1, 2).reshape(B * T, d)  # (B*T, d)
         return ops.linear(ctx, f"layers.{i}.attn.out", bias=arch.bias)
 
@@ -142,16 +145,21 @@ def _tanh(ops, x, cfg):
 
 @dataclass
 class KVCache:
-    """Each layer's rotated keys and values, (B, kv_heads, positions, head_dim) backend values (shares on
-    the secure path: neither party learns them), kept between decoding steps; ``length`` positions."""
+    """Each layer's rotated keys and values, (B, kv_heads, positions, head_dim) backend values (on the
+    secure path ``protocols.MaskedRows``: shares, each row masked and opened once, so that neither party
+    learns them and a step re-sends none), kept between decoding steps; ``length`` positions;
+    ``capacity``: the positions expected in all (``greedy_decode``: prompt and new tokens), the size of
+    the first mask block (0: the prompt's)."""
 
     k: list = field(default_factory=list)
     v: list = field(default_factory=list)
     length: int = 0
+    capacity: int = 0
 
     def nbytes(self) -> int:
-        """This party's memory for the cache (8 B per ring element)."""
-        return sum(8 * math.prod(getattr(t, "shape", ())) for t in (*self.k, *self.v))
+        """This party's memory for the cache (8 B per ring element; masked rows: with the mask's share)."""
+        return sum(t.nbytes() if hasattr(t, "nbytes") and callable(t.nbytes) else
+                   8 * math.prod(getattr(t, "shape", ())) for t in (*self.k, *self.v))
 
 
 def decode_mask(batch: int, start: int, length: int) -> torch.Tensor:
@@ -340,6 +348,7 @@ def greedy_decode(ops, arch, cfg: ApproxConfig, *, prompt_ids=None, prompt_lengt
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     cache = KVCache() if cache is None else cache
+    cache.capacity = cache.capacity or cache.length + prompt_length + max(max_new - 1, 0)
     ids, T = prompt_ids, prompt_length
     owns_text = not isinstance(ops, ShareModel) or ops.s.is_client
     lookahead = ops.lookahead or DealerLookahead()

@@ -277,24 +277,39 @@ class Provider:
             self.link.close()
 
 
+def _ints(v, path: tuple):
+    """The (path, value) leaves of a parameter: an int, or a list of them (nested: ``kvmm``'s parts)."""
+    if isinstance(v, list) and v and all(type(x) is int or isinstance(x, list) for x in v):
+        for j, x in enumerate(v):
+            yield from _ints(x, (*path, j))
+    else:
+        yield path, v
+
+
 def plan_delta(a: list[list], b: list[list]) -> dict | None:
     """How plan ``b`` (relative, of one layer) follows plan ``a`` (the layer before): the parameters
-    that grow by a constant, as {name: increment} (the index of the layer's weights, ``widx``), when
-    the two plans are otherwise equal request for request; None when they differ in any other way or
-    a parameter grows by different amounts."""
+    that grow by a constant, as {name or (name, position...): increment} (the index of the layer's
+    weights, ``widx``; within a list, each element by its own constant: the request indices of a KV
+    cache's mask blocks, ``kvmm``'s parts, made in different steps), when the two plans are otherwise
+    equal request for request; None when they differ in any other way or a parameter grows by
+    different amounts."""
     if len(a) != len(b):
         return None
-    rule: dict[str, int] = {}
+    rule: dict = {}
     for (_, ka, pa), (_, kb, pb) in zip(a, b, strict=True):
         if ka != kb or pa.keys() != pb.keys():
             return None
         for name, va in pa.items():
-            vb = pb[name]
-            if type(va) is int and type(vb) is int:
-                if rule.setdefault(name, vb - va) != vb - va:
-                    return None
-            elif va != vb:
+            la, lb = list(_ints(va, (name,))), list(_ints(pb[name], (name,)))
+            if [p for p, _ in la] != [p for p, _ in lb]:
                 return None
+            for (path, xa), (_, xb) in zip(la, lb, strict=True):
+                key = path[0] if len(path) == 1 else path
+                if type(xa) is int and type(xb) is int:
+                    if rule.setdefault(key, xb - xa) != xb - xa:
+                        return None
+                elif xa != xb:
+                    return None
     return {name: d for name, d in rule.items() if d}
 
 
@@ -303,5 +318,11 @@ def plan_shift(plan: list[list], delta: dict | None) -> list[list] | None:
     ``plan_delta``) increased; None without a delta."""
     if delta is None:
         return None
-    return [[i, kind, {k: v + delta[k] if k in delta and type(v) is int else v for k, v in p.items()}]
-            for i, kind, p in plan]
+
+    def shift(v, path):
+        if isinstance(v, list) and v and all(type(x) is int or isinstance(x, list) for x in v):
+            return [shift(x, (*path, j)) for j, x in enumerate(v)]
+        key = path[0] if len(path) == 1 else path
+        return v + delta[key] if key in delta and type(v) is int else v
+
+    return [[i, kind, {k: shift(v, (k,)) for k, v in p.items()}] for i, kind, p in plan]

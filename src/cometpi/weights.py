@@ -87,6 +87,14 @@ class _LocalParams:
     def embed(self, ids, n_tokens=None):
         return self.p["embeddings.word"][ids.reshape(-1)]
 
+    def cache_rows(self, old, new, capacity=None):
+        """A KV cache's keys or values (B, h, S, d) with ``new`` positions appended."""
+        return new if old is None else torch.cat([old, new], 2)
+
+    def matmul_rows(self, a, rows, transpose=False, pending=False):
+        """a @ rows (``transpose``: a @ rows^T) for cached keys or values ``rows``."""
+        return self.matmul(a, rows.transpose(-2, -1) if transpose else rows, pending)
+
 
 class FloatModel(_LocalParams, FloatOps):
     """Floats with the parameters in the clear (plaintext reference; ``ideal`` for fine-tuning)."""
@@ -188,6 +196,18 @@ class ShareModel(ShareOps):
         if pending and TruncMode(self.s.config.trunc) != TruncMode.LOCAL:
             return P.Pending(P.matmul(a, b, truncate_result=False), self.fp.frac_bits)
         return P.matmul(a, b)
+
+    def cache_rows(self, old, new, capacity=None):
+        """The cached keys or values with ``new`` positions appended: ``protocols.MaskedRows``, each row
+        masked and opened once (``capacity``: rows of its first mask block)."""
+        rows = old if old is not None else P.MaskedRows(self.s, capacity or new.shape[2])
+        return rows.append(new)
+
+    def matmul_rows(self, a, rows, transpose=False, pending=False):
+        """a @ rows (``transpose``: a @ rows^T): only a's masked difference and the new rows' travel."""
+        if pending and TruncMode(self.s.config.trunc) != TruncMode.LOCAL:
+            return P.Pending(P.matmul_rows(a, rows, transpose=transpose, truncate_result=False), self.fp.frac_bits)
+        return P.matmul_rows(a, rows, transpose=transpose)
 
     def mul_const_sum(self, pairs):
         """sum of a * c for public real tensors c: local products, one truncation (1 round, 16 B/element)."""

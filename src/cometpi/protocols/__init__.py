@@ -7,14 +7,15 @@ Cost line against the transport counters.  Dealer traffic is offline and listed 
 
 The package by family: ``arith`` (truncation, products, shared matmul, re-sharing), ``linear`` (private
 weights, lift, embedding), ``boolean`` (AND, the comparison tree, b2a), ``narrow`` (the narrow comparison,
-its select, a truncation's sign test), ``compare`` (full-ring DReLU, ReLU, max, argmax); ``material`` holds
-the interface of the dealer material kinds, each defined beside the protocol that consumes it and
-collected in ``KINDS`` below (adding a protocol touches its family module only).
+its select, a truncation's sign test), ``compare`` (full-ring DReLU, ReLU, max, argmax), ``rows`` (a KV
+cache masked once per row); ``material`` holds the interface of the dealer material kinds, each defined
+beside the protocol that consumes it and collected in ``KINDS`` below (adding a protocol touches its
+family module only).
 """
 
 from __future__ import annotations
 
-from . import arith, compare, linear
+from . import arith, compare, linear, rows
 from .arith import (
     Kept,
     Pending,
@@ -55,9 +56,10 @@ from .compare import (
 )
 from .linear import PrivateWeight, embedding_lookup, lift, matmul_private, prepare_weight
 from .material import DealerError
+from .rows import MaskedRows, matmul_rows  # noqa: F401 - re-exported
 
 #: Every kind of dealer material, by name (the dealer serves these).
-KINDS = {**arith.KINDS, **linear.KINDS, **compare.KINDS}
+KINDS = {**arith.KINDS, **linear.KINDS, **compare.KINDS, **rows.KINDS}
 
 __all__ = [
     "KINDS", "DealerError", "Kept", "Pending", "PrivateWeight", "and_packed", "argmax_onehot", "b2a", "chunk_bits",
