@@ -368,3 +368,71 @@ def test_mul_private_vector(mode, rng):
     assert float((y - q(X) * q(g)).abs().max()) < ULP
     tb, tr = trunc_cost(X.numel(), mode)
     assert (on.payload_bytes, on.rounds) == (8 * X.numel() + tb, 1 + tr)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_poly_kept_equals_plaintext_and_its_cost_line(mode, rng):
+    """c0 + c1 u + c2 u^2 with shared coefficients at f + (0, 8, 12) bits, u's truncation's opening reused:
+    within 1 ulp of the float64 value on the encoded inputs (one truncation: the exact sum's floor), the
+    truncation of u as ``trunc_exact``; 1 round of 32 B/element + 1 truncation (exact mode; local: Horner)."""
+    assert "Cost: 1 round, 32 B/element + the truncation (1 round, 16 B/element)" in " ".join(
+        P.poly_kept.__doc__.split())
+    n = 300
+    U = uniform(rng, (n,), 0, 11)
+    C = [uniform(rng, (n,), -1, 1), uniform(rng, (n,), -0.2, 0.2), uniform(rng, (n,), -0.01, 0.01)]
+    extra = (0, 8, 12)
+
+    def fn(s):
+        u = s.share(U if s.is_client else None, owner=Role.CLIENT, shape=U.shape)
+        cs = [s.share(c * 2.0**e if s.is_client else None, owner=Role.CLIENT, shape=c.shape)
+              for c, e in zip(C, extra, strict=True)]
+        (coarse, kept), on1, _ = measured(s, lambda: P.truncate_poly(u, 8))
+        y, on2, off2 = measured(s, lambda: P.poly_kept(kept, *cs, extra))
+        with pytest.raises(ValueError, match="one polynomial only") if mode == TruncMode.EXACT else _nothing():
+            P.poly_kept(kept, *cs, extra)
+        return s.reveal_float(coarse, Role.CLIENT), s.reveal_float(y, Role.CLIENT), on1, on2
+
+    (coarse, y, on1, on2), _ = run_local(fn, Config(trunc=mode))
+    u = q(U)
+    c = [FP.decode(FP.encode(cj * 2.0**e)) * 2.0**-e for cj, e in zip(C, extra, strict=True)]  # as encoded
+    want = c[0] + c[1] * u + c[2] * u * u
+    assert float((coarse - torch.floor(FP.encode(U).double() / 2**8) * ULP).abs().max()) <= ULP  # u / 2^8
+    tol = 1 if mode == TruncMode.EXACT else 3  # Horner in local mode: two truncations, each 1 ulp
+    assert float((y - want).abs().max()) <= tol * ULP
+    tb, tr = trunc_cost(n, mode)
+    assert (on1.payload_bytes, on1.rounds) == (tb, tr)
+    if mode == TruncMode.EXACT:
+        assert (on2.payload_bytes, on2.rounds) == (32 * n + 16 * n, 2)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_poly_kept_outside_its_domain():
+    """|y| >= 2^(62 - 3f - e2) = 4: the simulation raises HeadroomError (on shares the one truncation would
+    wrap, documented as a wrong value); an order of the extra bits other than e0 <= e1 <= e2 is refused."""
+    from cometpi.approx.backends import HeadroomError, RingOps
+
+    ops = RingOps()
+    u = ops.input(torch.tensor([2.0, 3.0], dtype=torch.float64))
+    zero = ops.input(torch.zeros(2, dtype=torch.float64))
+    inside = ops.input(torch.tensor([0.1, 0.4], dtype=torch.float64) * 2.0**12)  # y = 0.4, 3.6
+    y = ops.output(ops.poly_kept(u, zero, zero, inside, (0, 8, 12)))
+    assert float((y - torch.tensor([0.4, 3.6], dtype=torch.float64)).abs().max()) <= ULP
+    beyond = ops.input(torch.tensor([0.1, 0.5], dtype=torch.float64) * 2.0**12)  # y = 0.4, 4.5
+    with pytest.raises(HeadroomError, match="polynomial"):
+        ops.poly_kept(u, zero, zero, beyond, (0, 8, 12))
+
+    def fn(s):
+        x = s.share(torch.ones(2) if s.is_client else None, owner=Role.CLIENT, shape=(2,))
+        _, kept = P.truncate_poly(x, 8)
+        with pytest.raises(ValueError, match="e0 <= e1 <= e2"):
+            P.poly_kept(kept, x, x, x, (0, 12, 8))
+        return True
+
+    assert run_local(fn) == (True, True)

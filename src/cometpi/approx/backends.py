@@ -124,6 +124,15 @@ class FloatOps(_Additive):
     def mul_kept(self, a, kept, extra: int = 0):
         return self.mul(a, kept, extra)
 
+    def truncate_poly(self, a, k):
+        """(a / 2^k, a handle for one later ``poly_kept`` in a): here a itself."""
+        return self.truncate(a, k), a
+
+    def poly_kept(self, u, c0, c1, c2, extra):
+        """c0 / 2^e0 + c1 u / 2^e1 + c2 u^2 / 2^e2 (``protocols.poly_kept``)."""
+        e0, e1, e2 = extra
+        return c0 * 2.0**-e0 + c1 * u * 2.0**-e1 + c2 * u * u * 2.0**-e2
+
     def mul_pow2(self, a, k):
         return a * 2.0**k
 
@@ -247,6 +256,22 @@ class RingOps(_Additive):
 
     def mul_kept(self, a, kept, extra: int = 0):
         return self.mul(a, kept, extra)
+
+    def truncate_poly(self, a, k):
+        return self.truncate(a, k), a
+
+    def poly_kept(self, u, c0, c1, c2, extra):
+        """The three terms summed exactly at 3f + e2 bits, then one floor truncation, as on shares."""
+        e0, e1, e2 = extra
+        f = self.frac_bits
+        t = (c0 << (2 * f + e2 - e0)) + ((c1 * u) << (f + e2 - e1)) + c2 * u * u  # wraps as the ring does
+        if t.numel():
+            top = lambda v: float(v.abs().max())  # noqa: E731
+            _check_headroom(top(c0) * 2.0 ** (2 * f + e2 - e0) + top(c1) * top(u) * 2.0 ** (f + e2 - e1)
+                            + top(c2) * top(u) ** 2, lambda: top(c0.double() * 2.0 ** (2 * f + e2 - e0)
+                                                             + c1.double() * u.double() * 2.0 ** (f + e2 - e1)
+                                                             + c2.double() * u.double() ** 2), "polynomial")
+        return self.shift(t, 2 * f + e2)
 
     def mul_pow2(self, a, k):
         return a * (1 << k)
@@ -425,6 +450,14 @@ class ShareOps(_Additive):
     def mul_kept(self, a, kept, extra: int = 0):
         """``protocols.mul_kept``: a times the kept factor, opening only a's masked difference."""
         return P.mul_kept(a, kept, extra_bits=extra)
+
+    def truncate_poly(self, a, k):
+        """``protocols.truncate_poly``: the truncation whose opening serves one later polynomial in a."""
+        return P.truncate_poly(a, k)
+
+    def poly_kept(self, u, c0, c1, c2, extra):
+        """``protocols.poly_kept``: c0 + c1 u + c2 u^2 in one round of openings and one truncation."""
+        return P.poly_kept(u, c0, c1, c2, extra)
 
     def mul_pow2(self, a, k):
         return a.mul_int(1 << k)

@@ -132,7 +132,7 @@ def softmax_exp(ops, s, mask, spec: RsqrtSpec):
     ``HeadroomError`` beyond).
     Cost per score: the max (``protocols.maximum`` at k = 29: binary levels of 4 rounds while many values
     remain, then 8-fold levels of 8; BERT-base's 12 x 128 x 128 scores: 24 rounds, 33 B per score) + exp
-    (9 rounds, 141.25 B) + the row's reciprocal + 1 product by it (2 rounds, 32 B); +32 B and 1 round for a
+    (7 rounds, 93.25 B) + the row's reciprocal + 1 product by it (2 rounds, 32 B); +32 B and 1 round for a
     shared mask."""
     f = ops.frac_bits
     with ops.span("softmax_exp"):

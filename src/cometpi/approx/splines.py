@@ -167,32 +167,38 @@ def spline_ref(table: SplineTable, u: torch.Tensor) -> torch.Tensor:
     return c[..., 0] + u * (c[..., 1] + u * c[..., 2])
 
 
-def eval_spline(ops, u, table: SplineTable, k: int, frac_bits: int | None = None):
-    """g(u) for u >= 0 (a backend value at f fractional bits) with |u| < 2^(k - 8): u truncated to the
-    knots' grid, ``thermometer`` against the knots at width k, Horner.
-    Cost: 1 truncation (1 round, 16 B) + compare_many of len(knots) - 1 thresholds at width k
-    + 2 products with truncation (2 rounds, 48 B each): at k = 20, 9 rounds, 120 B + 1.25 B per knot."""
-    f = ops.frac_bits if frac_bits is None else frac_bits
+def coeff_extra_bits(f: int) -> tuple[int, int, int]:
+    """``COEFF_EXTRA_BITS`` within the one-truncation polynomial's headroom (3f + e2 <= 60: |g| < 4)."""
+    return tuple(min(e, 60 - 3 * f) for e in COEFF_EXTRA_BITS)
+
+
+def eval_spline(ops, u, table: SplineTable, k: int):
+    """g(u) for u >= 0 (a backend value at f fractional bits) with |u| < 2^(k - 8) and |g| < 4: u truncated
+    to the knots' grid by a truncation whose opening also serves the polynomial (``truncate_poly``),
+    ``thermometer`` against the knots at width k, then c0 + c1 u + c2 u^2 summed exactly and truncated once
+    (``poly_kept``).
+    Cost: 1 truncation (1 round, 16 B) + compare_many of len(knots) - 1 thresholds at width k + 1 round of
+    two masked coefficients (32 B) + 1 truncation (1 round, 16 B): at k = 20, 7 rounds, 72 B + 1.25 B per
+    knot (against Horner's two products with truncations: 9 rounds, 120 B + 1.25 B per knot)."""
+    f = ops.frac_bits
     if not KNOT_FRAC_BITS <= f <= 18:
         raise ValueError(f"splines need 8 <= f <= 18 fractional bits, got {f}")
     drop = f - KNOT_FRAC_BITS
-    coarse = ops.truncate(u, drop)
+    coarse, kept = ops.truncate_poly(u, drop)
+    extra = coeff_extra_bits(f)
     cols = list(zip(*table.coeffs, strict=True))  # (c0s, c1s, c2s)
-    weights = [[w * 2**e for w in _increments((*col, 0.0), f + e)] for col, e in zip(cols, COEFF_EXTRA_BITS,
-                                                                                        strict=True)]
+    weights = [[w * 2**e for w in _increments((*col, 0.0), f + e)] for col, e in zip(cols, extra, strict=True)]
     c0, c1, c2 = ops.thermometer(coarse, [t * 2.0**-drop for t in table.knots[1:]], k, weights)
     c0, c1, c2 = (ops.add_const(c, round(col[0] * 2 ** (f + e)) * 2.0**-f)
-                  for c, col, e in zip((c0, c1, c2), cols, COEFF_EXTRA_BITS, strict=True))
-    e0, e1, e2 = COEFF_EXTRA_BITS
-    acc = ops.add(c1, ops.mul(c2, u, e2 - e1))  # at f + e1 bits
-    return ops.add(c0, ops.mul(acc, u, e1 - e0))
+                  for c, col, e in zip((c0, c1, c2), cols, extra, strict=True))
+    return ops.poly_kept(kept, c0, c1, c2, extra)
 
 
 def activation(ops, x, name: str):
     """An original activation (``ACTIVATION_TABLES``: gelu, gelu_new, gelu_pytorch_tanh, silu) as
     ReLU(x) + g(|x|), for |x| < 4096.
-    Cost: drelu_select at k = 28 (4 rounds, 18.25 B) + ``eval_spline`` at k = 20: 13 rounds, 138.25 B
-    + 1.25 B per knot (GeLU 154.5 B, SiLU 159.5 B)."""
+    Cost: drelu_select at k = 28 (4 rounds, 18.25 B) + ``eval_spline`` at k = 20: 11 rounds, 90.25 B
+    + 1.25 B per knot (GeLU 106.5 B, SiLU 111.5 B)."""
     table = table_for(name)
     f = ops.frac_bits
     with ops.span("spline_act"):
@@ -203,7 +209,7 @@ def activation(ops, x, name: str):
 def exp_neg(ops, u):
     """exp(-u) for 0 <= u < 2^13 (softmax's exp(s - max)); 0 for u >= 11.1.
     Cost: ``eval_spline`` of 17 knots at k = 21 (the comparison 4 rounds, 8 B + 17 x 1.25 B):
-    9 rounds, 141.25 B/element."""
+    7 rounds, 93.25 B/element."""
     with ops.span("exp"):
         return eval_spline(ops, u, TABLES["exp"], KNOT_FRAC_BITS + EXP_U_BITS)
 
@@ -253,4 +259,4 @@ if __name__ == "__main__":
         print(_name, fit_table(_name))
 
 __all__ = ["SplineTable", "TABLES", "REFERENCES", "ACTIVATION_TABLES", "table_for", "spline_ref", "eval_spline",
-           "activation", "exp_neg", "fit_table"]
+           "activation", "exp_neg", "fit_table", "coeff_extra_bits"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 from . import arith, compare, linear, rows
 from .arith import (
     Kept,
+    KeptPoly,
     Pending,
     matmul,
     matmul_public,
@@ -26,6 +27,7 @@ from .arith import (
     mul_many,
     mul_private_pair,
     mul_public,
+    poly_kept,
     reshare,
     square,
     trunc_exact,
@@ -33,6 +35,7 @@ from .arith import (
     truncate,
     truncate_keep,
     truncate_many,
+    truncate_poly,
 )
 from .arith import (
     _broadcast as _broadcast,
