@@ -125,6 +125,9 @@ def test_generate_over_three_processes(tmp_path, tiny_llama_dir):
     # once each, and this party's share of their masks
     assert g["kv_cache_bytes_per_party"] == 2 * 2 * 2 * (ids.shape[1] + 3) * arch.n_kv * arch.head_dim * 8
     assert g["prefill"]["online_bytes"] > g["per_token"][0]["online_bytes"] > 0
+    layers = g["per_token"][0]["by_layer_type"]  # a step's traffic by layer type: within the step's total
+    assert {"softmax", "attention matmul", "linear", "gelu"} <= set(layers)
+    assert 0 < sum(t["online_bytes"] for t in layers.values()) <= g["per_token"][0]["online_bytes"]
     assert "per token" in r.stderr and "KV cache" in r.stderr
 
 

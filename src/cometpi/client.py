@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from .convert import Arch
 from .core import Config, ConfigError
+from .costs import breakdown
 from .nn import ApproxConfig, KVCache, ShareModel, secure_forward, secure_generate
 from .party import connect_client, prefetch_plan
 from .policy import (
@@ -167,6 +168,7 @@ class PrivateClient:
         steps, out_ids, done, cache = [], [], False, KVCache()
         noise = None if seed is None else seeded_gumbel(seed, (1, self.arch.vocab))
         before, t0 = self.sess.meter.snapshot(), time.perf_counter()
+        layers_before = breakdown(self.sess.meter.report()["spans"])
         with self.sess.span("generation"):
             for token in secure_generate(self.sess, self.arch, self.approx, model=self.model, prompt_ids=ids,
                                          prompt_length=T, max_new=max_new_tokens, eos_id=eos,
@@ -175,8 +177,10 @@ class PrivateClient:
                                          until=None if until is None else lambda t: until([*out_ids, t])):
                 after, t1 = self.sess.meter.snapshot(), time.perf_counter()
                 on = sum((after[k] - before[k] for k in after if k[1] == "online"), Traffic())
-                steps.append({"online_bytes": on.payload_bytes, "rounds": on.rounds, "seconds": t1 - t0})
-                before, t0 = after, t1
+                layers = breakdown(self.sess.meter.report()["spans"])
+                steps.append({"online_bytes": on.payload_bytes, "rounds": on.rounds, "seconds": t1 - t0,
+                              "by_layer_type": _layer_delta(layers_before, layers)})
+                before, t0, layers_before = after, t1, layers
                 if done:  # fixed length: what follows the end of sequence is discarded, privately
                     continue
                 out_ids.append(token)
@@ -310,6 +314,12 @@ def truncation_note(row: dict) -> str:
     if not row.get("truncated"):
         return ""
     return f"(truncated to {row['tokens_used']:,} of {row['tokens']:,} tokens)"
+
+
+def _layer_delta(before: dict, after: dict) -> dict:
+    """Online bytes and rounds per layer type between two ``costs.breakdown`` reports (one decoding step)."""
+    return {name: {key: t[key] - before.get(name, {}).get(key, 0) for key in ("online_bytes", "rounds")}
+            for name, t in after.items() if t["online_bytes"] != before.get(name, {}).get("online_bytes", 0)}
 
 
 def generation_costs(g: dict) -> str:

@@ -194,7 +194,8 @@ def cost(model_dir: str, daddr: str, name: str, lengths=(16, 64, 256), steps: in
                     "prefill": gen["prefill"],
                     "with_cache": {"online_bytes": sum(s["online_bytes"] for s in per) / len(per),
                                    "rounds": sum(s["rounds"] for s in per) / len(per),
-                                   "seconds": sum(s["seconds"] for s in per) / len(per), "steps": len(per)},
+                                   "seconds": sum(s["seconds"] for s in per) / len(per), "steps": len(per),
+                                   "by_layer_type": per[-1]["by_layer_type"]},  # the last step's
                     "without_cache": {"online_bytes": st["online"]["bytes_sent"] + st["online"]["bytes_recv"],
                                       "rounds": st["online"]["rounds"], "seconds": st["seconds"],
                                       "context": T + 1},

@@ -16,7 +16,7 @@ family module only).
 from __future__ import annotations
 
 from . import arith, compare, linear, rows
-from .arith import (
+from .arith import (  # noqa: F401 - re-exported
     Kept,
     KeptPoly,
     Pending,
