@@ -386,3 +386,25 @@ def test_trunc_select_server_view_is_uniform():
     b = server_messages(lambda s, xs: P.trunc_select(xs, 16, 28), z1, encoded=True)
     assert len(a) == len(b) >= 3
     assert_same_views(a, b)
+
+
+def test_select_bits_multiplies_by_xor_shared_bits_in_one_round():
+    """b v for XOR-shared bits and shared values: exact (no truncation), 1 round, 16 B + 2 bits per element
+    (the bits ride in the values' frame, padded to whole 8-byte words)."""
+    from cometpi.protocols import boolean
+
+    assert "Cost: 1 round, 16 B + 2 bits per element" in " ".join(boolean.select_bits.__doc__.split())
+    n = 1000
+    V = torch.round((torch.rand(n, dtype=torch.float64) * 100 - 50) * 2**16) / 2**16
+    B = torch.randint(0, 2, (n,), dtype=torch.uint8)
+
+    def fn(s):
+        v = s.share(V if s.is_client else None, owner=Role.CLIENT, shape=V.shape)
+        mine = B if s.is_client else torch.zeros(n, dtype=torch.uint8)  # XOR shares: the client holds b
+        z, on = _online(s, lambda: boolean.select_bits(s, mine, v))
+        return s.reveal_float(z, Role.CLIENT), on
+
+    (z, on), _ = run_local(fn)
+    assert torch.equal(z, V * B.double())
+    assert on.rounds == 1
+    assert 16 * n + 2 * n / 8 <= on.payload_bytes <= 16 * n + 2 * (n / 8 + 8)

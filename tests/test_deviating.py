@@ -85,6 +85,7 @@ def honest_run(s):
     P.drelu(y)  # cmp, bandp, b2a
     P.drelu_narrow(e, 24)  # cmpn, bandp, b2a
     P.drelu_select(e, 24)  # cmpsel, bandp
+    P.maximum(y, -1, k=24, arity=4)  # cmpn, bandp, bsel
     P.trunc_select(P.matmul_private(x, pw, truncate_result=False), 16, 24)  # trsel, bandp
     rows = P.MaskedRows(s, 4).append(y.reshape(1, 1, 3, 5))  # kvmask
     P.matmul_rows(y.reshape(1, 1, 3, 5), rows, transpose=True)  # kvmm

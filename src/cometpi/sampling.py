@@ -73,8 +73,8 @@ def choice_rounds(vocab: int, frac_bits: int = 16, top_k: bool = False) -> int:
     """Online rounds of ``choose`` for one row: the max (``protocols.compare.max_rounds``: binary levels of a
     comparison with its select down to 4,096, then 8-fold all-pairs levels) and the sign test; with top-k
     first a max, TOPK_STEPS bisection steps (a comparison of every entry, one of the count) and the keep
-    test, and the argmax one bit wider.  SmolLM2 (V = 49,152, f = 16), online, both directions: 52 rounds
-    and 2,256,486 B greedy, 192 rounds and 10,055,234 B with top-k (7.8 MB more: a second max and 12
+    test, and the argmax one bit wider.  SmolLM2 (V = 49,152, f = 16), online, both directions: 48 rounds
+    and 1,535,144 B greedy, 184 rounds and 8,612,550 B with top-k (7.1 MB more: a second max and 12
     comparisons of every entry)."""
     k = LOGIT_BITS + frac_bits - 16
     if not top_k:

@@ -131,7 +131,8 @@ def softmax_exp(ops, s, mask, spec: RsqrtSpec):
     sets masked keys to MASKED_SCORE before the max.  Domain |s| < 4096 (``RingOps`` raises
     ``HeadroomError`` beyond).
     Cost per score: the max (``protocols.maximum`` at k = 29: binary levels of 4 rounds while many values
-    remain, then 8-fold levels of 8; BERT-base's 12 x 128 x 128 scores: 24 rounds, 33 B per score) + exp
+    remain, then 8-fold levels of 7; BERT-base's 12 x 128 x 128 scores: 23 rounds, 20.5 B per score; a
+    decoding step's rows of 64: 14 rounds, 61 B) + exp
     (7 rounds, 93.25 B) + the row's reciprocal + 1 product by it (2 rounds, 32 B); +32 B and 1 round for a
     shared mask."""
     f = ops.frac_bits

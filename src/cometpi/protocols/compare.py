@@ -118,28 +118,31 @@ def relu(x: AShare) -> AShare:
         return mul(x, drelu(x), truncate_result=False)
 
 
-#: Most values an all-pairs level compares at once (all rows together): beyond, binary levels (its bytes per value
-#: are about 14x a binary level's, 260 B against 18.25 B at k = 29, for 4 rounds less over three levels).
+#: Most values an all-pairs level compares at once (all rows together): beyond, binary levels (an 8-fold level's
+#: bytes per value are about 3.4x those of the three binary levels it replaces, 54.25 B against 16 B at k = 29,
+#: for 5 rounds less).
 ALL_PAIRS_MAX_VALUES = 1 << 14
 
 
 def max_arity(n: int, values: int | None = None) -> int:
     """How many values ``maximum`` compares at once per group at a level of rows of n (``values`` in all rows,
-    default n): 8 for short rows with few values in all (an 8-fold level in 8 rounds where three binary levels
-    take 12, for about 14x the bytes per value), 2 otherwise: a vocabulary of 49,152 halves to 3,072 in 4
-    binary levels, then 4 levels of 8 (with the argmax's sign test 52 rounds and 2.3 MB online,
+    default n): 8 for short rows with few values in all (an 8-fold level in 7 rounds where three binary levels
+    take 12, for about 3.4x the bytes per value), 2 otherwise: a vocabulary of 49,152 halves to 3,072 in 4
+    binary levels, then 4 levels of 8 (with the argmax's sign test 48 rounds and 1.5 MB online,
     ``sampling.choice_rounds``); BERT-base's 12 x 128 rows of 128 scores halve to 8 in 4 binary levels, then
-    one of 8 (24 rounds, 33 B per score, against 20 rounds and 292 B with levels of 8 throughout)."""
+    one of 8 (23 rounds, 20.5 B per score, against 18 rounds and about 61 B with levels of 8 throughout); a
+    decoding step's 9 rows of 64 scores: two levels of 8 (14 rounds, 61 B per score)."""
     return 8 if n <= 4096 and (n if values is None else values) <= ALL_PAIRS_MAX_VALUES else 2
 
 
 def max_rounds(n: int, cmp_rounds: int, arity: int | None = None, rows: int = 1) -> int:
     """Online rounds of ``maximum`` with a narrow k over a row of n whose sign test takes ``cmp_rounds``:
-    a binary level is its ``drelu_select``, an a-fold level the sign tests, a product tree and the products."""
+    a binary level is its ``drelu_select``, an a-fold level the sign tests without their b2a, an AND tree
+    and one select."""
     r = 0
     while n > 1:
         a = min(max_arity(n, n * rows) if arity is None else arity, n)
-        r += cmp_rounds + (1 + math.ceil(math.log2(a - 1)) if a > 2 else 0)
+        r += cmp_rounds + (math.ceil(math.log2(a - 1)) if a > 2 else 0)  # b2a and product: one select
         n = -(-n // a)
     return r
 
@@ -184,9 +187,12 @@ def maximum(x: AShare, dim: int = -1, k: int | None = None, arity: int | None = 
 
     Cost per level: arity 2: full ring, the sign test + 1 product without truncation (1 round, 32 B per
     pair): 9 rounds, 108.25 B per pair; at k = 29 ``drelu_select`` (the select in the sign test's rounds):
-    4 rounds, 18.25 B per pair.  Arity a: the sign tests of a(a-1)/2 pairs (``drelu_narrow``: at k = 29
-    4 rounds, 10.25 B) + ceil(log2(a - 1)) + 1 rounds of a (a - 1) products (32 B each) per group: at
-    k = 29, a = 8: 8 rounds (against 12 for the three binary levels it replaces), a = 4: 7 rounds (8).
+    4 rounds, 18.25 B per pair.  Arity a, full ring: the sign tests of a(a-1)/2 pairs + ceil(log2(a - 1)) + 1
+    rounds of a (a - 1) products (32 B each) per group.  Arity a at width k: the pairs' narrow sign tests
+    without their b2a (at k = 29: 3 rounds, 10 B per pair), an AND tree of the a - 1 bits of each candidate
+    on XOR shares (ceil(log2(a - 1)) rounds, 4 bits per AND) and one ``select_bits`` per value (1 round,
+    16 B + 2 bits): at k = 29, a = 8: 7 rounds and 56.4 B per value (against 8 rounds and 292 B with the
+    products on arithmetic 0/1 shares, and 12 rounds, 18.25 B for the three binary levels it replaces).
     """
     s = x.session
     with s.span("max"):
@@ -208,10 +214,17 @@ def maximum(x: AShare, dim: int = -1, k: int | None = None, arity: int | None = 
             v = x._wrap(data.reshape(*data.shape[:-1], g, a))
             iu, ju, idx = _pair_table(a)
             diff = v[..., iu] - v[..., ju]  # (..., g, pairs): x_i - x_j for i < j
-            c = drelu(diff) if k is None else drelu_narrow(diff, k)
-            both = c._wrap(torch.cat([c.data, _one_minus(c).data], -1))  # [x_i >= x_j], then [x_j > x_i]
-            wins = _and_all(both[..., idx])  # (..., g, a) integer 0/1, one 1 per group
-            x = mul(v, wins, truncate_result=False).sum(-1)
+            if k is None:
+                c = drelu(diff)
+                both = c._wrap(torch.cat([c.data, _one_minus(c).data], -1))  # [x_i >= x_j], then [x_j > x_i]
+                wins = _and_all(both[..., idx])  # (..., g, a) integer 0/1, one 1 per group
+                x = mul(v, wins, truncate_result=False).sum(-1)
+            else:  # the same on the comparisons' XOR-shared bits: ANDs of 4 bits, one select per value
+                with s.span("drelu"):
+                    c = narrow.compare_many(diff, k, [0], bits=True)[..., 0]
+                both = torch.cat([c, c ^ (1 if s.role == Role.CLIENT else 0)], -1)
+                wins = boolean.and_all(s, both[..., idx])  # (..., g, a) XOR-shared, one 1 per group
+                x = boolean.select_bits(s, wins, v).sum(-1)
         return x._wrap(x.data.movedim(-1, dim))
 
 

@@ -95,9 +95,10 @@ def _narrow_bits(s: Session, c: torch.Tensor, k: int, m: int, tables, r_top, thr
     return bit ^ top if s.role == Role.CLIENT else bit
 
 
-def compare_many(x: AShare, k: int, thresholds, budget: int = TABLE_BYTES) -> AShare:
+def compare_many(x: AShare, k: int, thresholds, budget: int = TABLE_BYTES, bits: bool = False):
     """[x >= t] for each public ring integer t (a 1-D list or tensor of them), as arithmetic 0/1
-    shares of shape (*x.shape, len(thresholds)); valid while every |x - t| < 2^k.
+    shares of shape (*x.shape, len(thresholds)); valid while every |x - t| < 2^k.  ``bits``: XOR shares
+    (uint8 tensor) instead, before the b2a (one round and 2 bits per threshold less).
 
     1. x' = x - t + 2^k lies in [0, 2^(k+1)) for every t.  Dealer (``cmpn``): r uniform mod 2^n,
        n = k + 1, XOR shares of r's bit k and one-time truth tables of r's m-bit chunks (m from
@@ -134,7 +135,7 @@ def compare_many(x: AShare, k: int, thresholds, budget: int = TABLE_BYTES) -> AS
         wire = mine.to(torch.int32) if n_bits <= 32 else mine
         c = (mine + s.peer.exchange_wire(wire, "cmp-open").to(DTYPE)) & mask
         bit = _narrow_bits(s, c, k, m, tables, r_top, thr & mask)
-        return b2a(s, bit).reshape(*shape, t)
+        return bit.reshape(*shape, t) if bits else b2a(s, bit).reshape(*shape, t)
 
 
 @functools.cache
