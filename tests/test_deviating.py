@@ -79,6 +79,8 @@ def honest_run(s):
     P.mul_kept(t, kept)
     c, kp = P.truncate_poly(y, 4)  # truncpoly
     P.poly_kept(kp, c, c, c, (0, 0, 0))
+    tr, kt = P.truncate_for_mul(y, 4)  # truncout
+    P.mul_truncated(tr, kt)
     z = P.square(z)  # square
     z = P.matmul(y, y._wrap(y.data.T.contiguous()))  # matmul
     P.mul_private_pair(y.data[:1].clone(), s)  # pmul
@@ -278,6 +280,7 @@ def test_dealer_index_bookkeeping_is_bounded():
     ([0, "trsel", {"shape": [1 << 23], "k": 28, "m": 7, "f": 16}], "bytes of correction"),
     ([0, "mul", {"shape": [1 << 28]}], "bytes of correction"),
     ([0, "truncpoly", {"shape": [1 << 25], "f": 8}], "bytes of correction"),
+    ([0, "truncout", {"shape": [1 << 26], "f": 16}], "bytes of correction"),
     ([0, "mulb", {"x": [1 << 14, 1 << 14], "y": [1 << 14, 1]}], "bytes of correction"),
     ([0, "mulb", {"x": [4, 8], "y": [8, 1]}], "does not broadcast"),
     ([0, "kvmm", {"a": [1, 2, 1, 8], "row": [1, 2, 8], "parts": [[0, 4]], "rows": 5, "t": 1}], "rows must be 1..4"),

@@ -436,3 +436,32 @@ def test_poly_kept_outside_its_domain():
         return True
 
     assert run_local(fn) == (True, True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mul_truncated_reuses_the_truncations_opening(mode, rng):
+    """a y for y = trunc(x, f) of a not yet truncated product x: the truncation's opening is y's side of
+    the Beaver product, so only a's masked difference travels (16 B instead of 32 B per element); within
+    1 ulp of plaintext as truncate-then-mul; a kept truncation serves one product."""
+    assert "Cost: 1 round, 16 B/element + the truncation" in " ".join(P.mul_truncated.__doc__.split())
+    n = 400
+    X, A = uniform(rng, (n,), -30, 30), uniform(rng, (n,), -3, 3)
+
+    def fn(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        a = s.share(A if s.is_client else None, owner=Role.CLIENT, shape=A.shape)
+        z = x._wrap(x.data << 16)  # x 2^f: a product before its truncation
+        (y, kept), on1, _ = measured(s, lambda: P.truncate_for_mul(z, 16))
+        p, on2, _ = measured(s, lambda: P.mul_truncated(a, kept))
+        if mode == TruncMode.EXACT:
+            with pytest.raises(ValueError, match="one product only"):
+                P.mul_truncated(a, kept)
+        return s.reveal_float(y, Role.CLIENT), s.reveal_float(p, Role.CLIENT), on1, on2
+
+    (y, p, on1, on2), _ = run_local(fn, Config(trunc=mode))
+    assert float((y - q(X)).abs().max()) <= ULP
+    assert float((p - q(A) * q(X)).abs().max()) <= 2 * ULP + 30 * ULP * (mode == TruncMode.LOCAL)
+    tb, tr = trunc_cost(n, mode)
+    assert (on1.payload_bytes, on1.rounds) == (tb, tr)
+    want = (16 * n + tb, 1 + tr) if mode == TruncMode.EXACT else (32 * n, 1)
+    assert (on2.payload_bytes, on2.rounds) == want

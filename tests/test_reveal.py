@@ -124,7 +124,7 @@ def test_label_and_topk_are_the_simulations_argmax_and_topk_and_no_logits_reach_
     assert [r["top"] for r in rows["topk"]] == [[NAMES[int(j)] for j in row] for row in plain.topk(3).indices]
 
 
-@pytest.mark.parametrize("V,k,rounds,nbytes", [(2, 1, 9, 84), (2, 2, 17, 168), (5, 3, 34, 2562)])
+@pytest.mark.parametrize("V,k,rounds,nbytes", [(2, 1, 9, 84), (2, 2, 17, 168), (5, 3, 31, 954)])
 def test_top_marks_cost_line(V, k, rounds, nbytes):
     """The rounds of ``reveal_rounds`` and the bytes of ``top_marks``' Cost line, on the session counters
     (one row, online, both directions, the reveal of the marks included)."""

@@ -126,13 +126,14 @@ def _attention(ops, h, i, arch, B, T, mask, cfg, cache=None):
 
 def _ffn(ops, h, i, arch, cfg):
     with ops.span("ffn"):
-        # (B*T, ffn), or (B*T, 2 ffn) gate|up; an activation that starts with its sign test truncates up in it
-        pending = cfg.gelu_tests_sign_first and not arch.gated
+        # (B*T, ffn), or (B*T, 2 ffn) gate|up; an activation that starts with its sign test truncates up (its
+        # gate half) in it, and the gate product truncates the up half in its own opening
+        pending = cfg.gelu_tests_sign_first
         up = ops.linear(h, f"layers.{i}.ffn.up", bias=arch.bias, pending=pending)
         if arch.gated:  # SwiGLU: down(act(gate) * up), one product
             act = _activation(ops, up[:, :arch.ffn], cfg, arch, i)
             with ops.span("gate"):
-                gated = ops.mul(act, up[:, arch.ffn:])
+                gated = ops.mul_pending(act, up[:, arch.ffn:])
             return ops.linear(gated, f"layers.{i}.ffn.down", bias=arch.bias)
         return ops.linear(_activation(ops, up, cfg, arch, i), f"layers.{i}.ffn.down")
 

@@ -138,10 +138,10 @@ def top_marks(ops, logits, k: int = 1):
 
     Cost: ``reveal_rounds(V, k)`` = k (``max_rounds(V, c)`` + c) + 1 rounds, c = ``compare_rounds(w)`` = 4 at
     f = 16 (a narrow comparison): each round a max (``protocols.maximum``: up to 8 entries at once,
-    c + 1 + ceil(log2(a - 1)) rounds per level of a; c per binary level, its select in the sign test's
+    c + ceil(log2(a - 1)) rounds per level of a; c per binary level, its select in the sign test's
     rounds) and the sign test, then 1 round for the reveal of k V marks (8 B each, server -> client).
     Online, both directions, one row: 2 labels, the label: 9 rounds, 84 B; the top 2: 17 rounds, 168 B;
-    5 labels, the top 3: 34 rounds, 2,562 B (4 rows: 10,032 B; the rounds do not depend on the rows).
+    5 labels, the top 3: 31 rounds, 954 B (4 rows: 3,426 B; the rounds do not depend on the rows).
     Revealing the logits instead: 1 round, 8 B per label and row."""
     f = ops.frac_bits
     width = LOGIT_BITS + f - 16

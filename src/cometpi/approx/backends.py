@@ -124,6 +124,10 @@ class FloatOps(_Additive):
     def mul_kept(self, a, kept, extra: int = 0):
         return self.mul(a, kept, extra)
 
+    def mul_pending(self, a, b, extra: int = 0):
+        """a b where b may be a product the secure backend has not yet truncated (``protocols.Pending``)."""
+        return self.mul(a, b, extra)
+
     def truncate_poly(self, a, k):
         """(a / 2^k, a handle for one later ``poly_kept`` in a): here a itself."""
         return self.truncate(a, k), a
@@ -256,6 +260,9 @@ class RingOps(_Additive):
 
     def mul_kept(self, a, kept, extra: int = 0):
         return self.mul(a, kept, extra)
+
+    def mul_pending(self, a, b, extra: int = 0):
+        return self.mul(a, b, extra)
 
     def truncate_poly(self, a, k):
         return self.truncate(a, k), a
@@ -450,6 +457,14 @@ class ShareOps(_Additive):
     def mul_kept(self, a, kept, extra: int = 0):
         """``protocols.mul_kept``: a times the kept factor, opening only a's masked difference."""
         return P.mul_kept(a, kept, extra_bits=extra)
+
+    def mul_pending(self, a, b, extra: int = 0):
+        """a b; for a ``protocols.Pending`` b, its truncation's opening is b's side of the product
+        (``protocols.truncate_for_mul``, ``mul_truncated``): 16 B per element less than truncating first."""
+        if isinstance(b, P.Pending):
+            _, kept = P.truncate_for_mul(b.z, b.bits)
+            return P.mul_truncated(a, kept, extra_bits=extra)
+        return P.mul(a, b, extra_bits=extra)
 
     def truncate_poly(self, a, k):
         """``protocols.truncate_poly``: the truncation whose opening serves one later polynomial in a."""
