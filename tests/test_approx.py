@@ -356,12 +356,13 @@ def test_composite_costs_match_their_docstrings():
     _, on = on_shares(reciprocal, xr, spec)  # rsqrt + square
     assert (on.payload_bytes, on.rounds) == (n * (rs_b + 32), rs_r + 2)
     # layernorm over rows of 8: 2 means (a public product: 1 truncation, 16 B/row, 1 round each),
-    # square (32 B/elt), rsqrt per row, product by the row's rsqrt (a broadcast triple: 32 B/elt + 16 B/row)
+    # square (32 B/elt), rsqrt per row, product by the row's rsqrt (the square's opening is its other side:
+    # 16 B/row and the truncation's 16 B/elt)
     rows = torch.sin(torch.arange(40, dtype=torch.float64)).reshape(5, 8) * 2
     lspec = RsqrtSpec(0.05, 20.0, guess="constant")
     kl = lspec.with_(lo=0.05 * 256, hi=20.0 * 256).n_iterations()
     _, on = on_shares(layernorm, rows, lspec)
-    assert (on.payload_bytes, on.rounds) == (5 * 16 + 40 * 32 + 5 * 16 + 5 * 144 * kl + 40 * 32 + 5 * 16,
+    assert (on.payload_bytes, on.rounds) == (5 * 16 + 40 * 32 + 5 * 16 + 5 * 144 * kl + 40 * 16 + 5 * 16,
                                              1 + 2 + 1 + 6 * kl + 2)
 
 

@@ -81,6 +81,8 @@ def honest_run(s):
     P.poly_kept(kp, c, c, c, (0, 0, 0))
     tr, kt = P.truncate_for_mul(y, 4)  # truncout
     P.mul_truncated(tr, kt)
+    _, ks = P.square_keep(y, (3, 1))  # squarek
+    P.mul_kept(y._wrap(y.data[:, :1].contiguous()), ks)
     z = P.square(z)  # square
     z = P.matmul(y, y._wrap(y.data.T.contiguous()))  # matmul
     P.mul_private_pair(y.data[:1].clone(), s)  # pmul
@@ -281,6 +283,9 @@ def test_dealer_index_bookkeeping_is_bounded():
     ([0, "mul", {"shape": [1 << 28]}], "bytes of correction"),
     ([0, "truncpoly", {"shape": [1 << 25], "f": 8}], "bytes of correction"),
     ([0, "truncout", {"shape": [1 << 26], "f": 16}], "bytes of correction"),
+    ([0, "truncout", {"shape": [4, 8], "f": 16, "y": [8, 1]}], "does not broadcast"),
+    ([0, "squarek", {"shape": [1 << 26], "y": [1]}], "bytes of correction"),
+    ([0, "squarek", {"shape": [4, 8], "y": [8, 1]}], "does not broadcast"),
     ([0, "mulb", {"x": [1 << 14, 1 << 14], "y": [1 << 14, 1]}], "bytes of correction"),
     ([0, "mulb", {"x": [4, 8], "y": [8, 1]}], "does not broadcast"),
     ([0, "kvmm", {"a": [1, 2, 1, 8], "row": [1, 2, 8], "parts": [[0, 4]], "rows": 5, "t": 1}], "rows must be 1..4"),

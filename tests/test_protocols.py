@@ -465,3 +465,29 @@ def test_mul_truncated_reuses_the_truncations_opening(mode, rng):
     assert (on1.payload_bytes, on1.rounds) == (tb, tr)
     want = (16 * n + tb, 1 + tr) if mode == TruncMode.EXACT else (32 * n, 1)
     assert (on2.payload_bytes, on2.rounds) == want
+
+
+def test_a_square_and_a_truncation_keep_their_opening_for_a_rows_statistic(rng):
+    """x^2 (``square_keep``) and y = trunc(z) (``truncate_for_mul`` with a row-shaped other factor): the later
+    product by a (rows, 1) statistic opens only the statistic, 16 B per row, plus the product's truncation;
+    within 2 ulp of plaintext."""
+    R, C = 6, 40
+    X, Rw = uniform(rng, (R, C), -4, 4), uniform(rng, (R, 1), 0.2, 2)
+
+    def fn(s):
+        x = s.share(X if s.is_client else None, owner=Role.CLIENT, shape=X.shape)
+        r = s.share(Rw if s.is_client else None, owner=Role.CLIENT, shape=Rw.shape)
+        sq, kept = P.square_keep(x, (R, 1))
+        xr, on1, _ = measured(s, lambda: P.mul_kept(r, kept))
+        _, kt = P.truncate_for_mul(x._wrap(x.data << 16), 16, other=(R, 1))
+        yr, on2, _ = measured(s, lambda: P.mul_truncated(r, kt))
+        with pytest.raises(ValueError, match="where the opening kept material"):
+            P.mul_kept(x, P.square_keep(x, (R, 1))[1])
+        return [s.reveal_float(t, Role.CLIENT) for t in (sq, xr, yr)], on1, on2
+
+    ((sq, xr, yr), on1, on2), _ = run_local(fn)
+    assert float((sq - q(X) ** 2).abs().max()) <= ULP
+    assert float((xr - q(X) * q(Rw)).abs().max()) <= 2 * ULP
+    assert float((yr - q(X) * q(Rw)).abs().max()) <= 2 * ULP
+    for on in (on1, on2):
+        assert (on.payload_bytes, on.rounds) == (16 * R + 16 * R * C, 2)

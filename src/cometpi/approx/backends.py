@@ -132,10 +132,16 @@ class FloatOps(_Additive):
         """(a / 2^k, a handle for one later ``poly_kept`` in a): here a itself."""
         return self.truncate(a, k), a
 
-    def poly_kept(self, u, c0, c1, c2, extra):
-        """c0 / 2^e0 + c1 u / 2^e1 + c2 u^2 / 2^e2 (``protocols.poly_kept``)."""
+    def poly_kept(self, u, c0, c1, c2, extra, keep=False):
+        """c0 / 2^e0 + c1 u / 2^e1 + c2 u^2 / 2^e2 (``protocols.poly_kept``; ``keep``: with a handle for one
+        later ``mul_kept`` by a row's statistic, here the value)."""
         e0, e1, e2 = extra
-        return c0 * 2.0**-e0 + c1 * u * 2.0**-e1 + c2 * u * u * 2.0**-e2
+        y = c0 * 2.0**-e0 + c1 * u * 2.0**-e1 + c2 * u * u * 2.0**-e2
+        return (y, y) if keep else y
+
+    def square_keep(self, a, extra: int = 0):
+        """(a^2, a handle for one later ``mul_kept`` of a by a row's statistic): here a itself."""
+        return self.square(a, extra), a
 
     def mul_pow2(self, a, k):
         return a * 2.0**k
@@ -267,7 +273,10 @@ class RingOps(_Additive):
     def truncate_poly(self, a, k):
         return self.truncate(a, k), a
 
-    def poly_kept(self, u, c0, c1, c2, extra):
+    def square_keep(self, a, extra: int = 0):
+        return self.square(a, extra), a
+
+    def poly_kept(self, u, c0, c1, c2, extra, keep=False):
         """The three terms summed exactly at 3f + e2 bits, then one floor truncation, as on shares."""
         e0, e1, e2 = extra
         f = self.frac_bits
@@ -278,7 +287,8 @@ class RingOps(_Additive):
                             + top(c2) * top(u) ** 2, lambda: top(c0.double() * 2.0 ** (2 * f + e2 - e0)
                                                              + c1.double() * u.double() * 2.0 ** (f + e2 - e1)
                                                              + c2.double() * u.double() ** 2), "polynomial")
-        return self.shift(t, 2 * f + e2)
+        y = self.shift(t, 2 * f + e2)
+        return (y, y) if keep else y
 
     def mul_pow2(self, a, k):
         return a * (1 << k)
@@ -455,8 +465,15 @@ class ShareOps(_Additive):
         return P.truncate_keep(a, k)
 
     def mul_kept(self, a, kept, extra: int = 0):
-        """``protocols.mul_kept``: a times the kept factor, opening only a's masked difference."""
+        """``protocols.mul_kept`` (``mul_truncated`` for a kept truncation): a times the kept factor, opening
+        only a's masked difference."""
+        if isinstance(kept, P.KeptTrunc):
+            return P.mul_truncated(a, kept, extra_bits=extra)
         return P.mul_kept(a, kept, extra_bits=extra)
+
+    def square_keep(self, a, extra: int = 0):
+        """``protocols.square_keep``: a^2 whose opening serves one later product of a by a row's statistic."""
+        return P.square_keep(a, (*a.shape[:-1], 1), extra_bits=extra)
 
     def mul_pending(self, a, b, extra: int = 0):
         """a b; for a ``protocols.Pending`` b, its truncation's opening is b's side of the product
@@ -470,9 +487,9 @@ class ShareOps(_Additive):
         """``protocols.truncate_poly``: the truncation whose opening serves one later polynomial in a."""
         return P.truncate_poly(a, k)
 
-    def poly_kept(self, u, c0, c1, c2, extra):
+    def poly_kept(self, u, c0, c1, c2, extra, keep=False):
         """``protocols.poly_kept``: c0 + c1 u + c2 u^2 in one round of openings and one truncation."""
-        return P.poly_kept(u, c0, c1, c2, extra)
+        return P.poly_kept(u, c0, c1, c2, extra, keep_rows=keep)
 
     def mul_pow2(self, a, k):
         return a.mul_int(1 << k)

@@ -108,14 +108,19 @@ def relu_softmax(ops, s, mask, spec: RsqrtSpec, *, mu: float = 0.1, eps: float =
         return _normalise(ops, r, spec, eps)
 
 
-def _normalise(ops, r, spec: RsqrtSpec, eps: float):
-    """r / (sum of the last dim + eps) with 1/S = rsqrt(S)^2 on spec's domain.
+def _normalise(ops, r, spec: RsqrtSpec, eps: float, kept=None, mask=None):
+    """r / (sum of the last dim + eps) with 1/S = rsqrt(S)^2 on spec's domain; ``kept`` (r's handle from
+    its last truncation, ``ops.mul_kept``): the product by 1/S opens 1/S only, and ``mask`` (public 0/1,
+    already applied to r) is applied after it.
     Cost: rsqrt on the row sums + 1 square + 1 product."""
     total = ops.add_const(ops.sum(r, -1, keepdim=True), eps) if eps else ops.sum(r, -1, keepdim=True)
     # 1/S carried with 8 extra fractional bits (a row sum of 8,000 at 512 tokens makes 1/S only 8 ulp
     # at f = 16, a 6% quantisation); the final product's truncation drops them again
     inv = ops.square(rsqrt(ops, total, spec), -INV_EXTRA_BITS)
-    return ops.mul(r, inv, INV_EXTRA_BITS)
+    if kept is None:
+        return ops.mul(r, inv, INV_EXTRA_BITS)
+    out = ops.mul_kept(inv, kept, INV_EXTRA_BITS)
+    return out if mask is None else ops.mask(out, mask)
 
 
 #: Masked keys' scores before the max: far below every real score (|s| < 4096), so that
@@ -143,10 +148,11 @@ def softmax_exp(ops, s, mask, spec: RsqrtSpec):
         if mask is not None:  # s where the key is kept, MASKED_SCORE where it is not
             s = ops.add_const(ops.mask(ops.add_const(s, -MASKED_SCORE), mask), MASKED_SCORE)
         m = ops.maximum(s, -1, k=SCORE_BITS + 1 + f - 16)
-        e = exp_neg(ops, ops.sub(m, s))
-        if mask is not None and not _is_shared(mask):  # exactly 0 on masked keys (local)
+        e, kept = exp_neg(ops, ops.sub(m, s), keep=True)  # its truncation's opening serves the product by 1/S
+        public = mask is not None and not _is_shared(mask)
+        if public:  # exactly 0 on masked keys (local)
             e = ops.mask(e, mask)
-        return _normalise(ops, e, spec, 0.0)
+        return _normalise(ops, e, spec, 0.0, kept=kept, mask=mask if public else None)
 
 
 def _is_shared(v) -> bool:
@@ -188,14 +194,15 @@ def rmsnorm(ops, x, spec: RsqrtSpec, eps: float = 1e-6, scaled: bool = True):
         monitor = ops.monitor
         if monitor is not None:
             monitor.value("rmsnorm_input", ops.output(x), 2.0 ** (31 - f))
-        total = ops.truncate(ops.sum(ops.square(x, -e2), -1, keepdim=True), c)  # mean(x^2) (d / 2^c) 2^e2
+        sq, kept = ops.square_keep(x, -e2)  # its opening serves the last product too
+        total = ops.truncate(ops.sum(sq, -1, keepdim=True), c)  # mean(x^2) (d / 2^c) 2^e2
         k = d / 2.0**c * 2.0**e2
         r = rsqrt(ops, ops.add_const(total, eps * k), spec.with_(lo=spec.lo * k, hi=spec.hi * k, unit=spec.unit * k,
                                                                 out_bits=RMS_OUT_BITS))
         if scaled:
             r = ops.mul_const(r, rms_fold(d))
         ideal = ops.ideal  # there rsqrt is exact, without the 2^RMS_OUT_BITS
-        return ops.mul(x, r, (0 if ideal else RMS_OUT_BITS) - e2 // 2)
+        return ops.mul_kept(r, kept, (0 if ideal else RMS_OUT_BITS) - e2 // 2)
 
 
 def layernorm(ops, x, spec: RsqrtSpec, gamma=None, beta=None, eps: float = 1e-12, var_bits: int = 4):
@@ -215,10 +222,11 @@ def layernorm(ops, x, spec: RsqrtSpec, gamma=None, beta=None, eps: float = 1e-12
         if monitor is not None:  # squaring c needs |c| 2^f < 2^31 (the exact truncation's 2^62)
             monitor.value("layernorm_centred", ops.output(ops.sub(x, mean)),
                           2.0 ** (31 - var_bits - ops.frac_bits))
-        var = ops.mul_const(ops.sum(ops.square(c), -1, keepdim=True), 1.0 / d)
+        sq, kept = ops.square_keep(c)  # its opening serves the product by the rsqrt too
+        var = ops.mul_const(ops.sum(sq, -1, keepdim=True), 1.0 / d)
         k = 4.0**var_bits
-        y = ops.mul(c, rsqrt(ops, ops.add_const(var, eps * k), spec.with_(lo=spec.lo * k, hi=spec.hi * k,
-                                                                            unit=spec.unit * k)))
+        y = ops.mul_kept(rsqrt(ops, ops.add_const(var, eps * k), spec.with_(lo=spec.lo * k, hi=spec.hi * k,
+                                                                              unit=spec.unit * k)), kept)
         if gamma is not None:
             y = ops.mul_const(y, gamma)
         if beta is not None:

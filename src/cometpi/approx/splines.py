@@ -172,14 +172,15 @@ def coeff_extra_bits(f: int) -> tuple[int, int, int]:
     return tuple(min(e, 60 - 3 * f) for e in COEFF_EXTRA_BITS)
 
 
-def eval_spline(ops, u, table: SplineTable, k: int):
+def eval_spline(ops, u, table: SplineTable, k: int, keep: bool = False):
     """g(u) for u >= 0 (a backend value at f fractional bits) with |u| < 2^(k - 8) and |g| < 4: u truncated
     to the knots' grid by a truncation whose opening also serves the polynomial (``truncate_poly``),
     ``thermometer`` against the knots at width k, then c0 + c1 u + c2 u^2 summed exactly and truncated once
     (``poly_kept``).
     Cost: 1 truncation (1 round, 16 B) + compare_many of len(knots) - 1 thresholds at width k + 1 round of
     two masked coefficients (32 B) + 1 truncation (1 round, 16 B): at k = 20, 7 rounds, 72 B + 1.25 B per
-    knot (against Horner's two products with truncations: 9 rounds, 120 B + 1.25 B per knot)."""
+    knot (against Horner's two products with truncations: 9 rounds, 120 B + 1.25 B per knot).  ``keep``:
+    (g, a handle for one later product of g by a row's statistic, ``ops.mul_kept``)."""
     f = ops.frac_bits
     if not KNOT_FRAC_BITS <= f <= 18:
         raise ValueError(f"splines need 8 <= f <= 18 fractional bits, got {f}")
@@ -191,7 +192,7 @@ def eval_spline(ops, u, table: SplineTable, k: int):
     c0, c1, c2 = ops.thermometer(coarse, [t * 2.0**-drop for t in table.knots[1:]], k, weights)
     c0, c1, c2 = (ops.add_const(c, round(col[0] * 2 ** (f + e)) * 2.0**-f)
                   for c, col, e in zip((c0, c1, c2), cols, extra, strict=True))
-    return ops.poly_kept(kept, c0, c1, c2, extra)
+    return ops.poly_kept(kept, c0, c1, c2, extra, keep=keep)
 
 
 def activation(ops, x, name: str):
@@ -206,12 +207,12 @@ def activation(ops, x, name: str):
         return ops.add(relu, eval_spline(ops, u, table, KNOT_FRAC_BITS + V_BITS - 16))
 
 
-def exp_neg(ops, u):
+def exp_neg(ops, u, keep: bool = False):
     """exp(-u) for 0 <= u < 2^13 (softmax's exp(s - max)); 0 for u >= 11.1.
     Cost: ``eval_spline`` of 17 knots at k = 21 (the comparison 4 rounds, 8 B + 17 x 1.25 B):
     7 rounds, 93.25 B/element."""
     with ops.span("exp"):
-        return eval_spline(ops, u, TABLES["exp"], KNOT_FRAC_BITS + EXP_U_BITS)
+        return eval_spline(ops, u, TABLES["exp"], KNOT_FRAC_BITS + EXP_U_BITS, keep=keep)
 
 
 GRID = 2.0**-KNOT_FRAC_BITS

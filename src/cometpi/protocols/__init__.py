@@ -32,6 +32,7 @@ from .arith import (  # noqa: F401 - re-exported
     poly_kept,
     reshare,
     square,
+    square_keep,
     trunc_exact,
     trunc_local,
     truncate,

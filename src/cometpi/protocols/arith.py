@@ -165,13 +165,15 @@ def truncate_keep(x: AShare, bits: int) -> tuple[AShare, Kept | AShare]:
 def mul_kept(y: AShare, kept: Kept | AShare, *, truncate_result: bool = True, extra_bits: int = 0) -> AShare:
     """y x for the x whose ``truncate_keep`` gave ``kept`` (y of x's shape): Beaver with x - b already open,
     so only e = y - a travels.
-    Cost: 1 round, 16 B/element (plus truncation: exact +1 round, +16 B/element), against ``mul``'s 32 B."""
+    Cost: 1 round, 16 B per element of y (plus truncation: exact +1 round, +16 B per element of x), against
+    ``mul``'s 32 B per element (``square_keep``'s y broadcasts to x: 16 B per row)."""
     if isinstance(kept, AShare):
         return mul(y, kept, truncate_result=truncate_result, extra_bits=extra_bits)
     if kept.used:
         raise ValueError("a kept opening serves one product only")
-    if tuple(y.shape) != tuple(kept.x.shape):
-        raise ValueError(f"mul_kept: shapes {tuple(y.shape)} and {tuple(kept.x.shape)} differ")
+    if tuple(y.shape) != tuple(kept.a.shape):
+        raise ValueError(f"mul_kept: a factor of shape {tuple(y.shape)} where the opening kept material for "
+                         f"{tuple(kept.a.shape)}")
     kept.used = True
     s = _same_session(y, kept.x)
     with s.span("mul"):
@@ -218,11 +220,12 @@ class KeptTrunc:
         self.material, self.used = material, False
 
 
-def truncate_for_mul(x: AShare, bits: int) -> tuple[AShare, KeptTrunc | AShare]:
+def truncate_for_mul(x: AShare, bits: int, other=None) -> tuple[AShare, KeptTrunc | AShare]:
     """``trunc_exact(x, bits)`` = y whose opening also serves one later product with y itself: y is the
     public (c >>> bits) - 2^(62 - bits) (party 0) plus B = -[r >>> bits] + (1 - msb c) 2^(64 - bits) [msb r],
     so a product a y needs only a's masked difference and the dealer's [a' (r >>> bits)], [a' msb r] for a's
-    mask a' (kind ``truncout``).  The same y, and so the same product, as ``trunc_exact`` then ``mul``.
+    mask a' (kind ``truncout``; ``other``: the shape of that factor if it broadcasts to y's, a row's
+    statistic).  The same y, and so the same product, as ``trunc_exact`` then ``mul``.
     In local truncation mode: the local shift, and y itself (a plain product later).
     Cost: as ``trunc_exact`` (1 round, 16 B/element).  Offline: 32 B/element dealer -> server."""
     s = x.session
@@ -230,7 +233,8 @@ def truncate_for_mul(x: AShare, bits: int) -> tuple[AShare, KeptTrunc | AShare]:
         y = trunc_local(x, bits)
         return y, y
     with s.span("trunc"):
-        r, r_shift, r_msb, *material = s.provider.get("truncout", shape=list(x.shape), f=bits)
+        extra = {} if other is None or tuple(other) == tuple(x.shape) else {"y": list(other)}
+        r, r_shift, r_msb, *material = s.provider.get("truncout", shape=list(x.shape), f=bits, **extra)
         client = s.role == Role.CLIENT
         mine = x.data + r + (_OFFSET if client else 0)
         c = mine + s.peer.exchange([mine], "trunc-open")[0]
@@ -247,13 +251,15 @@ def mul_truncated(a: AShare, kept: KeptTrunc | AShare, *, extra_bits: int = 0) -
     side already open (y = P + B), so only e = a - a' travels.
     1. Open e = a - a'.  2. [a y] = [a] P + e [B] + [a' B], with [a' B] = -[a' (r >>> f)] + (1 - msb c)
     2^(64 - f) [a' msb r] from the dealer.  3. Truncate.
-    Cost: 1 round, 16 B/element + the truncation (exact: 1 round, 16 B/element), against ``mul``'s 32 B."""
+    Cost: 1 round, 16 B per element of a + the truncation (exact: 1 round, 16 B per element of y), against
+    ``mul``'s 32 B per element (a factor a that broadcasts to y, a row's statistic: 16 B per row)."""
     if isinstance(kept, AShare):
         return mul(a, kept, extra_bits=extra_bits)
     if kept.used:
         raise ValueError("a kept truncation serves one product only")
-    if tuple(a.shape) != tuple(kept.y.shape):
-        raise ValueError(f"mul_truncated: shapes {tuple(a.shape)} and {tuple(kept.y.shape)} differ")
+    if tuple(a.shape) != tuple(kept.material[0].shape):
+        raise ValueError(f"mul_truncated: a factor of shape {tuple(a.shape)} where the truncation kept material for "
+                         f"{tuple(kept.material[0].shape)}")
     kept.used = True
     s = _same_session(a, kept.y)
     a_mask, q_shift, q_msb = kept.material
@@ -266,15 +272,30 @@ def mul_truncated(a: AShare, kept: KeptTrunc | AShare, *, extra_bits: int = 0) -
 
 
 class _TruncOut(_Trunc):
-    """``truncate_for_mul``'s material: the exact truncation's r, [r >>> f], [msb r], a mask a' and
-    [a' (r >>> f)], [a' msb r]; correction 4n ring elements."""
+    """``truncate_for_mul``'s material: the exact truncation's r, [r >>> f], [msb r], a mask a' (of shape
+    ``y``, default ``shape``: it broadcasts to it) and [a' (r >>> f)], [a' msb r]; correction 4n ring
+    elements."""
+
+    @staticmethod
+    def _shapes(p):
+        s = _shape(p["shape"], "truncout")
+        y = _shape(p.get("y", list(s)), "truncout y")
+        try:
+            ok = torch.broadcast_shapes(s, y) == torch.Size(s)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise DealerError(f"truncout: shape {list(y)} does not broadcast to {list(s)}")
+        return s, y
 
     def own(self, role, prg, stream, p):
-        s = _shape(p["shape"], "truncout")
-        return prg.ring(stream, *[s] * 6) if role == Role.CLIENT else prg.ring(stream, s, s)
+        s, y = self._shapes(p)
+        return prg.ring(stream, s, s, s, y, s, s) if role == Role.CLIENT else prg.ring(stream, s, y)
 
     def cost(self, p) -> Cost:
-        return elementwise_cost(math.prod(_shape(p["shape"], "truncout")), 6, 2, 4)
+        s, y = self._shapes(p)
+        n, m = math.prod(s), math.prod(y)
+        return Cost(8 * 4 * n, 8 * (11 * n + 2 * m))
 
     def correct(self, own0, own1, p):
         (r0, s0, m0, a0, q10, q20), (r1, a1) = own0, own1
@@ -290,6 +311,7 @@ class _TruncOut(_Trunc):
         r, a = own
         sh, m, q1, q2 = (t.reshape(r.shape) for t in corr.chunk(4))
         return r, sh, m, a, q1, q2
+
 
 
 class KeptPoly:
@@ -322,7 +344,8 @@ def truncate_poly(u: AShare, bits: int) -> tuple[AShare, KeptPoly | AShare]:
         return u._wrap(y), KeptPoly(u, c, -r - (_OFFSET if client else 0), tuple(material))
 
 
-def poly_kept(kept: KeptPoly | AShare, c0: AShare, c1: AShare, c2: AShare, extra: tuple[int, int, int]) -> AShare:
+def poly_kept(kept: KeptPoly | AShare, c0: AShare, c1: AShare, c2: AShare, extra: tuple[int, int, int], *,
+              keep_rows: bool = False):
     """y = c0 / 2^e0 + c1 u / 2^e1 + c2 u^2 / 2^e2 at f fractional bits, for the u whose ``truncate_poly``
     gave ``kept`` and shared coefficients c_j at f + e_j bits (``extra`` = (e0, e1, e2), e0 <= e1 <= e2):
     the three terms are summed exactly at 3f + e2 bits and truncated once.  Domain: |y| < 2^(62 - 3f - e2)
@@ -334,6 +357,8 @@ def poly_kept(kept: KeptPoly | AShare, c0: AShare, c1: AShare, c2: AShare, extra
     Cost: 1 round, 32 B/element + the truncation (1 round, 16 B/element), against Horner's two products
     with truncations (4 rounds, 96 B/element).
     In local truncation mode (``kept`` is u itself): Horner, (c2 u / 2^(e2 - e1) + c1) u / 2^(e1 - e0) + c0.
+    ``keep_rows``: (y, a handle whose one later product of y by a row's statistic opens only that
+    statistic: the final truncation is a ``truncate_for_mul``).
     Ref: Beaver (CRYPTO 1991) with one factor's opening shared by several products; the truncation's
     opening as a Beaver mask: ``truncate_keep``."""
     e0, e1, e2 = extra
@@ -341,7 +366,8 @@ def poly_kept(kept: KeptPoly | AShare, c0: AShare, c1: AShare, c2: AShare, extra
         raise ValueError(f"poly_kept needs 0 <= e0 <= e1 <= e2, got {extra}")
     if isinstance(kept, AShare):  # local truncation mode
         acc = c1 + mul(c2, kept, extra_bits=e2 - e1)
-        return c0 + mul(acc, kept, extra_bits=e1 - e0)
+        y = c0 + mul(acc, kept, extra_bits=e1 - e0)
+        return (y, y) if keep_rows else y
     if kept.used:
         raise ValueError("a kept opening serves one polynomial only")
     kept.used = True
@@ -357,8 +383,10 @@ def poly_kept(kept: KeptPoly | AShare, c0: AShare, c1: AShare, c2: AShare, extra
         E1, E2 = theirs[0] + mine[0], theirs[1] + mine[1]
         c1u = c * c1.data + E1 * b + a1b
         c2u2 = c * c * c2.data + 2 * c * (E2 * b + a2b) + E2 * b2 + a2b2
-        t = lshift(c0.data, 2 * f + e2 - e0) + lshift(c1u, f + e2 - e1) + c2u2
-        return trunc_exact(AShare(s, t), 2 * f + e2)
+        t = AShare(s, lshift(c0.data, 2 * f + e2 - e0) + lshift(c1u, f + e2 - e1) + c2u2)
+        if keep_rows:
+            return truncate_for_mul(t, 2 * f + e2, other=(*t.shape[:-1], 1))
+        return trunc_exact(t, 2 * f + e2)
 
 
 class _TruncPoly(_Trunc):
@@ -580,6 +608,56 @@ def square(x: AShare, *, truncate_result: bool = True, extra_bits: int = 0) -> A
         return truncate(out, s.fp.frac_bits + extra_bits) if truncate_result else out
 
 
+def square_keep(x: AShare, row, *, extra_bits: int = 0) -> tuple[AShare, Kept]:
+    """``square(x)`` whose opening e = x - a also serves one later product of x by a factor of shape ``row``
+    that broadcasts to x's (a row's statistic: the norms' rsqrt): the dealer adds a mask a2 for that factor
+    and [a a2] (kind ``squarek``), so the product opens only the factor's masked difference (``mul_kept``).
+    Cost: as ``square`` (1 round, 16 B/element, plus truncation).  Offline: 16 B/element dealer -> server."""
+    s = x.session
+    with s.span("square"):
+        x = x._wrap(x.data.contiguous())
+        a, c, a2, q = s.provider.get("squarek", shape=list(x.shape), y=list(row))
+        mine = x.data - a
+        e = mine + s.peer.exchange([mine], "beaver-square")[0]
+        z = c + 2 * e * a
+        if s.role == Role.CLIENT:
+            z = z + e * e
+        out = truncate(x._wrap(z), s.fp.frac_bits + extra_bits)
+        return out, Kept(x, e, a, a2, q)
+
+
+class _SquareKeep:
+    """``square_keep``'s material: a, c = a^2 (x's shape), a mask a2 (shape ``y``, broadcasting to x's) and
+    q = a a2; correction 2n ring elements (the server's c and q)."""
+
+    receiver = Role.SERVER
+
+    @staticmethod
+    def _shapes(p):
+        return _BroadcastMul._shapes({"x": p["shape"], "y": p["y"]})
+
+    def own(self, role, prg, stream, p):
+        x, y = self._shapes(p)
+        return prg.ring(stream, x, x, y, x) if role == Role.CLIENT else prg.ring(stream, x, y)
+
+    def cost(self, p) -> Cost:
+        x, y = self._shapes(p)
+        nx, ny = math.prod(x), math.prod(y)
+        return Cost(16 * nx, 8 * (7 * nx + 2 * ny))
+
+    def correct(self, own0, own1, p):
+        (a0, c0, b0, q0), (a1, b1) = own0, own1
+        a, b = a0 + a1, b0 + b1
+        return torch.cat([(a * a - c0).reshape(-1), (a * b - q0).reshape(-1)])
+
+    def finish(self, role, own, corr, p):
+        if role == Role.CLIENT:
+            return tuple(own)
+        a, b = own
+        c, q = (t.reshape(a.shape) for t in corr.chunk(2))
+        return a, c, b, q
+
+
 class _Square:
     """Square pairs a, c = a^2; correction n ring elements."""
 
@@ -681,4 +759,5 @@ def reshare(x: AShare, new_share0: torch.Tensor | None = None) -> AShare:
 
 
 KINDS = {"mul": _Mul(), "mulb": _BroadcastMul(), "pmul": _PrivateMul(), "square": _Square(), "matmul": _Matmul(),
-         "trunc": _Trunc(), "truncmul": _TruncMul(), "truncpoly": _TruncPoly(), "truncout": _TruncOut()}
+         "trunc": _Trunc(), "truncmul": _TruncMul(), "truncpoly": _TruncPoly(), "truncout": _TruncOut(),
+         "squarek": _SquareKeep()}
