@@ -284,7 +284,7 @@ def test_dealer_index_bookkeeping_is_bounded():
     ([0, "truncpoly", {"shape": [1 << 25], "f": 8}], "bytes of correction"),
     ([0, "truncout", {"shape": [1 << 26], "f": 16}], "bytes of correction"),
     ([0, "truncout", {"shape": [4, 8], "f": 16, "y": [8, 1]}], "does not broadcast"),
-    ([0, "squarek", {"shape": [1 << 26], "y": [1]}], "bytes of correction"),
+    ([0, "squarek", {"shape": [1 << 27], "y": [1]}], "bytes of correction"),
     ([0, "squarek", {"shape": [4, 8], "y": [8, 1]}], "does not broadcast"),
     ([0, "mulb", {"x": [1 << 14, 1 << 14], "y": [1 << 14, 1]}], "bytes of correction"),
     ([0, "mulb", {"x": [4, 8], "y": [8, 1]}], "does not broadcast"),

@@ -443,7 +443,7 @@ def test_mul_truncated_reuses_the_truncations_opening(mode, rng):
     """a y for y = trunc(x, f) of a not yet truncated product x: the truncation's opening is y's side of
     the Beaver product, so only a's masked difference travels (16 B instead of 32 B per element); within
     1 ulp of plaintext as truncate-then-mul; a kept truncation serves one product."""
-    assert "Cost: 1 round, 16 B/element + the truncation" in " ".join(P.mul_truncated.__doc__.split())
+    assert "Cost: 1 round, 16 B per element of a + the truncation" in " ".join(P.mul_truncated.__doc__.split())
     n = 400
     X, A = uniform(rng, (n,), -30, 30), uniform(rng, (n,), -3, 3)
 

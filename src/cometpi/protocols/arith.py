@@ -247,7 +247,8 @@ def truncate_for_mul(x: AShare, bits: int, other=None) -> tuple[AShare, KeptTrun
 
 
 def mul_truncated(a: AShare, kept: KeptTrunc | AShare, *, extra_bits: int = 0) -> AShare:
-    """a y for the y of a ``truncate_for_mul`` (a of y's shape), truncated by f + extra_bits: Beaver with y's
+    """a y for the y of a ``truncate_for_mul`` (a of y's shape, or of the shape that truncation was told of,
+    broadcasting to y's), truncated by f + extra_bits: Beaver with y's
     side already open (y = P + B), so only e = a - a' travels.
     1. Open e = a - a'.  2. [a y] = [a] P + e [B] + [a' B], with [a' B] = -[a' (r >>> f)] + (1 - msb c)
     2^(64 - f) [a' msb r] from the dealer.  3. Truncate.
