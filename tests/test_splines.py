@@ -112,11 +112,11 @@ def test_beyond_the_activation_range():
 
 
 def test_softmax_exp_matches_torch_with_public_and_shared_masks():
-    """Against torch's softmax with -inf on masked keys, including a row whose scores are all near -3000
+    """Against torch's softmax with -inf on masked keys, including a row whose scores are all near -1900
     (max subtraction keeps it exact) and large spreads; 1/S by the thermometer rsqrt (1e-5 relative)."""
     torch.manual_seed(2)
     s_ = torch.randn(2, 3, 5, 24, dtype=torch.float64) * 8
-    s_[0, 0] -= 3000.0
+    s_[0, 0] -= 1900.0
     s_[0, 1, 0, 3] = 900.0
     mask = torch.ones(2, 1, 1, 24, dtype=torch.int64)
     mask[1, ..., 17:] = 0
@@ -219,3 +219,21 @@ def test_the_server_view_of_an_activation_does_not_depend_on_x():
     b = server_messages(body, torch.linspace(-40, 40, n, dtype=torch.float64))
     assert len(a) == len(b) >= 8
     assert_same_views(a, b)
+
+
+def test_softmax_exp_domain_edge():
+    """|s| < 2048 with masked keys at MASKED_SCORE = -2048: a row at 2000 with a masked key is computed (the
+    masked key gets 0); at 2100 the max's comparisons would see a difference beyond 2^12 and the simulation
+    raises (the secure path would return a wrong max there, never a leak)."""
+    from cometpi.approx.functions import MASKED_SCORE
+
+    assert MASKED_SCORE == -2048.0
+    mask = torch.tensor([[[[1, 1, 0]]]])
+    spec = site_spec("softmax_exp_sum", guess="thermometer")
+    ops = RingOps()
+    ok = torch.tensor([[[[2000.0, 1999.0, 0.0]]]], dtype=torch.float64)
+    got = ops.output(softmax_exp(ops, ops.input(ok), mask, spec))
+    want = torch.softmax(torch.tensor([1.0, 0.0], dtype=torch.float64), -1)
+    assert float((got[..., :2] - want).abs().max()) <= 16 * ULP and float(got[..., 2]) == 0.0
+    with pytest.raises(HeadroomError, match="narrow maximum"):
+        softmax_exp(ops, ops.input(ok + 100.0), mask, spec)

@@ -123,19 +123,21 @@ def _normalise(ops, r, spec: RsqrtSpec, eps: float, kept=None, mask=None):
     return out if mask is None else ops.mask(out, mask)
 
 
-#: Masked keys' scores before the max: far below every real score (|s| < 4096), so that
-#: exp(s - max) is 0 there, and max - s stays below 2^13 (exp's comparison width).
-MASKED_SCORE = -4096.0
+#: Masked keys' scores before the max: far below every real score (|s| < 2048), so that exp(s - max) is 0
+#: there, max - s stays below 2^12 (the max's comparison width, SCORE_BITS: 4 chunks of 7 bits, 128 B of
+#: one-time tables per compared value where 2^13 needed 4 of 8 and 256 B) and below 2^13 (exp's).
+MASKED_SCORE = -2048.0
 
 
 def softmax_exp(ops, s, mask, spec: RsqrtSpec):
     """The original softmax exp(s - max) / sum, with the max by a tree of narrow comparisons
-    (``maximum`` at width SCORE_BITS + 1), exp(-u) of u = max - s >= 0 by a degree-2 spline
+    (``maximum`` at width SCORE_BITS), exp(-u) of u = max - s >= 0 by a degree-2 spline
     (``approx.splines.exp_neg``: error 3e-5; 0 beyond u = 11.1, as Sigma's clipped exp) and 1/S by
     rsqrt on S in [1, T] (the row's max contributes exp(0) = 1).  ``mask`` (public or shared 0/1)
-    sets masked keys to MASKED_SCORE before the max.  Domain |s| < 4096 (``RingOps`` raises
-    ``HeadroomError`` beyond).
-    Cost per score: the max (``protocols.maximum`` at k = 29: binary levels of 4 rounds while many values
+    sets masked keys to MASKED_SCORE before the max.  Domain |s| < 2048 (attention scores measured up to
+    |s| ~ 114 at 512 adversarial tokens, ``bench sites``); beyond, where a row's values differ by 4096 or
+    more, ``RingOps`` raises ``HeadroomError`` and the secure max may be wrong (never a leak).
+    Cost per score: the max (``protocols.maximum`` at k = 28: binary levels of 4 rounds while many values
     remain, then 8-fold levels of 7; BERT-base's 12 x 128 x 128 scores: 23 rounds, 20.5 B per score; a
     decoding step's rows of 64: 14 rounds, 61 B) + exp
     (7 rounds, 93.25 B) + the row's reciprocal + 1 product by it (2 rounds, 32 B); +32 B and 1 round for a
@@ -147,7 +149,7 @@ def softmax_exp(ops, s, mask, spec: RsqrtSpec):
             monitor.value("softmax_score", ops.output(s), 2.0 ** (SCORE_BITS - 16))
         if mask is not None:  # s where the key is kept, MASKED_SCORE where it is not
             s = ops.add_const(ops.mask(ops.add_const(s, -MASKED_SCORE), mask), MASKED_SCORE)
-        m = ops.maximum(s, -1, k=SCORE_BITS + 1 + f - 16)
+        m = ops.maximum(s, -1, k=SCORE_BITS + f - 16)
         e, kept = exp_neg(ops, ops.sub(m, s), keep=True)  # its truncation's opening serves the product by 1/S
         public = mask is not None and not _is_shared(mask)
         if public:  # exactly 0 on masked keys (local)

@@ -191,7 +191,7 @@ def maximum(x: AShare, dim: int = -1, k: int | None = None, arity: int | None = 
     rounds of a (a - 1) products (32 B each) per group.  Arity a at width k: the pairs' narrow sign tests
     without their b2a (at k = 29: 3 rounds, 10 B per pair), an AND tree of the a - 1 bits of each candidate
     on XOR shares (ceil(log2(a - 1)) rounds, 4 bits per AND) and one ``select_bits`` per value (1 round,
-    16 B + 2 bits): at k = 29, a = 8: 7 rounds and 56.4 B per value (against 8 rounds and 292 B with the
+    16 B + 2 bits): at k = 29, a = 8: 7 rounds and 54.25 B per value (against 8 rounds and 292 B with the
     products on arithmetic 0/1 shares, and 12 rounds, 18.25 B for the three binary levels it replaces).
     """
     s = x.session
