@@ -10,7 +10,7 @@ import torch
 
 from ..core import AShare, Role, Session, TruncMode
 from ..ring import DTYPE, HEADROOM_BITS, RING_BITS, limbs_needed, logical_rshift, lshift, msb, random_ring, ring_matmul
-from .material import Cost, DealerError, _mm_shape, _shape, elementwise_cost
+from .material import Cost, _broadcast_to, _mm_shape, _shape, elementwise_cost
 
 _OFFSET = 1 << HEADROOM_BITS  # shifts |x| < 2^62 into [0, 2^63) for the wrap-corrected truncation
 
@@ -279,15 +279,7 @@ class _TruncOut(_Trunc):
 
     @staticmethod
     def _shapes(p):
-        s = _shape(p["shape"], "truncout")
-        y = _shape(p.get("y", list(s)), "truncout y")
-        try:
-            ok = torch.broadcast_shapes(s, y) == torch.Size(s)
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise DealerError(f"truncout: shape {list(y)} does not broadcast to {list(s)}")
-        return s, y
+        return _broadcast_to(p["shape"], p.get("y", p["shape"]), "truncout")
 
     def own(self, role, prg, stream, p):
         s, y = self._shapes(p)
@@ -489,14 +481,7 @@ class _BroadcastMul:
 
     @staticmethod
     def _shapes(p):
-        x, y = _shape(p["x"], "mulb x"), _shape(p["y"], "mulb y")
-        try:
-            ok = torch.broadcast_shapes(x, y) == torch.Size(x)
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise DealerError(f"mulb: shape {list(y)} does not broadcast to {list(x)}")
-        return x, y
+        return _broadcast_to(p["x"], p["y"], "mulb")
 
     def own(self, role, prg, stream, p):
         x, y = self._shapes(p)
@@ -635,7 +620,7 @@ class _SquareKeep:
 
     @staticmethod
     def _shapes(p):
-        return _BroadcastMul._shapes({"x": p["shape"], "y": p["y"]})
+        return _broadcast_to(p["shape"], p["y"], "squarek")
 
     def own(self, role, prg, stream, p):
         x, y = self._shapes(p)

@@ -51,6 +51,18 @@ def _shape(x, what: str) -> tuple[int, ...]:
     return tuple(x)
 
 
+def _broadcast_to(x, y, kind: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes x and y (request parameters) where y broadcasts to x, or a ``DealerError`` naming the kind."""
+    x, y = _shape(x, f"{kind} x"), _shape(y, f"{kind} y")
+    try:
+        ok = torch.broadcast_shapes(x, y) == torch.Size(x)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise DealerError(f"{kind}: shape {list(y)} does not broadcast to {list(x)}")
+    return x, y
+
+
 def _mm_shape(a, b) -> tuple[int, ...]:
     try:
         return tuple(torch.matmul(torch.empty(a, device="meta"), torch.empty(b, device="meta")).shape)
