@@ -34,6 +34,7 @@ from .convert import rotary_tables, rotate_half_index
 from .core import ConfigError, Role, Session, TruncMode
 from .costs import LAYER_TYPES, breakdown  # noqa: F401 - re-exported
 from .lookahead import DealerLookahead
+from .protocols import MaskedRows
 from .sampling import choose, marks_to_indices, top_marks
 from .weights import (  # noqa: F401 - re-exported: the model's backends and parameters
     FloatModel,
@@ -159,8 +160,8 @@ class KVCache:
 
     def nbytes(self) -> int:
         """This party's memory for the cache (8 B per ring element; masked rows: with the mask's share)."""
-        return sum(t.nbytes() if hasattr(t, "nbytes") and callable(t.nbytes) else
-                   8 * math.prod(getattr(t, "shape", ())) for t in (*self.k, *self.v))
+        return sum(t.nbytes() if isinstance(t, MaskedRows) else 8 * math.prod(getattr(t, "shape", ()))
+                   for t in (*self.k, *self.v))
 
 
 def decode_mask(batch: int, start: int, length: int) -> torch.Tensor:

@@ -113,6 +113,23 @@ def truncate_many(items: list[tuple[AShare, int]], mode: TruncMode | str | None 
     return out
 
 
+def _opened_trunc(x: AShare, bits: int, kind: str, **params):
+    """The exact truncation of ``trunc_exact`` by a kind whose material starts with (r, [r >>> bits],
+    [msb r]): (c, t, y, the rest of the material), c = x + 2^62 + r the opening, t = 1 - msb(c) and
+    y = x / 2^bits; y's share is this party's part of -[r >>> bits] + t 2^(64 - bits) [msb r] plus, on
+    party 0, the public (c >>> bits) - 2^(62 - bits).  Cost: 1 round, 16 B/element."""
+    s = x.session
+    r, r_shift, r_msb, *rest = s.provider.get(kind, shape=list(x.shape), f=bits, **params)
+    client = s.role == Role.CLIENT
+    mine = x.data + r + (_OFFSET if client else 0)
+    c = mine + s.peer.exchange([mine], "trunc-open")[0]
+    t = 1 - msb(c)
+    y = -r_shift + lshift(t * r_msb, RING_BITS - bits)
+    if client:
+        y = y + logical_rshift(c, bits) - (_OFFSET >> bits)
+    return c, t, x._wrap(y), (r, r_shift, r_msb, *rest)
+
+
 class Pending:
     """A product not yet truncated: z = y 2^bits for the y a caller wants, kept so that the truncation can
     share its opening with what comes next (``compare.trunc_select``: a linear layer's output and its
@@ -152,14 +169,8 @@ def truncate_keep(x: AShare, bits: int) -> tuple[AShare, Kept | AShare]:
     if TruncMode(s.config.trunc) == TruncMode.LOCAL:
         return trunc_local(x, bits), x
     with s.span("trunc"):
-        r, r_shift, r_msb, a, ab = s.provider.get("truncmul", shape=list(x.shape), f=bits)
-        client = s.role == Role.CLIENT
-        mine = x.data + r + (_OFFSET if client else 0)
-        c = mine + s.peer.exchange([mine], "trunc-open")[0]
-        y = -r_shift + lshift((1 - msb(c)) * r_msb, RING_BITS - bits)
-        if client:
-            y = y + logical_rshift(c, bits) - (_OFFSET >> bits)
-        return x._wrap(y), Kept(x, c, -r - (_OFFSET if client else 0), a, ab)
+        c, _, y, (r, _, _, a, ab) = _opened_trunc(x, bits, "truncmul")
+        return y, Kept(x, c, -r - (_OFFSET if s.role == Role.CLIENT else 0), a, ab)
 
 
 def mul_kept(y: AShare, kept: Kept | AShare, *, truncate_result: bool = True, extra_bits: int = 0) -> AShare:
@@ -212,11 +223,12 @@ class _TruncMul(_Trunc):
 
 
 class KeptTrunc:
-    """A ``truncate_for_mul`` result y = P + B (P public, B shared, both from the truncation's opening) with
-    the material for one product by y (``mul_truncated``).  Used once."""
+    """A ``truncate_for_mul`` result y = P + B (P public, ``b`` this party's share of B, both from the
+    truncation's opening; ``t`` = 1 - msb of it) with the material for one product by y
+    (``mul_truncated``).  Used once."""
 
-    def __init__(self, y: AShare, public: torch.Tensor, t: torch.Tensor, r_shift, r_msb, bits: int, material):
-        self.y, self.public, self.t, self.r_shift, self.r_msb, self.bits = y, public, t, r_shift, r_msb, bits
+    def __init__(self, y: AShare, public: torch.Tensor, b: torch.Tensor, t: torch.Tensor, bits: int, material):
+        self.y, self.public, self.b, self.t, self.bits = y, public, b, t, bits
         self.material, self.used = material, False
 
 
@@ -234,16 +246,10 @@ def truncate_for_mul(x: AShare, bits: int, other=None) -> tuple[AShare, KeptTrun
         return y, y
     with s.span("trunc"):
         extra = {} if other is None or tuple(other) == tuple(x.shape) else {"y": list(other)}
-        r, r_shift, r_msb, *material = s.provider.get("truncout", shape=list(x.shape), f=bits, **extra)
-        client = s.role == Role.CLIENT
-        mine = x.data + r + (_OFFSET if client else 0)
-        c = mine + s.peer.exchange([mine], "trunc-open")[0]
-        t = 1 - msb(c)
-        y = -r_shift + lshift(t * r_msb, RING_BITS - bits)
+        c, t, y, (_, r_shift, r_msb, *material) = _opened_trunc(x, bits, "truncout", **extra)
+        b = -r_shift + lshift(t * r_msb, RING_BITS - bits)
         public = logical_rshift(c, bits) - (_OFFSET >> bits)
-        if client:
-            y = y + public
-        return x._wrap(y), KeptTrunc(x._wrap(y), public, t, r_shift, r_msb, bits, tuple(material))
+        return y, KeptTrunc(y, public, b, t, bits, tuple(material))
 
 
 def mul_truncated(a: AShare, kept: KeptTrunc | AShare, *, extra_bits: int = 0) -> AShare:
@@ -267,8 +273,7 @@ def mul_truncated(a: AShare, kept: KeptTrunc | AShare, *, extra_bits: int = 0) -
     with s.span("mul"):
         mine = a.data - a_mask
         e = mine + s.peer.exchange([mine], "beaver-mul")[0]
-        b = -kept.r_shift + lshift(kept.t * kept.r_msb, RING_BITS - kept.bits)
-        z = a.data * kept.public + e * b - q_shift + lshift(kept.t * q_msb, RING_BITS - kept.bits)
+        z = a.data * kept.public + e * kept.b - q_shift + lshift(kept.t * q_msb, RING_BITS - kept.bits)
         return truncate(AShare(s, z), s.fp.frac_bits + extra_bits)
 
 
@@ -306,7 +311,6 @@ class _TruncOut(_Trunc):
         return r, sh, m, a, q1, q2
 
 
-
 class KeptPoly:
     """The opening of a ``truncate_poly``: u = c + b with c public and [b] from the dealer, with the
     material for one degree-2 polynomial in u whose coefficients are shared (``poly_kept``).  Used once."""
@@ -327,14 +331,8 @@ def truncate_poly(u: AShare, bits: int) -> tuple[AShare, KeptPoly | AShare]:
     if TruncMode(s.config.trunc) == TruncMode.LOCAL:
         return trunc_local(u, bits), u
     with s.span("trunc"):
-        r, r_shift, r_msb, *material = s.provider.get("truncpoly", shape=list(u.shape), f=bits)
-        client = s.role == Role.CLIENT
-        mine = u.data + r + (_OFFSET if client else 0)
-        c = mine + s.peer.exchange([mine], "trunc-open")[0]
-        y = -r_shift + lshift((1 - msb(c)) * r_msb, RING_BITS - bits)
-        if client:
-            y = y + logical_rshift(c, bits) - (_OFFSET >> bits)
-        return u._wrap(y), KeptPoly(u, c, -r - (_OFFSET if client else 0), tuple(material))
+        c, _, y, (r, _, _, *material) = _opened_trunc(u, bits, "truncpoly")
+        return y, KeptPoly(u, c, -r - (_OFFSET if s.role == Role.CLIENT else 0), tuple(material))
 
 
 def poly_kept(kept: KeptPoly | AShare, c0: AShare, c1: AShare, c2: AShare, extra: tuple[int, int, int], *,

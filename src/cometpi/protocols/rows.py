@@ -51,11 +51,6 @@ class MaskedRows:
     def length(self) -> int:
         return (0 if self.opened is None else self.opened.shape[2]) + sum(t.shape[2] for t in self.new)
 
-    @property
-    def shape(self) -> tuple:
-        B, h, d = self.row_shape
-        return (B, h, self.length, d)
-
     def append(self, x: AShare) -> MaskedRows:
         """Add the rows of x (B, h, T, d) at the end (their mask rows requested here if not yet)."""
         s = _same_session(x)
